@@ -1,0 +1,6 @@
+"""CLI command groups, one module each; importing a module registers its commands on ``cli.app``.
+
+Each command only parses arguments and calls the Python API function of the same name.
+"""
+
+from . import model_cmds  # noqa: F401

@@ -1,0 +1,1 @@
+"""`fis model info`, `fis harvest`, `fis demo`."""

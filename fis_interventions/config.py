@@ -1,0 +1,123 @@
+"""Loading pydantic configs from YAML with one-line errors that name the file, line, field and fix.
+
+Every YAML the user writes (training configs, stimulus designs, batteries) goes through :func:`load_yaml`
+and :func:`validate`, so all of them report mistakes the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import FisError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def read_text_utf8(path: Path) -> str:
+    """Read a user file as UTF-8, with a clear error for a missing file or another encoding."""
+    path = Path(path)
+    if not path.exists():
+        raise FisError("file not found", source=path, fix="check the path")
+    if path.is_dir():
+        raise FisError("is a folder, expected a file", source=path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FisError(f"not valid UTF-8 (byte {err.start})", source=path,
+                       fix="save the file as UTF-8") from None
+
+
+def load_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Parse a YAML mapping with ``safe_load``; also return the node tree, used to find line numbers."""
+    text = read_text_utf8(path)
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise FisError(f"{line}invalid YAML: {problem}", source=path,
+                       fix="check indentation and quoting") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise FisError(f"the file must be a YAML mapping of keys to values, got {kind}", source=path,
+                       fix="start the file with 'name: ...' style keys")
+    return data, node
+
+
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at a pydantic-style location path, or the deepest parent found."""
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            found = None
+            for k, v in node.value:
+                if k.value == str(key):
+                    found = (k, v)
+                    break
+            if found is None:
+                return line
+            line = found[0].start_mark.line + 1
+            node = found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    if node is not None and line is None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """Turn ('items', 3, 'text') into 'items[3].text'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def validate(model: type[M], data: dict[str, Any], *, source: Path | str,
+             node: yaml.Node | None = None) -> M:
+    """Validate ``data`` against ``model``; the first error becomes a one-line :class:`FisError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        line = line_of(node, loc)
+        where = f"line {line}: " if line else ""
+        kind = first["type"]
+        msg = first["msg"]
+        fix = None
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+            fix = "remove it or check its spelling against the documented keys"
+        elif kind == "missing":
+            msg = "required key is missing"
+            fix = "add it"
+        msg = msg.removeprefix("Value error, ")
+        raise FisError(f"{where}{msg}", source=str(source), field=format_loc(loc), fix=fix) from None
+
+
+def load_config(model: type[M], path: Path) -> M:
+    """Load and validate a YAML config file."""
+    data, node = load_yaml(Path(path))
+    return validate(model, data, source=path, node=node)
