@@ -1,0 +1,152 @@
+"""`fis harvest`: stream activations at one named hook point into shards, stopping the forward pass there."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..config import StrictModel
+from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
+from ..errors import FisError
+from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook
+from ..provenance import provenance
+from .exclusion import ExclusionRule
+from .normalization import Normalizer, NormKind
+from .shards import (ActivationStore, new_manifest, read_manifest, shard_name, stats_from_manifest,
+                     write_manifest, write_shard)
+
+log = logging.getLogger(__name__)
+
+# Settings that must match for a rerun to resume an existing folder.
+_IDENTITY_KEYS = ("model", "hook", "context_length", "corpus", "dtype", "norm_multiple", "contexts_per_shard")
+
+
+class HarvestConfig(StrictModel):
+    """What to harvest; every field is also a `fis harvest` option."""
+
+    model: str = DEFAULT_MODEL
+    hook: str | None = Field(None, description="hook point; default: the middle layer's hook_resid_post")
+    corpus: list[str] = Field(default_factory=lambda: [DEFAULT_CORPUS])
+    out: Path = Path("runs/activations")
+    tokens: int = Field(50_000, gt=0, description="token budget (before exclusions)")
+    context_length: int = Field(128, ge=2)
+    batch_size: int = Field(16, gt=0, description="contexts per forward pass")
+    contexts_per_shard: int = Field(64, gt=0)
+    dtype: str = "float32"
+    store_dtype: str = Field("float32", description="dtype of the saved activations (float32, bfloat16, float16)")
+    device: str = "auto"
+    normalization: NormKind = "expected_norm"
+    norm_multiple: float | None = Field(10.0, description="exclude positions with norm > this x median; null: off")
+
+
+def capture_hook(bridge: Any, tokens: torch.Tensor, hook_name: str, stop_at_layer: int) -> torch.Tensor:
+    """The value at ``hook_name`` for ``tokens``, running only the blocks needed to produce it."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        captured["x"] = value.detach()
+        return value
+
+    with torch.no_grad():
+        bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name, grab)], stop_at_layer=stop_at_layer)
+    return captured["x"]
+
+
+def _check_resumable(existing: dict[str, Any], fresh: dict[str, Any], out: Path) -> None:
+    for key in _IDENTITY_KEYS:
+        if existing.get(key) != fresh.get(key):
+            raise FisError(f"holds a harvest with {key}={existing.get(key)!r}, not {fresh.get(key)!r}",
+                           source=out, field=key, fix="use another --out folder, or delete this one")
+
+
+def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridge: Any = None,
+            **overrides: Any) -> dict[str, Any]:
+    """Harvest activations into ``config.out``; resume from the last complete shard; return the manifest."""
+    cfg = config.model_copy(update=overrides) if config else HarvestConfig(**overrides)
+    bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
+    tokenizer = bridge.tokenizer
+    device = next(bridge.original_model.parameters()).device
+    store_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.store_dtype)
+    if store_dtype is None:
+        raise FisError(f"unknown store_dtype '{cfg.store_dtype}'", field="store_dtype",
+                       fix="use float32, bfloat16 or float16")
+
+    n_contexts = math.ceil(cfg.tokens / (cfg.context_length - 1))
+    contexts = ContextBatcher(tokenizer, cfg.context_length).contexts(cfg.corpus, max_contexts=n_contexts)
+    fresh = new_manifest(model=model_name(bridge), hook=hook.name, hook_canonical=hook.canonical,
+                         layer=hook.layer, d_model=int(bridge.cfg.d_model), context_length=cfg.context_length,
+                         corpus=cfg.corpus, corpus_description=describe(cfg.corpus), dtype=cfg.dtype,
+                         store_dtype=cfg.store_dtype, norm_multiple=cfg.norm_multiple,
+                         contexts_per_shard=cfg.contexts_per_shard, n_contexts_planned=len(contexts),
+                         tokens_requested=cfg.tokens, corpus_exhausted=len(contexts) < n_contexts,
+                         bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
+                         config=cfg.model_dump(mode="json"), provenance=provenance())
+    out = Path(cfg.out)
+    if (out / "manifest.json").exists():
+        manifest = read_manifest(out)
+        _check_resumable(manifest, fresh, out)
+        if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):
+            return manifest
+        manifest["n_contexts_planned"] = len(contexts)
+        manifest["complete"] = False
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = fresh
+    rule = (ExclusionRule.from_dict(manifest["exclusion"]) if "exclusion" in manifest
+            else ExclusionRule.for_tokenizer(tokenizer, cfg.norm_multiple))
+    stats = stats_from_manifest(manifest, int(bridge.cfg.d_model))
+    done_contexts = sum(s["n_contexts"] for s in manifest["shards"])
+    shard_index = len(manifest["shards"])
+
+    bar = tqdm(total=len(contexts), initial=done_contexts, unit="ctx", disable=not progress, desc="harvest")
+    start = time.perf_counter()
+    harvested_now = 0
+    for shard_start in range(done_contexts, len(contexts), cfg.contexts_per_shard):
+        shard_tokens = contexts[shard_start:shard_start + cfg.contexts_per_shard]
+        acts_parts, keep_parts = [], []
+        for b in range(0, len(shard_tokens), cfg.batch_size):
+            batch = shard_tokens[b:b + cfg.batch_size].to(device)
+            acts = capture_hook(bridge, batch, hook.canonical, hook.stop_at_layer)
+            if rule.median_norm is None:
+                rule.calibrate(batch, acts)
+            keep = rule.keep_mask(batch, acts)
+            special = rule.special_mask(batch)
+            manifest["excluded"]["special"] += int(special.sum())
+            manifest["excluded"]["massive"] += int((~keep & ~special).sum())
+            kept = acts[keep].to("cpu", torch.float32)
+            stats.update(kept)
+            acts_parts.append(kept.to(store_dtype))
+            keep_parts.append(keep.cpu())
+            bar.update(len(batch))
+            harvested_now += int(keep.numel())
+            bar.set_postfix(tok_s=f"{harvested_now / (time.perf_counter() - start):.0f}")
+        acts_all = torch.cat(acts_parts)
+        ids = torch.arange(shard_start, shard_start + len(shard_tokens))
+        write_shard(out, shard_index, acts_all, shard_tokens, torch.cat(keep_parts), ids)
+        manifest["shards"].append({"file": shard_name(shard_index), "n_contexts": len(shard_tokens),
+                                   "n_tokens": int(acts_all.shape[0])})
+        manifest["token_count"] += int(acts_all.shape[0])
+        manifest["exclusion"] = rule.to_dict()
+        manifest["running_stats"] = stats.to_dict()
+        manifest["normalization"] = Normalizer.from_stats(stats, cfg.normalization).to_dict()
+        manifest["activation_mean_norm"] = stats.norm_sum / max(stats.count, 1)
+        write_manifest(out, manifest)
+        shard_index += 1
+    bar.close()
+    manifest["complete"] = True
+    manifest["positions_total"] = len(contexts) * cfg.context_length
+    write_manifest(out, manifest)
+    return manifest
+
+
+def open_activations(folder: Path, heldout_fraction: float = 0.1) -> ActivationStore:
+    """Open a harvest folder for reading (see :class:`ActivationStore`)."""
+    return ActivationStore(Path(folder), heldout_fraction=heldout_fraction)

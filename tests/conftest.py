@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny random-init model for unit tests, the real default model for a few integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge():
+    from fis_interventions.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_bridge():
+    from fis_interventions.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fis_interventions.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture()
+def text_corpus(tmp_path: Path) -> Path:
+    """A small varied corpus written on the fly (several documents, informal and formal)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [
+        "Dear Sir or Madam, I am writing to inform you that the quarterly report has been submitted. " * 6,
+        "omg that was the best day ever!!! we went to the beach and it was sooo fun, love you all " * 6,
+        "The function returns a list of tuples. Each tuple contains the key and the value of one entry. " * 6,
+        "I can't believe you did that. I'm so angry right now, honestly, please just call me back. " * 6,
+    ]
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
+    return folder

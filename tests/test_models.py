@@ -1,0 +1,55 @@
+"""Model loading: offline errors, devices, and the real default model (integration)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fis_interventions.errors import FisError
+from fis_interventions.models import resolve_device, resolve_dtype, resolve_hook, resolve_model
+
+
+def test_unknown_model_and_missing_files(tmp_path):
+    with pytest.raises(FisError, match="unknown model"):
+        resolve_model("gpt-17")
+    with pytest.raises(FisError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(FisError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(FisError, match="no CUDA"):
+            resolve_device("cuda")
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(FisError, match="unknown dtype"):
+        resolve_dtype("int3")
+
+
+def test_hook_alias_resolves_to_canonical(tiny_bridge):
+    spec = resolve_hook(tiny_bridge, "blocks.2.hook_resid_post")
+    assert spec.canonical == "blocks.2.hook_out" and spec.layer == 2 and spec.stop_at_layer == 3
+
+
+@pytest.mark.real_model
+def test_real_model_paris_and_harvest_equals_cache(real_bridge, tmp_path):
+    from fis_interventions.activations import ActivationStore, harvest
+    from fis_interventions.models import greedy_continuation
+
+    assert "Paris" in greedy_continuation(real_bridge, "The capital of France is")
+    m = harvest(bridge=real_bridge, progress=False, model="smollm2-135m", out=tmp_path / "a", tokens=500,
+                context_length=64, batch_size=4, contexts_per_shard=4)
+    assert m["hook"] == "blocks.14.hook_resid_post" and m["d_model"] == 576
+    from safetensors.torch import load_file
+
+    shard = load_file(str(ActivationStore(tmp_path / "a").shard_paths()[0]))
+    tokens, keep = shard["tokens"].long(), shard["keep"].bool()
+    _, cache = real_bridge.run_with_cache(tokens, names_filter=lambda n: n == "blocks.14.hook_out")
+    diff = (shard["acts"] - cache["blocks.14.hook_out"][keep]).abs().max().item()
+    assert diff <= 1e-5
+    # massive activations (attention-sink positions, norm >> median) are excluded by the rule
+    norms = cache["blocks.14.hook_out"].norm(dim=-1)
+    assert (norms[keep] <= m["exclusion"]["norm_threshold"]).all()
