@@ -1,0 +1,100 @@
+"""`fis stats`: every 2x2 analysis of one measure in a CSV/Parquet table, printed and optionally saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..cli import app
+from ..errors import FisError
+
+
+def parse_levels(specs: list[str] | None) -> dict[str, list[str]]:
+    """``["formality=formal,informal"]`` -> ``{"formality": ["formal", "informal"]}``."""
+    out: dict[str, list[str]] = {}
+    for spec in specs or []:
+        name, sep, values = spec.partition("=")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not name.strip() or len(parts) != 2 or not all(parts):
+            raise FisError(f"cannot parse --levels {spec!r}", field="--levels",
+                           fix="write --levels FACTOR=LEVEL1,LEVEL2")
+        out[name.strip()] = parts
+    return out
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Plain aligned text (no colour codes, so logs and pipes stay readable)."""
+    cells = [columns] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Human-readable summary of :func:`fis_interventions.stats.analyze_2x2` output."""
+    a, b = result["factors"]
+    lines = [f"{result['dv']} ~ {a} x {b}: n = {result['n']}"
+             + (f", {result['n_items']} items" if result.get("n_items") is not None else ""),
+             f"levels: {a} = {result['levels'][a]}, {b} = {result['levels'][b]} (coded -0.5 / +0.5)", "",
+             "Type III ANOVA (OLS)", format_table(result["anova"], ["term", "ss", "df1", "df2", "F", "p",
+                                                                    "partial_eta2"])]
+    if result.get("rm_anova") is not None:
+        lines += ["", "By-item repeated-measures ANOVA (F2, item x cell means)",
+                  format_table(result["rm_anova"], ["term", "ss", "df1", "df2", "F", "p", "partial_eta2"])]
+    lmm = result.get("lmm")
+    if lmm is not None:
+        lines += ["", f"LMM {result['dv']} ~ {a}*{b} + (1|{result['item']}), {lmm['method']}, "
+                      f"converged={_fmt(lmm['converged'])}, optimizer={_fmt(lmm['optimizer'])}",
+                  format_table(lmm["fixed"], ["term", "estimate", "se", "df", "t", "p", "ci_low", "ci_high"]),
+                  f"item variance {_fmt(lmm['item_var'])}, residual variance {_fmt(lmm['resid_var'])}, "
+                  f"logLik {_fmt(lmm['loglik'])}"]
+    contrast = result["contrast"]
+    inter = contrast["interaction"]
+    lines += ["", f"Interaction (difference of differences, {inter['source']}): {_fmt(inter['estimate'])} "
+                  f"[95% CI {_fmt(inter['ci_low'])}, {_fmt(inter['ci_high'])}], "
+                  f"standardized {_fmt(contrast['effect_sizes']['standardized_interaction'])}",
+              format_table(contrast["cells"], [a, b, "n", "mean", "se", "ci_low", "ci_high"])]
+    lines += ["", "warnings:" if result["warnings"] else "warnings: none"]
+    lines += [f"  - {w}" for w in result["warnings"]]
+    return "\n".join(lines)
+
+
+@app.command("stats")
+def stats_command(
+    data: Path = typer.Argument(..., help="CSV or Parquet table, one row per observation."),
+    dv: str = typer.Option(..., "--dv", help="Numeric measure column."),
+    factor: list[str] = typer.Option(..., "--factor", help="Factor column; give exactly two."),
+    item: str | None = typer.Option(None, "--item", help="Item column: adds the by-item ANOVA and the LMM."),
+    levels: list[str] | None = typer.Option(None, "--levels",
+                                            help="Level order FACTOR=FIRST,SECOND (first is coded -0.5)."),
+    reml: bool = typer.Option(True, "--reml/--ml", help="Fit the LMM by REML (default) or ML."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results (and provenance) here."),
+) -> None:
+    """Two-way (2x2) statistics of one measure: Type III ANOVA, by-item ANOVA, LMM, interaction, cell means.
+
+    Numbers match R's car::Anova(type=3), afex::aov_car and lmerTest::lmer with -0.5/+0.5 coding.
+    """
+    from ..io import write_json
+    from ..provenance import provenance
+    from ..stats import stats
+
+    method = "REML" if reml else "ML"
+    result = stats(data, dv, factor, item=item, levels=parse_levels(levels), method=method)
+    typer.echo(format_report(result))
+    if json_out is not None:
+        config = {"data": str(data), "dv": dv, "factors": list(factor), "item": item,
+                  "levels": parse_levels(levels), "method": method}
+        write_json(json_out, {**result, "provenance": provenance(config=config)})
+        typer.echo(f"\nwrote {json_out}")

@@ -1,0 +1,100 @@
+"""One call that runs every 2x2 analysis on one measure and returns a JSON-ready dict (``fis stats``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import FisError
+from .anova import anova_design, rm_anova_design
+from .contrast import contrast_design
+from .design import Levels, finite_or_none, prepare_2x2, records
+from .lmm import lmm_design
+
+log = logging.getLogger(__name__)
+
+
+def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = None,
+                levels: Levels | None = None, method: str = "REML") -> dict[str, Any]:
+    """Type III ANOVA, by-item RM-ANOVA, LMM, interaction contrast and cell means, as plain JSON data.
+
+    Keys: ``anova``, ``rm_anova`` and ``lmm`` (None without ``item``), ``contrast`` (interaction, cells,
+    effect sizes), ``levels``, ``n``, ``n_items``, ``warnings``. Nothing is NaN: what cannot be computed is
+    None, and ``warnings`` says why.
+    """
+    design = prepare_2x2(df, dv, a, b, item=item, levels=levels)
+    warnings = list(design.warnings)
+    anova, notes = anova_design(design)
+    warnings += notes
+    out: dict[str, Any] = {"dv": dv, "factors": [a, b], "item": item, "levels": design.levels,
+                           "anova": records(anova), "rm_anova": None, "lmm": None}
+    lmm = None
+    if item is not None:
+        rm, info = rm_anova_design(design)
+        warnings += info["warnings"]
+        out["rm_anova"] = records(rm)
+        out["n_items_complete"] = info["n_items_complete"]
+        lmm = lmm_design(design, method=method)
+        warnings += lmm.warnings
+        out["lmm"] = lmm.to_dict()
+    contrast = contrast_design(design, lmm, anova)
+    warnings += contrast.pop("warnings")
+    out["contrast"] = contrast
+    out["n"] = int(len(design.data))
+    out["n_items"] = int(design.data["item"].nunique()) if item is not None else None
+    out["cell_counts"] = [{a: la, b: lb, "n": k} for (la, lb), k in design.cell_counts().items()]
+    out["warnings"] = list(dict.fromkeys(warnings))
+    for note in out["warnings"]:
+        log.warning(note)
+    return _json_safe(out)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return finite_or_none(x)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file (by extension) with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise FisError("file not found", source=path, fix="check the path")
+    if path.is_dir():
+        raise FisError("is a folder, expected a CSV or Parquet file", source=path)
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FisError(f"cannot read table: {first}", source=path,
+                       fix="pass a UTF-8 CSV with a header row, or a .parquet file") from None
+
+
+def stats(data: pd.DataFrame | str | Path, dv: str, factors: Sequence[str], item: str | None = None,
+          levels: Levels | None = None, method: str = "REML") -> dict[str, Any]:
+    """Python API of ``fis stats``: read ``data`` (DataFrame or CSV/Parquet path) and run :func:`analyze_2x2`."""
+    source = None
+    if not isinstance(data, pd.DataFrame):
+        source = str(data)
+        data = read_table(data)
+    factors = list(factors)
+    if len(factors) != 2:
+        raise FisError(f"a 2x2 analysis needs exactly two factors, got {len(factors)}: {factors}",
+                       source=source, fix="pass --factor twice")
+    method = method.upper()
+    if method not in ("REML", "ML"):
+        raise FisError(f"method must be REML or ML, got {method!r}", source=source)
+    try:
+        return analyze_2x2(data, dv, factors[0], factors[1], item=item, levels=levels, method=method)
+    except FisError as err:
+        if source is None or err.source is not None:
+            raise
+        raise FisError(err.detail, source=source, field=err.field, fix=err.fix) from None
