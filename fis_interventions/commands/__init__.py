@@ -4,3 +4,5 @@ Each command only parses arguments and calls the Python API function of the same
 """
 
 from . import model_cmds  # noqa: F401
+from . import stimuli_cmds  # noqa: F401
+from . import stats_cmds  # noqa: F401
