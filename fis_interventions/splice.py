@@ -120,3 +120,51 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         tokens[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, :len(seq)] = 1
     return tokens, mask
+
+
+class JointSplice:
+    """Puts a joint SAE into the residual stream at the hook it was trained on, in the original scale.
+
+    Two operations, both applied only at positions the harvest's exclusion rule kept (BOS/EOS/pad and massive
+    activations stay untouched, exactly as they were left out of training):
+
+    - :meth:`reconstruct`: replace the residual by the reconstruction (evaluation: KL/CE of the splice);
+    - :meth:`edit`: add ``invert(recon_edited) - invert(recon)`` to the clean residual (the error-term trick of
+      SAELens), so with no edit the residual, and the logits, are exactly the clean ones and only the edit is
+      measured (interventions).
+
+    Normalisation (paper flaw 2) is applied before the joint model and inverted after it, from the statistics
+    stored with the checkpoint.
+    """
+
+    def __init__(self, joint: Any, normalizer: Any, rule: Any) -> None:
+        self.joint = joint
+        self.normalizer = normalizer
+        self.rule = rule
+
+    def keep_mask(self, tokens: torch.Tensor, resid: torch.Tensor, attention_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        keep = self.rule.keep_mask(tokens.to(resid.device), resid)
+        if attention_mask is not None:
+            keep &= attention_mask.to(resid.device).bool()
+        return keep
+
+    def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
+        dtype = next(self.joint.parameters()).dtype
+        x = self.normalizer.apply(x_raw.to(dtype))
+        return self.joint(x, components, edit=edit).recon
+
+    @torch.no_grad()
+    def reconstruct(self, resid: torch.Tensor, keep: torch.Tensor, components: str = "full") -> torch.Tensor:
+        out = resid.clone()
+        recon = self._run(resid[keep], components)
+        out[keep] = self.normalizer.invert(recon).to(resid.dtype)
+        return out
+
+    @torch.no_grad()
+    def edit(self, resid: torch.Tensor, keep: torch.Tensor, edit: Any, components: str = "full") -> torch.Tensor:
+        out = resid.clone()
+        x = resid[keep]
+        delta = self._run(x, components, edit) - self._run(x, components)
+        out[keep] = x + self.normalizer.invert_delta(delta).to(resid.dtype)
+        return out

@@ -1,0 +1,62 @@
+"""Attach a trained joint-SAE checkpoint to a loaded model: the one place that pairs them.
+
+Everything that runs a checkpoint inside the model (evaluation, screening, batteries) goes through
+:func:`attach`, which refuses a checkpoint trained on another model or d_model (a one-line error), splits the
+model at exactly the hook the checkpoint was harvested and trained at (paper flaw 1), and uses the
+normalisation and exclusion rule saved with it (flaw 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .activations import ExclusionRule, Normalizer
+from .errors import FisError
+from .models import model_name
+from .sae import Checkpoint, load_checkpoint
+from .splice import JointSplice, SplitModel
+
+
+@dataclass
+class Attached:
+    checkpoint: Checkpoint
+    split: SplitModel
+    splice: JointSplice
+
+    @property
+    def joint(self) -> Any:
+        return self.checkpoint.model
+
+    @property
+    def hook(self) -> str:
+        return self.split.hook.name
+
+
+def checkpoint_preprocessing(normalization: dict[str, Any] | None, source: Path | str) -> tuple[Normalizer, ExclusionRule]:
+    """The normaliser and exclusion rule stored in a checkpoint's ``normalization`` entry."""
+    if not normalization or "exclusion" not in normalization:
+        raise FisError("checkpoint has no normalisation/exclusion statistics, so it cannot be spliced into a model",
+                       source=source, fix="train it with `fis train` on harvested activations")
+    return Normalizer.from_dict(normalization), ExclusionRule.from_dict(normalization["exclusion"])
+
+
+def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
+    """Load (if needed) and attach a checkpoint; see the module docstring for the checks."""
+    device = next(bridge.original_model.parameters()).device
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device=device)
+    ckpt.model.to(device).eval()
+    name = model_name(bridge)
+    if ckpt.model_name is not None and ckpt.model_name != name:
+        raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {name!r}", source=ckpt.path,
+                       field="model", fix=f"load model {ckpt.model_name!r} or use a checkpoint trained on {name!r}")
+    if ckpt.d_in != int(bridge.cfg.d_model):
+        raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}", source=ckpt.path,
+                       field="model", fix="use the model the checkpoint was trained on")
+    if not ckpt.hook:
+        raise FisError("checkpoint does not record its hook point", source=ckpt.path, field="hook",
+                       fix="train it with `fis train` on harvested activations")
+    normalizer, rule = checkpoint_preprocessing(ckpt.normalization, ckpt.path)
+    split = SplitModel(bridge, ckpt.hook)
+    return Attached(ckpt, split, JointSplice(ckpt.model, normalizer, rule))

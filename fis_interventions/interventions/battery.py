@@ -1,0 +1,302 @@
+"""`fis battery`: clamp features of a joint SAE inside the forward pass and record logit shifts.
+
+For every stimulus batch the model prefix (up to the checkpoint's hook) runs once; every condition of every
+feature reuses it: the edited residual is ``clean + invert(recon_edited) - invert(recon)`` (error-term trick,
+so ``scale: 1`` reproduces the clean logits), conditions are stacked into one suffix pass, and logits are only
+computed at the readout position. One work unit = (design, stimulus batch, feature); its rows are committed
+in one SQLite transaction, so rerunning the same battery resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..attach import Attached, attach
+from ..config import load_config
+from ..designs import expand, load_design, target_tokens
+from ..errors import FisError
+from ..io import write_json
+from ..models import load_model, model_name
+from ..provenance import provenance, seed_everything
+from ..splice import pad_right
+from .config import BatteryConfig
+from .features import Condition, Target, conditions, make_edit, resolve_features
+from .store import ResultStore, merge, read_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """Token ids of a batch of stimulus x prompt rows, with the positions the battery needs."""
+
+    tokens: torch.Tensor  # [B, T] right-padded
+    mask: torch.Tensor  # [B, T]
+    readout: torch.Tensor  # [B] readout position
+    stimulus_mask: torch.Tensor  # [B, T] positions inside the stimulus text
+
+
+def encode_rows(rows: pd.DataFrame, tokenizer: Any) -> Encoded:
+    """Tokenise ``text`` with BOS first; find the readout token (holding char readout_end-1) and stimulus span."""
+    seqs, readouts, stim_spans = [], [], []
+    for text, stim, end in zip(rows["text"], rows["stimulus"], rows["readout_end"], strict=True):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        target_char = int(end) - 1
+        pos = max(i for i, (s, _) in enumerate(offsets) if s <= target_char)
+        n_stim = sum(1 for s, _ in offsets if s < len(stim))
+        seqs.append([tokenizer.bos_token_id, *enc["input_ids"]])
+        readouts.append(pos + 1)
+        stim_spans.append(n_stim)
+    tokens, mask = pad_right(seqs, tokenizer.pad_token_id)
+    stim = torch.zeros_like(mask, dtype=torch.bool)
+    for i, n in enumerate(stim_spans):
+        stim[i, 1:1 + n] = True
+    return Encoded(tokens, mask, torch.tensor(readouts), stim)
+
+
+def _where_mask(enc: Encoded, where: str, device: torch.device) -> torch.Tensor:
+    if where == "all":
+        return enc.mask.bool().to(device)
+    if where == "stimulus":
+        return enc.stimulus_mask.to(device)
+    m = torch.zeros_like(enc.mask, dtype=torch.bool)
+    m[torch.arange(len(m)), enc.readout] = True
+    return m.to(device)
+
+
+@dataclass
+class Readouts:
+    """What is read at the readout position: the design's scored token ids, sets and contrasts."""
+
+    word_ids: list[tuple[str, int]]  # (word, token id) in set order
+    sets: dict[str, list[int]]  # set name -> positions in word_ids
+    contrasts: dict[str, tuple[str, str]]
+    score: str  # logit | logprob
+
+    @classmethod
+    def for_design(cls, design: Any, tokenizer: Any) -> Readouts:
+        sets = target_tokens(design, tokenizer)
+        if design.readout.multi_token == "sum_logprob" and any(w.split for ws in sets.values() for w in ws):
+            raise FisError("multi_token: sum_logprob with split words is not supported by batteries yet",
+                           field="readout.multi_token", fix="use words that are single tokens, or first_token")
+        word_ids: list[tuple[str, int]] = []
+        positions: dict[str, list[int]] = {}
+        for name, words in sets.items():
+            positions[name] = []
+            for w in words:
+                positions[name].append(len(word_ids))
+                word_ids.append((w.word, w.token_ids[0]))
+        return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score)
+
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-word scores [N, n_words] and per-contrast scores (mean of set A - mean of set B)."""
+        base = logits.float().log_softmax(-1) if self.score == "logprob" else logits.float()
+        ids = torch.tensor([i for _, i in self.word_ids], device=logits.device)
+        words = base[:, ids]
+        contrast = {name: words[:, self.sets[a]].mean(1) - words[:, self.sets[b]].mean(1)
+                    for name, (a, b) in self.contrasts.items()}
+        return words, contrast
+
+
+def _rows_for(meta: pd.DataFrame, target: Target, conds: list[Condition], readouts: Readouts,
+              clean_words: torch.Tensor, clean_con: dict[str, torch.Tensor], words: torch.Tensor,
+              con: dict[str, torch.Tensor], kl: torch.Tensor, a: str, b: str) -> list[dict[str, Any]]:
+    rows = []
+    n = len(meta)
+    for ci, cond in enumerate(conds):
+        sl = slice(ci * n, (ci + 1) * n)
+        w_e, k_e = words[sl].cpu(), kl[sl].cpu()
+        c_e = {k: v[sl].cpu() for k, v in con.items()}
+        for r, (_, m) in enumerate(meta.iterrows()):
+            common = {"design": m["design"], "item": str(m["item"]), "cell": m["cell"], "a": str(m[a]),
+                      "b": str(m[b]), "prompt_id": str(m["prompt_id"]), "point": target.point,
+                      "feature": target.label, "role": target.role, "intervention": cond.kind,
+                      "value": cond.value, "position": cond.where}
+            for wi, (word, _) in enumerate(readouts.word_ids):
+                s0, s1 = float(clean_words[r, wi]), float(w_e[r, wi])
+                rows.append({**common, "readout": word, "readout_kind": "word", "score_clean": s0,
+                             "score_edited": s1, "shift": s1 - s0})
+            for name in readouts.contrasts:
+                s0, s1 = float(clean_con[name][r]), float(c_e[name][r])
+                rows.append({**common, "readout": name, "readout_kind": "contrast", "score_clean": s0,
+                             "score_edited": s1, "shift": s1 - s0})
+            rows.append({**common, "readout": "__kl__", "readout_kind": "kl", "score_clean": 0.0,
+                         "score_edited": float(k_e[r]), "shift": float(k_e[r])})
+    return rows
+
+
+@torch.no_grad()
+def _feature_max(attached: Attached, targets: list[Target], batches: list[Encoded]) -> dict[Target, float]:
+    """Largest activation of each target (max over its indices) on the kept positions of the stimuli."""
+    best = {t: float("-inf") for t in targets}
+    for enc in batches:
+        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
+        keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+        x = attached.splice.normalizer.apply(resid[keep].to(next(attached.joint.parameters()).dtype))
+        seen: dict[str, torch.Tensor] = {}
+        points = {t.point for t in targets}
+        attached.joint(x, "full" if attached.joint.nfm is not None else "sae",
+                       edit={p: (lambda p: lambda v: seen.__setitem__(p, v.detach()))(p) for p in points})
+        for t in targets:
+            best[t] = max(best[t], float(seen[t.point][:, list(t.indices)].max()))
+    return best
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); under torchrun (RANK/WORLD_SIZE set) the rank picks the shard."""
+    if shard is None:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return 0, 1
+    try:
+        i, n = (int(p) for p in shard.split("/"))
+    except ValueError:
+        raise FisError(f"bad shard '{shard}'", field="--shard", fix="write it as i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise FisError(f"shard index {i} is not in 0..{n - 1}", field="--shard", fix="write it as i/n with i < n")
+    return i, n
+
+
+def store_path(out: Path, shard: tuple[int, int]) -> Path:
+    i, n = shard
+    return out / ("results.sqlite" if n == 1 else f"results.shard-{i}-of-{n}.sqlite")
+
+
+def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bridge: Any = None,
+            progress: bool = True) -> Path:
+    """Run (or resume) a battery; return the results store path. See the module docstring."""
+    cfg = config if isinstance(config, BatteryConfig) else load_config(BatteryConfig, Path(config))
+    seed_everything(cfg.seed)
+    shard_i, shard_n = parse_shard(shard)
+    designs = [load_design(p) for p in cfg.designs]
+    bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    attached = attach(bridge, cfg.checkpoint)
+    tokenizer = bridge.tokenizer
+    device = attached.split.device
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    plans = []
+    all_batches: list[Encoded] = []
+    for design in designs:
+        rows = expand(design)
+        if cfg.max_items is not None:
+            keep_items = list(dict.fromkeys(rows["item"]))[:cfg.max_items]
+            rows = rows[rows["item"].isin(keep_items)]
+        rows = rows.reset_index(drop=True)
+        batches = [(rows.iloc[s:s + cfg.batch_size], encode_rows(rows.iloc[s:s + cfg.batch_size], tokenizer))
+                   for s in range(0, len(rows), cfg.batch_size)]
+        all_batches += [enc for _, enc in batches]
+        plans.append((design, rows, batches, Readouts.for_design(design, tokenizer)))
+
+    active = None
+    if any(f.top_linear for f in cfg.features):
+        active = _active_latents(attached, all_batches)
+    targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
+    fmax = _feature_max(attached, targets, all_batches)
+    run_meta = {
+        "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
+        "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "provenance": provenance(cfg.seed),
+        "designs": {d.name: {"factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
+                             "n_items": int(r["item"].nunique()), "prompts": [t for _, t in d.readout.prompt_items()],
+                             "contrasts": dict(d.readout.contrasts), "score": d.readout.score}
+                    for (d, r, _, _), p in zip(plans, cfg.designs, strict=True)},
+        "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t]}
+                     for t in targets],
+        "warnings": [w for d in designs for w in target_tokens(d, tokenizer).warnings],
+        "shards": shard_n,
+    }
+    write_json(out / "run.json", run_meta)
+
+    store = ResultStore(store_path(out, (shard_i, shard_n)))
+    done = store.done_units()
+    units = [(di, bi, ti) for di, plan in enumerate(plans) for bi in range(len(plan[2])) for ti in range(len(targets))]
+    mine = [u for k, u in enumerate(units) if k % shard_n == shard_i]
+    todo = [u for u in mine if _unit_key(plans, targets, u) not in done]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, desc=f"battery {cfg.name}",
+               unit="unit")
+    cache: dict[tuple[int, int], Any] = {}
+    for di, bi, ti in todo:
+        design, _, batches, readouts = plans[di]
+        meta, enc = batches[bi]
+        if (di, bi) not in cache:
+            cache.clear()
+            cache[(di, bi)] = _clean_pass(attached, enc, readouts)
+        resid, state, keep, clean_logits, clean_words, clean_con = cache[(di, bi)]
+        target = targets[ti]
+        conds = conditions(cfg.interventions, fmax[target])
+        edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device), {target.point: make_edit(target, c)})
+                  for c in conds]
+        stacked = torch.cat(edited)
+        positions = enc.readout.to(device).repeat(len(conds)).unsqueeze(1)
+        logits = attached.split.suffix(stacked, state.repeat(len(conds)), positions)[:, 0]
+        words, con = readouts.scores(logits)
+        kl = F.kl_div(logits.float().log_softmax(-1), clean_logits.repeat(len(conds), 1).float().log_softmax(-1),
+                      log_target=True, reduction="none").sum(-1)
+        a, b = list(design.factors)
+        rows = _rows_for(meta, target, conds, readouts, clean_words, clean_con, words, con, kl, a, b)
+        store.commit_unit(_unit_key(plans, targets, (di, bi, ti)), rows)
+        bar.update(1)
+    bar.close()
+    store.close()
+    if shard_n == 1:
+        export(out)
+    return store_path(out, (shard_i, shard_n))
+
+
+def _unit_key(plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
+    di, bi, ti = unit
+    t = targets[ti]
+    return f"{plans[di][0].name}|{bi}|{t.point}|{t.label}"
+
+
+@torch.no_grad()
+def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts) -> tuple:
+    resid, state = attached.split.prefix(enc.tokens, enc.mask)
+    keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+    clean = attached.split.suffix(resid, state, enc.readout.to(resid.device).unsqueeze(1))[:, 0]
+    words, con = readouts.scores(clean)
+    return resid, state, keep, clean, words.cpu(), {k: v.cpu() for k, v in con.items()}
+
+
+@torch.no_grad()
+def _active_latents(attached: Attached, batches: list[Encoded]) -> torch.Tensor:
+    active = torch.zeros(attached.joint.sae.d_sae, dtype=torch.bool)
+    for enc in batches:
+        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
+        keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+        x = attached.splice.normalizer.apply(resid[keep].to(next(attached.joint.parameters()).dtype))
+        lat = attached.joint(x, "sae").latents
+        active[lat.indices[lat.values > 0].cpu()] = True
+    return active
+
+
+def export(out: Path) -> Path:
+    """Write ``results.parquet`` (and ``results.csv``) from the store, for pandas users."""
+    df = read_results(Path(out) / "results.sqlite")
+    df.to_parquet(Path(out) / "results.parquet", index=False)
+    df.to_csv(Path(out) / "results.csv", index=False)
+    return Path(out) / "results.parquet"
+
+
+def merge_shards(out: Path) -> int:
+    """`fis battery merge`: combine ``results.shard-*.sqlite`` into ``results.sqlite`` and export."""
+    out = Path(out)
+    sources = sorted(out.glob("results.shard-*-of-*.sqlite"))
+    n = merge(sources, out / "results.sqlite")
+    export(out)
+    meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    meta["merged_from"] = [s.name for s in sources]
+    write_json(out / "run.json", meta)
+    return n

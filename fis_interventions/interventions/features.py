@@ -1,0 +1,139 @@
+"""Resolve feature selectors into concrete (point, indices) targets, and make the edit functions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FisError
+from .config import FeatureSpec, InterventionSpec
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to intervene on: a named point and the feature indices edited together."""
+
+    point: str
+    indices: tuple[int, ...]
+    role: str
+
+    @property
+    def label(self) -> str:
+        return ",".join(map(str, self.indices))
+
+
+def point_widths(joint: torch.nn.Module, d_in: int) -> dict[str, int]:
+    """Width of every named point, read off one forward pass with observers."""
+    widths: dict[str, int] = {}
+    x = torch.zeros(1, d_in, dtype=next(joint.parameters()).dtype, device=next(joint.parameters()).device)
+
+    def observer(name: str) -> Callable[[torch.Tensor], None]:
+        def fn(value: torch.Tensor) -> None:
+            widths[name] = int(value.shape[-1])
+        return fn
+
+    points = joint.hook_points()
+    comps = "full" if getattr(joint, "nfm", None) is not None else "sae"
+    with torch.no_grad():
+        joint(x, comps, edit={name: observer(name) for name in points})
+    return widths
+
+
+def _check_point(point: str, widths: dict[str, int]) -> int:
+    if point not in widths:
+        raise FisError(f"unknown point '{point}' for this checkpoint", field="features.point",
+                       fix=f"use one of: {', '.join(sorted(widths))}")
+    return widths[point]
+
+
+def _from_screening(spec: FeatureSpec) -> list[Target]:
+    path = Path(spec.from_screening)
+    file = path / "top.json" if path.is_dir() else path
+    if not file.exists():
+        raise FisError("screening top list not found", source=file, field="features.from_screening",
+                       fix="run `fis screen --out FOLDER` first")
+    top = json.loads(file.read_text(encoding="utf-8"))
+    if spec.point is not None:
+        top = [t for t in top if t["point"] == spec.point]
+    return [Target(t["point"], (int(t["feature"]),), spec.role) for t in top[:spec.top]]
+
+
+def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
+                     active_latents: torch.Tensor | None = None) -> list[Target]:
+    """Concrete targets, in config order, without duplicates (random picks avoid already chosen ones)."""
+    widths = point_widths(joint, d_in)
+    targets: list[Target] = []
+    rng = np.random.default_rng(seed)
+    for spec in specs:
+        if spec.from_screening is not None:
+            new = _from_screening(spec)
+        elif spec.top_linear is not None:
+            if getattr(joint, "nfm", None) is None:
+                raise FisError("top_linear needs a checkpoint with an integration module", field="features")
+            norms = joint.nfm.W_lin.detach().norm(dim=-1).cpu()
+            if active_latents is not None:
+                norms = torch.where(active_latents.cpu(), norms, torch.full_like(norms, -1.0))
+            order = torch.argsort(norms, descending=True)[:spec.top_linear].tolist()
+            new = [Target("sae.hook_latents", (i,), spec.role) for i in order]
+        else:
+            width = _check_point(spec.point, widths)
+            if spec.random is not None:
+                taken = {t.indices for t in targets if t.point == spec.point}
+                pool = [i for i in range(width) if (i,) not in taken]
+                picks = rng.choice(pool, size=min(spec.random, len(pool)), replace=False)
+                new = [Target(spec.point, (int(i),), spec.role) for i in picks]
+            else:
+                idx = tuple(spec.indices) if spec.indices is not None else (int(spec.index),)
+                bad = [i for i in idx if i >= width]
+                if bad:
+                    raise FisError(f"feature {bad[0]} is out of range for {spec.point} (width {width})",
+                                   field="features.index", fix=f"use 0..{width - 1}")
+                new = [Target(spec.point, idx, spec.role)]
+        for t in new:
+            _check_point(t.point, widths)
+            if all((t.point, t.indices) != (o.point, o.indices) for o in targets):
+                targets.append(t)
+    return targets
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One intervention condition on one target: kind, value, where, and the resolved clamp value."""
+
+    kind: str
+    value: float
+    where: str
+    amount: float  # the number actually used (value x feature max for relative sets)
+
+
+def conditions(specs: list[InterventionSpec], feature_max: float) -> list[Condition]:
+    out = []
+    for spec in specs:
+        for v in spec.values:
+            amount = v * feature_max if spec.relative_to_max else v
+            out.append(Condition(spec.kind, float(v), spec.where, float(amount)))
+    return out
+
+
+def make_edit(target: Target, cond: Condition) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn(value) -> edited copy`` for the target's features under the condition."""
+    idx = list(target.indices)
+
+    def fn(value: torch.Tensor) -> torch.Tensor:
+        out = value.clone()
+        if cond.kind == "scale":
+            out[..., idx] = value[..., idx] * cond.amount
+        elif cond.kind == "set":
+            out[..., idx] = cond.amount
+        elif cond.kind == "add":
+            out[..., idx] = value[..., idx] + cond.amount
+        else:
+            out[..., idx] = 0.0
+        return out
+
+    return fn

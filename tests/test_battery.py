@@ -1,0 +1,145 @@
+"""Intervention batteries on a tiny random model: error-term identity, batching, resume, shards, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fis_interventions.activations import ExclusionRule, Normalizer
+from fis_interventions.errors import FisError
+from fis_interventions.interventions import BatteryConfig, battery, make_edit, merge_shards, read_results
+from fis_interventions.interventions import store as store_mod
+from fis_interventions.interventions.features import Condition, Target
+from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_bridge) -> Path:
+    torch.manual_seed(0)
+    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
+    joint.attach_secondary(64, 4)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
+    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
+            "exclusion": ExclusionRule.for_tokenizer(tiny_bridge.tokenizer, norm_multiple=None).to_dict()}
+    save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
+    return path
+
+
+def _cfg(ckpt: Path, out: Path, **kw) -> BatteryConfig:
+    base = dict(name="t", model="tiny-random", checkpoint=ckpt, designs=[ROOT / "stimuli/negation_sentiment.yaml"],
+                features=[{"point": "secondary.hook_latents", "index": 1, "role": "top"},
+                          {"point": "sae.hook_latents", "random": 1, "role": "random_control"}],
+                interventions=[{"kind": "scale", "values": [-4, 0, 1, 4]}, {"kind": "set", "values": [2.0],
+                                                                              "relative_to_max": True}],
+                batch_size=8, out=out, max_items=2, device="cpu")
+    base.update(kw)
+    return BatteryConfig.model_validate(base)
+
+
+def _run(bridge, cfg, **kw) -> pd.DataFrame:
+    battery(cfg, bridge=bridge, progress=False, **kw)
+    return read_results(Path(cfg.out) / "results.sqlite")
+
+
+def test_scale_one_is_exact_noop_and_rows_complete(tiny_bridge, tiny_ckpt, tmp_path):
+    df = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "r"))
+    ones = df[(df.intervention == "scale") & (df.value == 1.0)]
+    assert len(ones) > 0 and (ones["shift"].abs() == 0).all()
+    # 2 items x 4 cells x 3 prompts, 2 features, 5 conditions, readouts = words + contrasts + kl
+    n_rows_stim = 2 * 4 * 3
+    per = df.groupby(["point", "feature", "intervention", "value"]).size()
+    assert (per % n_rows_stim == 0).all() and len(per) == 2 * 5
+    assert set(df.readout_kind) == {"word", "contrast", "kl"}
+    assert (df[df.readout_kind == "kl"]["shift"] >= -1e-6).all()
+    big = df[(df.intervention == "scale") & (df.value == 4.0) & (df.readout_kind == "kl")]
+    assert big["shift"].max() > 0, "a real edit must move the distribution"
+    assert (Path(tmp_path / "r") / "results.parquet").exists() and (Path(tmp_path / "r") / "run.json").exists()
+
+
+def test_batched_equals_single(tiny_bridge, tiny_ckpt, tmp_path):
+    a = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "b8", batch_size=8))
+    b = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "b1", batch_size=1))
+    assert len(a) == len(b)
+    pd.testing.assert_frame_equal(a.drop(columns=["score_edited", "score_clean", "shift"]),
+                                  b.drop(columns=["score_edited", "score_clean", "shift"]))
+    for col in ("score_clean", "score_edited", "shift"):
+        assert (a[col] - b[col]).abs().max() < 1e-4
+
+
+def test_resume_after_kill_has_no_duplicates_or_losses(tiny_bridge, tiny_ckpt, tmp_path, monkeypatch):
+    full = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "full"))
+    real = store_mod.ResultStore.commit_unit
+    calls = {"n": 0}
+
+    def dying(self, unit, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, unit, rows)
+
+    monkeypatch.setattr(store_mod.ResultStore, "commit_unit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        battery(_cfg(tiny_ckpt, tmp_path / "part"), bridge=tiny_bridge, progress=False)
+    with sqlite3.connect(tmp_path / "part" / "results.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM done").fetchone()[0] == 2
+    monkeypatch.setattr(store_mod.ResultStore, "commit_unit", real)
+    resumed = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "part"))
+    pd.testing.assert_frame_equal(full, resumed)
+
+
+def test_two_shards_merge_equals_single_run(tiny_bridge, tiny_ckpt, tmp_path):
+    single = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "one"))
+    cfg = _cfg(tiny_ckpt, tmp_path / "sharded")
+    battery(cfg, bridge=tiny_bridge, progress=False, shard="0/2")
+    battery(cfg, bridge=tiny_bridge, progress=False, shard="1/2")
+    assert merge_shards(tmp_path / "sharded") == len(single)
+    pd.testing.assert_frame_equal(single, read_results(tmp_path / "sharded" / "results.sqlite"))
+
+
+def test_where_readout_only_and_zero_equals_scale_zero(tiny_bridge, tiny_ckpt, tmp_path):
+    cfg = _cfg(tiny_ckpt, tmp_path / "w", features=[{"point": "sae.hook_latents", "indices": [3, 5, 7]}],
+               interventions=[{"kind": "zero"}, {"kind": "scale", "values": [0.0]},
+                              {"kind": "add", "values": [3.0], "where": "readout"},
+                              {"kind": "add", "values": [3.0], "where": "all"}])
+    df = _run(tiny_bridge, cfg)
+    words = df[df.readout_kind == "word"].set_index(["item", "cell", "prompt_id", "readout"])
+    zero = words[words.intervention == "zero"]["shift"]
+    scale0 = words[(words.intervention == "scale")]["shift"]
+    assert (zero - scale0).abs().max() < 1e-5
+    assert set(df.feature) == {"3,5,7"}
+    add = words[words.intervention == "add"]
+    by_pos = add.groupby("position")["shift"].apply(lambda s: s.abs().sum())
+    assert by_pos["readout"] != pytest.approx(by_pos["all"])
+
+
+def test_edit_functions():
+    v = torch.tensor([[1.0, 2.0, 3.0]])
+    t = Target("p", (1, 2), "x")
+    assert make_edit(t, Condition("scale", -4, "all", -4))(v).tolist() == [[1.0, -8.0, -12.0]]
+    assert make_edit(t, Condition("set", 0.5, "all", 5.0))(v).tolist() == [[1.0, 5.0, 5.0]]
+    assert make_edit(t, Condition("add", 1, "all", 1))(v).tolist() == [[1.0, 3.0, 4.0]]
+    assert make_edit(t, Condition("zero", 0, "all", 0))(v).tolist() == [[1.0, 0.0, 0.0]]
+    assert v.tolist() == [[1.0, 2.0, 3.0]], "edits must not modify their input"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(features=[{"point": "nope.hook", "index": 0}]), "unknown point 'nope.hook'"),
+    (dict(features=[{"point": "sae.hook_latents", "index": 999}]), "out of range"),
+])
+def test_bad_features(tiny_bridge, tiny_ckpt, tmp_path, kw, match):
+    with pytest.raises(FisError, match=match):
+        battery(_cfg(tiny_ckpt, tmp_path / "x", **kw), bridge=tiny_bridge, progress=False)
+
+
+def test_bad_shard_and_config_errors(tiny_bridge, tiny_ckpt, tmp_path):
+    with pytest.raises(FisError, match="bad shard"):
+        battery(_cfg(tiny_ckpt, tmp_path / "x"), bridge=tiny_bridge, progress=False, shard="a/b")
+    with pytest.raises(Exception, match="exactly one of"):
+        _cfg(tiny_ckpt, tmp_path / "x", features=[{"point": "sae.hook_latents", "index": 1, "random": 2}])
