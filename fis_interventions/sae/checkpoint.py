@@ -1,0 +1,130 @@
+"""Checkpoint folders (SAELens style), written atomically: complete or absent.
+
+Layout of a checkpoint folder::
+
+    cfg.json            architecture, model name, hook point, d_in, normalisation, training config, provenance
+    weights.safetensors all parameters (secondary SAE under ``secondary.``)
+    metrics.json        last training and held-out metrics
+    optimizer.pt        optimiser + dead-latent counters + torch RNG + step + data position (for --resume)
+
+The normalisation dict (flaw 2) and the hook point (flaw 1) travel with the weights, and loading for another
+model or hook is a one-line :class:`FisError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import FisError
+from ..io import atomic_dir, write_json
+from ..provenance import provenance
+from .config import TrainConfig
+from .model import JointArch, JointSAE
+
+FORMAT = "fis-joint-sae/1"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model in eval mode plus everything needed to use it correctly."""
+
+    path: Path
+    model: JointSAE
+    model_name: str | None
+    hook: str | None
+    d_in: int
+    normalization: dict[str, Any] | None
+    train_config: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook: str | None,
+                    normalization: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
+                    step: int = 0, tokens_seen: int = 0, complete: bool = True,
+                    metrics: dict[str, Any] | None = None, train_state: dict[str, Any] | None = None) -> Path:
+    """Write ``path`` atomically (replacing an older checkpoint only once the new one is complete)."""
+    meta = {
+        "format": FORMAT,
+        "model_name": model_name,
+        "hook": hook,
+        "d_in": model.cfg.sae.d_in,
+        "architecture": model.cfg.model_dump(mode="json"),
+        "normalization": normalization,
+        "train_config": cfg.model_dump(mode="json") if cfg is not None else None,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "complete": complete,
+        "provenance": provenance(cfg.seed if cfg is not None else None),
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        save_file(weights, str(tmp / "weights.safetensors"))
+        write_json(tmp / "cfg.json", meta)
+        write_json(tmp / "metrics.json", metrics or {})
+        if train_state is not None:
+            torch.save(train_state, tmp / "optimizer.pt")
+    return path
+
+
+def resolve(path: Path) -> Path:
+    """Accept a checkpoint folder or a training output folder that holds ``checkpoint/``."""
+    path = Path(path)
+    if not (path / "cfg.json").exists() and (path / "checkpoint" / "cfg.json").exists():
+        return path / "checkpoint"
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    path = resolve(path)
+    if not path.is_dir():
+        raise FisError("checkpoint folder not found", source=path, fix="check the path")
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists() or not (path / "weights.safetensors").exists():
+        raise FisError("not a checkpoint folder (needs cfg.json and weights.safetensors)", source=path,
+                       fix="point to the folder written by 'fis train'")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FisError(f"cfg.json is not valid JSON ({err})", source=cfg_file) from None
+    if meta.get("format") != FORMAT:
+        raise FisError(f"unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}", source=cfg_file)
+    return meta
+
+
+def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: str | None = None,
+                    device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint; refuse one trained on another model or hook point (flaw 1) in one line."""
+    path = resolve(path)
+    meta = read_meta(path)
+    for key, expected, label in (("model_name", expect_model, "model"), ("hook", expect_hook, "hook point")):
+        if expected is not None and meta.get(key) != expected:
+            raise FisError(f"checkpoint was trained on {label} {meta.get(key)!r}, not {expected!r}",
+                           source=path, field=key,
+                           fix=f"use a checkpoint trained on {expected!r}, or use {label} {meta.get(key)!r}")
+    model = JointSAE(JointArch.model_validate(meta["architecture"]))
+    state = load_file(str(path / "weights.safetensors"), device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise FisError(f"weights do not match cfg.json architecture: {first}", source=path) from None
+    model.to(device).eval()
+    return Checkpoint(path=path, model=model, model_name=meta.get("model_name"), hook=meta.get("hook"),
+                      d_in=int(meta["d_in"]), normalization=meta.get("normalization"),
+                      train_config=meta.get("train_config"), meta=meta)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """The resume state (optimiser, RNG, step, data position) of a checkpoint."""
+    file = resolve(path) / "optimizer.pt"
+    if not file.exists():
+        raise FisError("checkpoint has no optimizer.pt, cannot resume", source=file.parent,
+                       fix="start a new run in another folder")
+    return torch.load(file, map_location="cpu", weights_only=True)

@@ -1,0 +1,158 @@
+"""One small trainer per training mode, each with ``update(step, x) -> metrics`` (dictionary_learning style).
+
+All trainers share the step: MSE loss (+ AuxK for dead latents), Adam, linear warm-up then linear decay to
+``lr_decay_to``, gradient clipping, and unit-norm decoder rows kept by removing the gradient component
+parallel to each row before the step and re-projecting after it (Gao et al. 2024; SAELens; sparsify).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .metrics import DeadLatentTracker, fvu, l0
+from .model import AUXK_COEF, JointSAE, TopKSAE
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the training loop turns it into a FisError."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(f"loss is {value}")
+        self.value = value
+
+
+def lr_factor(step: int, warmup: int, total: int, decay_to: float) -> float:
+    """Linear warm-up over ``warmup`` steps to 1, then linear decay to ``decay_to`` at ``total`` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 1.0 - (1.0 - decay_to) * min(1.0, (step - warmup) / span)
+
+
+class Trainer:
+    """Shared optimisation step; subclasses define which parameters train and what the loss is."""
+
+    phase = ""
+
+    def __init__(self, model: JointSAE, cfg: TrainConfig, total_steps: int, params: list[nn.Parameter],
+                 sae: TopKSAE) -> None:
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.params = params
+        self.sae = sae  # the SAE whose decoder is normalised and whose dead latents are tracked
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.dead = DeadLatentTracker(sae.d_sae, device=sae.W_dec.device)
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def _sae_loss(self, x: torch.Tensor, recon: torch.Tensor, pre: torch.Tensor, latents) -> tuple:
+        mse = (recon - x).square().mean()
+        self.dead.update(latents)
+        dead = self.dead.dead(self.cfg.dead_tokens)
+        aux = self.sae.auxk_loss(pre, (x - recon).detach(), dead) if self.sae.aux_k else mse.new_zeros(())
+        with torch.no_grad():
+            stats = {"mse": float(mse), "fvu": float(fvu(x, recon)), "l0": float(l0(latents)),
+                     "dead_frac": float(dead.float().mean()), "auxk": float(aux)}
+        return mse + AUXK_COEF * aux, stats
+
+    def update(self, step: int, x: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on batch ``x``; ``step`` counts from 0 within this trainer's phase."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps,
+                                                  self.cfg.lr_decay_to)
+        loss, stats = self.loss(x)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(value)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_parallel_grad()
+        if self.cfg.grad_clip:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.optimizer.step()
+        if self.sae.W_dec.requires_grad:  # a frozen SAE is left bit-for-bit alone
+            self.sae.renormalize_decoder()
+        stats["loss"] = value
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "dead": self.dead.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dead.load_state_dict(state["dead"])
+
+
+class SAETrainer(Trainer):
+    """Standalone TopK SAE: MSE(sae(x), x)."""
+
+    phase = "sae"
+
+    def __init__(self, model: JointSAE, cfg: TrainConfig, total_steps: int) -> None:
+        super().__init__(model, cfg, total_steps, list(model.sae.parameters()), model.sae)
+
+    def loss(self, x):
+        out = self.model(x, "sae")
+        return self._sae_loss(x, out.recon, out.pre, out.latents)
+
+
+class JointTrainer(Trainer):
+    """SAE and NFM together: MSE(sae(x) + linear + interaction, x). AuxK targets the FULL model's residual."""
+
+    phase = "joint"
+
+    def __init__(self, model: JointSAE, cfg: TrainConfig, total_steps: int) -> None:
+        params = [*model.sae.parameters(), *model.nfm.parameters()]
+        super().__init__(model, cfg, total_steps, params, model.sae)
+
+    def loss(self, x):
+        out = self.model(x, "full")
+        return self._sae_loss(x, out.recon, out.pre, out.latents)
+
+
+class SequentialTrainer(Trainer):
+    """Frozen SAE; the NFM is fit to the SAE's residual ``x - sae(x)`` (equivalently MSE of the full sum)."""
+
+    phase = "sequential"
+
+    def __init__(self, model: JointSAE, cfg: TrainConfig, total_steps: int) -> None:
+        model.sae.requires_grad_(False)
+        super().__init__(model, cfg, total_steps, list(model.nfm.parameters()), model.sae)
+
+    def update(self, step, x):
+        self.model.sae.eval()  # frozen: no decoder renormalisation needed, nothing moves
+        return super().update(step, x)
+
+    def loss(self, x):
+        out = self.model(x, "full")
+        residual = x - out.sae_recon
+        mse = (out.linear + out.interaction - residual).square().mean()
+        with torch.no_grad():
+            stats = {"mse": float(mse), "fvu": float(fvu(x, out.recon)), "l0": float(l0(out.latents)),
+                     "residual_fvu": float(fvu(residual, out.linear + out.interaction))}
+        return mse, stats
+
+
+class SecondaryTrainer(Trainer):
+    """TopK SAE on the (frozen) NFM hidden layer; its latents are the clampable integration features."""
+
+    phase = "secondary"
+
+    def __init__(self, model: JointSAE, cfg: TrainConfig, total_steps: int) -> None:
+        model.sae.requires_grad_(False)
+        model.nfm.requires_grad_(False)
+        super().__init__(model, cfg, total_steps, list(model.secondary.parameters()), model.secondary)
+
+    def loss(self, x):
+        with torch.no_grad():
+            self.model.eval()
+            hidden = self.model(x, "sae+interaction").hidden
+            self.model.secondary.train()
+        pre, latents, recon = self.model.secondary(hidden)
+        return self._sae_loss(hidden, recon, pre, latents)
