@@ -1,0 +1,25 @@
+"""`fis report RUN`: statistics, figures and a Markdown + HTML report for an intervention battery run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..cli import app
+
+
+@app.command("report")
+def report_command(
+    run: Path = typer.Argument(..., help="Run folder written by the battery (run.json + results.sqlite)."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder (default: reports/<run name>)."),
+) -> None:
+    """Analyse every clamp of a battery run (ANOVA, by-item ANOVA, LMM, BH over the run) and write a report.
+
+    Writes report.md, a self-contained report.html, tables/*.csv and figures/*.png; the folder is replaced
+    only when the whole report succeeds.
+    """
+    from ..reports import report
+
+    folder = report(run, out)
+    typer.echo(f"wrote {folder / 'report.html'}")

@@ -1,0 +1,183 @@
+"""The report's statistics: one 2x2 analysis per design x feature x intervention x value x contrast readout.
+
+Every test goes through :func:`fis_interventions.stats.analyze_2x2` (Type III ANOVA, by-item RM-ANOVA, LMM
+with item random intercepts, interaction contrast); where a design has more than one prompt, the LMM is
+also fitted with prompts as a crossed random factor (:func:`fis_interventions.stats.lmm_2x2`,
+``extra_random``). The primary p-value of a test is that of the model matching the design (items and
+prompts crossed, else items only); BH q-values are computed over every test in the run (one family).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings as pywarnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import FisError
+from ..stats import add_qvalues, analyze_2x2, lmm_2x2
+from .runfolder import Run
+
+log = logging.getLogger(__name__)
+
+ALPHA = 0.05
+KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
+FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
+          "(no-op checks included)")
+
+
+def is_noop(intervention: str, value: float) -> bool:
+    """Clamps that leave the feature unchanged (scale 1, add 0): their effects must be nil."""
+    return (intervention == "scale" and value == 1.0) or (intervention == "add" and value == 0.0)
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows: the tidy tests table and the long detail tables, plus warnings."""
+
+    tests: pd.DataFrame
+    anova: pd.DataFrame
+    rm_anova: pd.DataFrame
+    lmm: pd.DataFrame
+    cells: pd.DataFrame
+    kl: pd.DataFrame
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # warning -> tests it came from
+    family: str = FAMILY
+
+
+@contextmanager
+def _quiet_engine() -> Iterator[list[str]]:
+    """Collect (not print) the engine's per-test warnings: the report lists them, grouped."""
+    logger = logging.getLogger("fis_interventions.stats")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    caught_msgs: list[str] = []
+    try:
+        with pywarnings.catch_warnings(record=True) as caught:
+            pywarnings.simplefilter("always")
+            yield caught_msgs
+        caught_msgs += [f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
+                        if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    finally:
+        logger.setLevel(old)
+
+
+def _label(key: dict[str, Any]) -> str:
+    return (f"{key['design']} {key['point']}#{key['feature']} {key['intervention']}={key['value']:g} "
+            f"[{key['position']}] {key['readout']}")
+
+
+def _term_rows(table: list[dict[str, Any]] | None, key: dict[str, Any], a: str, b: str,
+               model: str | None = None) -> list[dict[str, Any]]:
+    names = {a: "A", b: "B", f"{a}:{b}": "A:B", "Intercept": "Intercept"}
+    out = []
+    for row in table or []:
+        extra = {"model": model} if model else {}
+        out.append({**key, **extra, "effect": names.get(row["term"], row["term"]), **row})
+    return out
+
+
+def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: dict[str, list[str]],
+              crossed: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], list[str]]:
+    data = sub.rename(columns={"a": a, "b": b})
+    res = analyze_2x2(data, "shift", a, b, item="item", levels=levels)
+    notes = list(res["warnings"])
+    inter_term = f"{a}:{b}"
+    anova = {r["term"]: r for r in res["anova"]}
+    rm = {r["term"]: r for r in (res["rm_anova"] or [])}
+    lmm_fixed = {r["term"]: r for r in (res["lmm"] or {}).get("fixed", [])}
+    inter = res["contrast"]["interaction"]
+    row: dict[str, Any] = {
+        **key, "null_check": is_noop(key["intervention"], key["value"]), "factor_a": a, "factor_b": b,
+        "n": res["n"], "n_items": res["n_items"], "n_prompts": int(sub["prompt_id"].nunique()),
+        "mean_abs_shift": float(sub["shift"].abs().mean()),
+        "F_anova": anova[inter_term]["F"], "p_anova": anova[inter_term]["p"],
+        "partial_eta2": anova[inter_term]["partial_eta2"],
+        "F_f2": rm.get(inter_term, {}).get("F"), "p_f2": rm.get(inter_term, {}).get("p"),
+        "p_lmm": lmm_fixed.get(inter_term, {}).get("p"),
+        "standardized": res["contrast"]["effect_sizes"]["standardized_interaction"],
+        "p_lmm_crossed": None}
+    detail = {"anova": _term_rows(res["anova"], key, a, b), "rm_anova": _term_rows(res["rm_anova"], key, a, b),
+              "lmm": _term_rows((res["lmm"] or {}).get("fixed"), key, a, b, model="items"),
+              "cells": [{**key, "A": c[a], "B": c[b], **{k: v for k, v in c.items() if k not in (a, b)}}
+                        for c in res["contrast"]["cells"]]}
+    primary = {k: inter[k] for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
+    model = "lmm_items"
+    if crossed:
+        fit = lmm_2x2(data, "shift", a, b, item="item", levels=levels, extra_random="prompt_id")
+        notes += [f"crossed LMM: {w}" for w in fit.warnings]
+        fixed = fit.to_dict()["fixed"]
+        detail["lmm"] += _term_rows(fixed, key, a, b, model="items+prompts")
+        c = {r["term"]: r for r in fixed}.get(inter_term, {})
+        row["p_lmm_crossed"] = c.get("p")
+        if c.get("p") is not None:
+            primary = {k: c.get(k) for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
+            model = "lmm_items_prompts"
+        else:
+            notes.append("primary test falls back to the LMM with items only: the crossed LMM gave no p-value")
+    row.update(primary_model=model, estimate=primary["estimate"], se=primary["se"], df=primary["df"],
+               ci_low=primary["ci_low"], ci_high=primary["ci_high"], p=primary["p"])
+    return row, detail, notes
+
+
+def analyze_run(run: Run) -> Analysis:
+    """Run every test of a run folder and correct across all of them (BH, one family)."""
+    res = run.results
+    rows: list[dict[str, Any]] = []
+    details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "cells": []}
+    warns: dict[str, list[str]] = {}
+    contrasts = res[res["readout_kind"] == "contrast"]
+    if contrasts.empty:
+        raise FisError("the results have no contrast readouts (readout_kind 'contrast'): nothing to test",
+                       source=run.folder / "results.sqlite", fix="define contrasts in the design's readout")
+    with _quiet_engine() as python_warnings:
+        for design_name, dsub in contrasts.groupby("design", sort=False):
+            design = run.info.designs[str(design_name)]
+            a, b = design.names
+            levels = {a: design.factors[a], b: design.factors[b]}
+            for keyvals, sub in dsub.groupby(KEYS, sort=True):
+                key = dict(zip(KEYS, keyvals))
+                key["feature"], key["value"] = str(key["feature"]), float(key["value"])
+                crossed = sub["prompt_id"].nunique() > 1
+                row, detail, notes = _one_test(sub, key, a, b, levels, crossed)
+                rows.append(row)
+                for name, part in detail.items():
+                    details[name] += part
+                for note in dict.fromkeys(notes):
+                    warns.setdefault(note, []).append(_label(key))
+    for msg in dict.fromkeys(python_warnings):
+        warns.setdefault(msg, []).append("(python warning during the analysis)")
+    tests = pd.DataFrame(rows)
+    if not tests.empty:
+        tests = add_qvalues(tests, p_col="p", out="q")
+        for col in ("p_anova", "p_f2", "p_lmm"):
+            tests[col.replace("p_", "q_")] = add_qvalues(tests, p_col=col, out="tmp")["tmp"]
+        tests["significant"] = tests["q"] < ALPHA
+    log.info("analysed %d tests (%d engine warnings)", len(tests), len(warns))
+    kl = res[res["readout_kind"] == "kl"]
+    kl_table = (kl.groupby(["design", "point", "feature", "role", "intervention", "value", "position"])["shift"]
+                .agg(mean_kl="mean", max_kl="max", n="size").reset_index() if not kl.empty else pd.DataFrame())
+    return Analysis(tests=tests, anova=pd.DataFrame(details["anova"]), rm_anova=pd.DataFrame(details["rm_anova"]),
+                    lmm=pd.DataFrame(details["lmm"]), cells=pd.DataFrame(details["cells"]), kl=kl_table,
+                    warnings=warns)
+
+
+def feature_verdicts(tests: pd.DataFrame) -> pd.DataFrame:
+    """Per design x feature: how many (non no-op) tests are significant after FDR, and the largest effect."""
+    if tests.empty:
+        return pd.DataFrame()
+    real = tests[~tests["null_check"]]
+    out = []
+    for (design, point, feature, role), sub in real.groupby(["design", "point", "feature", "role"], sort=False):
+        sig = sub[sub["significant"]]
+        best = sig.loc[sig["partial_eta2"].idxmax()] if not sig.empty else None
+        out.append({"design": design, "point": point, "feature": feature, "role": role, "tests": len(sub),
+                    "significant": int(len(sig)), "min_q": float(np.nanmin(sub["q"])) if sub["q"].notna().any()
+                    else None, "max_partial_eta2": None if best is None else float(best["partial_eta2"]),
+                    "control_ok": None if role == "top" else bool(sig.empty)})
+    return pd.DataFrame(out)

@@ -1,0 +1,234 @@
+"""``fis report RUN``: statistics, figures and a Markdown + self-contained HTML report for a battery run.
+
+The report folder (``reports/<run name>/`` by default) holds ``report.md``, ``report.html`` (images embedded),
+``tables/*.csv``, ``figures/*.png`` and ``provenance.json``; it is written atomically, so a failed report
+leaves nothing behind. See ``reports/README.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_dir, write_json
+from ..provenance import library_versions, provenance
+from .analysis import ALPHA, Analysis, analyze_run, feature_verdicts, is_noop
+from .figures import dose_plot, interaction_plot
+from .render import Doc, fmt, to_html, to_markdown
+from .runfolder import Run, load_run
+
+log = logging.getLogger(__name__)
+
+NOOP_ABS_TOL = 1e-5
+"""A no-op clamp passes its check when every shift is within float noise: at most this (score units) or
+1e-3 of the typical effect of the real clamps, whichever is larger."""
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "run"
+
+
+def null_checks(run: Run, analysis: Analysis) -> pd.DataFrame:
+    """Per no-op clamp (scale 1, add 0): the largest |shift| of any readout, and whether it is float noise."""
+    res = run.results
+    noop = res[[is_noop(i, float(v)) for i, v in zip(res["intervention"], res["value"])]]
+    if noop.empty:
+        return pd.DataFrame()
+    tests = analysis.tests
+    real = tests[~tests["null_check"]] if not tests.empty else tests
+    typical = float(real["mean_abs_shift"].median()) if not real.empty else 0.0
+    tol = max(NOOP_ABS_TOL, 1e-3 * typical)
+    keys = ["design", "point", "feature", "role", "intervention", "value", "position"]
+    table = (noop.assign(abs_shift=noop["shift"].abs()).groupby(keys + ["readout_kind"])["abs_shift"]
+             .max().unstack("readout_kind").add_prefix("max_abs_shift_").reset_index())
+    cols = [c for c in table.columns if c.startswith("max_abs_shift_")]
+    table["tolerance"] = tol
+    table["passed"] = (table[cols].max(axis=1) <= tol).to_numpy()
+    return table
+
+
+def _interval(row: pd.Series) -> str:
+    return (f"{fmt(row['estimate'])} [95% CI {fmt(row['ci_low'])}, {fmt(row['ci_high'])}], partial eta2 "
+            f"{fmt(row['partial_eta2'])}, standardized {fmt(row['standardized'])}, q = {fmt(row['q'])}")
+
+
+def _clamp(row: pd.Series) -> str:
+    return f"{row['intervention']}={row['value']:g} [{row['position']}] on `{row['readout']}`"
+
+
+def summary_lines(tests: pd.DataFrame, verdicts: pd.DataFrame) -> list[str]:
+    """One bullet per clamped feature: significant interactions (with effect sizes) or the control verdict."""
+    lines = []
+    for _, v in verdicts.iterrows():
+        sub = tests[(tests["design"] == v["design"]) & (tests["point"] == v["point"])
+                    & (tests["feature"] == v["feature"]) & ~tests["null_check"] & tests["significant"]]
+        head = (f"**{v['design']}: feature {v['feature']}** ({v['role']}, `{v['point']}`): "
+                f"{v['significant']} of {v['tests']} tests significant")
+        if v["role"] != "top":
+            verdict = "as expected for a control" if v["control_ok"] else "**CONTROL FAILED**: inspect this feature"
+            head += f": {verdict}"
+        if not sub.empty:
+            head += ": " + "; ".join(f"{_clamp(r)}: {_interval(r)}" for _, r in sub.iterrows())
+        lines.append(head)
+    return lines
+
+
+def _feature_tables(analysis: Analysis, keys: dict[str, Any], a: str, b: str
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def pick(frame: pd.DataFrame) -> pd.DataFrame:
+        if frame.empty:
+            return frame
+        mask = np.ones(len(frame), dtype=bool)
+        for k, v in keys.items():
+            mask &= (frame[k] == v).to_numpy()
+        return frame[mask]
+
+    f1, f2 = pick(analysis.anova), pick(analysis.rm_anova)
+    on = ["intervention", "value", "position", "readout", "term"]
+    anova = f1[on + ["df1", "df2", "F", "p", "partial_eta2"]].rename(
+        columns={"df2": "df2_F1", "F": "F1", "p": "p_F1", "partial_eta2": "np2_F1"})
+    if not f2.empty:
+        anova = anova.merge(f2[on + ["df2", "F", "p", "partial_eta2"]].rename(
+            columns={"df2": "df2_F2", "F": "F2", "p": "p_F2", "partial_eta2": "np2_F2"}), on=on, how="left")
+    lmm = pick(analysis.lmm)
+    lmm = lmm[lmm["term"] != "Intercept"][["intervention", "value", "position", "readout", "model", "term",
+                                           "estimate", "se", "df", "t", "p", "ci_low", "ci_high"]]
+    return anova, lmm
+
+
+def methods_lines(run: Run, analysis: Analysis) -> list[str]:
+    info = run.info
+    res = run.results
+    lines = [f"Model `{info.model}`, hook point `{info.hook}`, checkpoint `{info.checkpoint}`, seed "
+             f"{fmt(info.seed)}."]
+    for name, d in info.designs.items():
+        (fa, la), (fb, lb) = d.factors.items()
+        contrasts = ", ".join(f"`{k}` = {v}" for k, v in d.contrasts.items()) or "none recorded"
+        lines.append(f"Design `{name}` ({d.file or 'file not recorded'}): factor A `{fa}` ({la[0]} / {la[1]}) x "
+                     f"factor B `{fb}` ({lb[0]} / {lb[1]}); {fmt(d.n_items)} items, each in all four cells; "
+                     f"{len(d.prompts)} prompt(s); contrast readouts: {contrasts}.")
+    clamps = res.groupby(["intervention", "position"])["value"].unique()
+    lines.append("Interventions (clamp of one feature at its named point, in the forward pass): "
+                 + "; ".join(f"{k} at {', '.join(f'{v:g}' for v in sorted(vals))} [position {p}]"
+                             for (k, p), vals in clamps.items()) + ".")
+    lines.append("Measure: `shift` = edited - clean score of each contrast readout, per item x cell x prompt.")
+    lines.append("Coding: deviation codes, -0.5 for the first level and +0.5 for the second, so the interaction "
+                 "coefficient is the difference of differences (m22 - m12) - (m21 - m11).")
+    lines.append("Tests per design x feature x intervention x value x contrast readout: Type III two-way ANOVA "
+                 "over all observations (F1, statsmodels; treats item x prompt observations as independent), "
+                 "by-item repeated-measures ANOVA on item x cell means (F2, pingouin), and a linear mixed model "
+                 "`shift ~ A*B + (1|item)` fitted by REML with Satterthwaite df (lmerTest-compatible); where "
+                 "a design has more than one prompt, also `shift ~ A*B + (1|item) + (1|prompt)` with crossed "
+                 "random intercepts.")
+    lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of the LMM matching "
+                 "the design (items and prompts crossed where there are several prompts, else items only; a "
+                 "crossed fit that gives no p-value falls back to items only, and the warnings list it).")
+    n = len(analysis.tests)
+    fam = int(analysis.tests["q_family_size"].max()) if n else 0
+    lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} tests with a p-value "
+                 f"({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm apply "
+                 "the same correction to the other p-values.")
+    lines.append("No-op clamps (scale 1, add 0) are null checks: their shifts must be float noise; they are kept "
+                 "in the tests table and the family, but p-values of float noise mean nothing.")
+    versions = info.provenance.get("versions") or {}
+    if versions:
+        lines.append("Software of the run: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+                     + (f"; git {info.provenance.get('git')}" if info.provenance.get("git") else "") + ".")
+    lines.append("Software of this report: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + ".")
+    return lines
+
+
+def build(run: Run, analysis: Analysis, out: Path) -> Doc:
+    """Write figures and tables into ``out`` and return the document that describes them."""
+    tables, figures = out / "tables", out / "figures"
+    tables.mkdir()
+    figures.mkdir()
+    tests = analysis.tests
+    verdicts = feature_verdicts(tests)
+    checks = null_checks(run, analysis)
+    for name, frame in [("tests", tests), ("anova", analysis.anova), ("rm_anova", analysis.rm_anova),
+                        ("lmm", analysis.lmm), ("cells", analysis.cells), ("kl", analysis.kl),
+                        ("features", verdicts), ("null_checks", checks), ("eval", run.eval_table),
+                        ("screening", run.screening)]:
+        if frame is not None and not frame.empty:
+            frame.to_csv(tables / f"{name}.csv", index=False)
+
+    doc = Doc(f"Intervention report: {run.info.name}")
+    doc.h(1, "Summary")
+    doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts; BH-corrected over all of them "
+          f"(q < {ALPHA}).")
+    doc.ul(summary_lines(tests, verdicts))
+    if not checks.empty:
+        failed = checks[~checks["passed"]]
+        doc.p(f"Null checks (no-op clamps): {len(checks) - len(failed)} of {len(checks)} passed (every shift "
+              f"within {fmt(float(checks['tolerance'].iloc[0]))})."
+              + (" **FAILED for some clamps: the splice is not exact.**" if len(failed) else ""))
+    doc.table(verdicts, "Per feature: tests (no-op checks excluded), significant after FDR, smallest q.")
+
+    doc.h(1, "Features")
+    for design_name, design in run.info.designs.items():
+        a, b = design.names
+        dtests = tests[tests["design"] == design_name]
+        for (point, feature, role), ftests in dtests.groupby(["point", "feature", "role"], sort=False):
+            keys = {"design": design_name, "point": point, "feature": feature}
+            doc.h(2, f"{design_name}: feature {feature} ({role}, {point})")
+            stem = slug(f"{design_name}_{point}_{feature}")
+            cells = analysis.cells
+            fcells = cells[(cells["design"] == design_name) & (cells["point"] == point) & (cells["feature"] == feature)]
+            title = f"{design_name}: feature {feature} ({role})"
+            p1 = interaction_plot(fcells, a, b, design.factors, title, figures / f"interaction_{stem}.png")
+            doc.fig(p1, f"figures/{p1.name}", f"Cell means of the shift with 95% CIs (LMM): x = {a}, one line per "
+                    f"{b}; rows: readouts, columns: clamps. Feature {feature}.")
+            p2 = dose_plot(ftests, title, figures / f"dose_{stem}.png")
+            doc.fig(p2, f"figures/{p2.name}", f"A x B interaction contrast (primary model, 95% CI) across clamp "
+                    f"values. Feature {feature}.")
+            doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
+                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p_lmm", "p_lmm_crossed",
+                              "partial_eta2", "standardized", "q"]],
+                      "Interaction tests (estimate and CI from the primary model; q: BH over the whole run).")
+            anova, lmm = _feature_tables(analysis, keys, a, b)
+            doc.table(anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated measures.")
+            doc.table(lmm, "LMM fixed effects (REML, Satterthwaite df); model items or items+prompts.")
+
+    if not analysis.kl.empty:
+        doc.h(1, "KL divergence of the clamps")
+        doc.table(analysis.kl, "KL(clean || edited) of the next-token distribution, per clamp.")
+    if not checks.empty:
+        doc.h(1, "Null checks")
+        doc.table(checks, "Largest |shift| of each no-op clamp, by readout kind.")
+    if run.eval_table is not None and not run.eval_table.empty:
+        doc.h(1, "Checkpoint evaluation")
+        doc.table(run.eval_table, "From eval.json.")
+    doc.h(1, "Methods")
+    doc.ul(methods_lines(run, analysis))
+    feats = pd.DataFrame([{"point": f.point, "feature": f.feature, "role": f.role,
+                           **{k: v for k, v in (f.screen or {}).items()}} for f in run.info.features])
+    if not feats.empty:
+        doc.table(feats, "Clamped features and their screening statistics (run.json).")
+    doc.h(1, "Warnings")
+    doc.ul([f"run: {w}" for w in run.info.warnings]
+           + [f"{w} ({len(t)} test(s), e.g. {t[0]})" for w, t in analysis.warnings.items()])
+    if not run.info.warnings and not analysis.warnings:
+        doc.p("none")
+    return doc
+
+
+def report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Python API of ``fis report``: analyse the run folder and write the report folder; returns its path."""
+    loaded = load_run(run)
+    target = Path(out) if out is not None else Path("reports") / slug(loaded.info.name)
+    analysis = analyze_run(loaded)
+    with atomic_dir(target) as tmp:
+        doc = build(loaded, analysis, tmp)
+        (tmp / "report.md").write_text(to_markdown(doc), encoding="utf-8")
+        (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
+        write_json(tmp / "provenance.json", provenance(loaded.info.seed, {"run": str(Path(run).resolve()),
+                                                                          "out": str(target)}))
+    log.info("wrote %s", target)
+    return target
