@@ -1,23 +1,115 @@
-"""`fis demo`: the main job on the embedded defaults, end to end, within ~15 minutes on 2 CPU cores."""
+"""`fis demo`: the whole pipeline on the embedded defaults, within ~15 minutes on 2 CPU cores.
+
+load model -> harvest -> train a standalone SAE and a joint model (+ secondary SAE) -> evaluate and compare
+-> screen the paper's design -> battery on the top integration features and two controls -> report.
+Every stage writes its folder under ``out`` (configs as YAML beside the outputs), so each step can be rerun
+alone with the CLI; rerunning the demo resumes finished stages instead of recomputing them.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .activations import harvest
-from .models import DEFAULT_MODEL, greedy_continuation, load_model
+from .evaluation import comparison_table, evaluate, format_table
+from .io import write_json
+from .models import DEFAULT_MODEL, default_hook, greedy_continuation, load_model, resolve_hook
+
+ROOT = Path(__file__).resolve().parent.parent
+DESIGN = ROOT / "stimuli" / "formality_emotion.yaml"
+
+# Sizes that fit ~15 minutes on 2 CPU cores (full) or well under a minute on tiny-random (quick).
+SIZES = {
+    "full": dict(tokens=60_000, context_length=128, expansion=8, k=32, batch_size=512, train_tokens=512 * 300,
+                 secondary_steps=150, eval_contexts=24, max_items=None, battery_batch=16),
+    "quick": dict(tokens=3_000, context_length=32, expansion=2, k=8, batch_size=128, train_tokens=128 * 20,
+                  secondary_steps=10, eval_contexts=4, max_items=3, battery_batch=16),
+}
 
 
-def demo(out: Path = Path("runs/demo"), quick: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Load the default model, show it works, harvest activations; later stages extend this."""
+def _train_config(folder: Path, mode: str, s: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(activations=str(folder), expansion=s["expansion"], k=s["k"], mode=mode,
+                               batch_size=s["batch_size"], tokens=s["train_tokens"], lr=4e-4, warmup_steps=20,
+                               lr_decay_to=0.1, grad_clip=1.0, eval_every=50, checkpoint_every=100,
+                               heldout_fraction=0.1, seed=0, emb_dim=64, hidden=64)
+    if mode == "joint":
+        cfg["secondary"] = {"d_sae": 256, "k": 8, "steps": s["secondary_steps"]}
+    return cfg
+
+
+def demo(out: Path = Path("runs/demo"), quick: bool = False, model: str = DEFAULT_MODEL,
+         report_dir: Path | None = None, echo: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Run the pipeline; return the paths and headline numbers of every stage."""
+    from .interventions import BatteryConfig, battery
+    from .reports import report
+    from .screening import screen
+    from .training import train
+
+    s = SIZES["quick" if quick else "full"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    bridge = load_model(DEFAULT_MODEL)
+    stamp = lambda: f"{time.perf_counter() - t0:5.0f}s"  # noqa: E731
+
+    bridge = load_model(model)
     prompt = "The capital of France is"
-    echo(f"[model] {DEFAULT_MODEL}: {prompt!r} -> {greedy_continuation(bridge, prompt)!r}")
-    manifest = harvest(bridge=bridge, model=DEFAULT_MODEL, out=Path(out) / "activations",
-                       tokens=5_000 if quick else 50_000)
-    echo(f"[harvest] {manifest['token_count']} tokens at {manifest['hook']} -> {Path(out) / 'activations'}")
-    echo(f"[done] {time.perf_counter() - t0:.0f} s")
-    return {"manifest": manifest}
+    echo(f"[{stamp()}] model {model}: {prompt!r} -> {greedy_continuation(bridge, prompt)!r}")
+
+    acts = out / "activations"
+    hook = resolve_hook(bridge, default_hook(bridge)).name
+    manifest = harvest(bridge=bridge, model=model, hook=hook, out=acts, tokens=s["tokens"],
+                       context_length=s["context_length"], progress=progress)
+    echo(f"[{stamp()}] harvested {manifest['token_count']} tokens at {hook} (excluded "
+         f"{manifest['excluded']['special']} special, {manifest['excluded']['massive']} massive) -> {acts}")
+
+    ckpts = {}
+    for mode in ("sae", "joint"):
+        cfg = _train_config(acts, mode, s)
+        (out / f"train_{mode}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        run = out / mode
+        result = train(out / f"train_{mode}.yaml", run, resume=(run / "checkpoint" / "cfg.json").exists(),
+                       progress=progress)
+        ckpts[mode] = result.checkpoint
+        echo(f"[{stamp()}] trained {mode}: {result.checkpoint}")
+
+    evals = [evaluate(ckpts[m], bridge=bridge, max_contexts=s["eval_contexts"], progress=progress, name=m)
+             for m in ("sae", "joint")]
+    table = comparison_table(evals)
+    write_json(out / "eval.json", {**table, "evals": [e.summary for e in evals]})
+    echo(f"[{stamp()}] evaluation on held-out tokens:\n{format_table(table)}")
+
+    screen_dir = out / "screen"
+    if screen_dir.exists():
+        shutil.rmtree(screen_dir)
+    result = screen(ckpts["joint"], DESIGN, model=model, bridge=bridge, out=screen_dir, progress=progress)
+    n_sig = int((result.table["q_ab"] < 0.05).sum())
+    echo(f"[{stamp()}] screened {len(result.table)} features on {DESIGN.name}: {n_sig} with interaction q < 0.05")
+
+    battery_cfg = {
+        "name": "demo", "model": model, "checkpoint": str(ckpts["joint"]), "designs": [str(DESIGN)],
+        "features": [
+            {"from_screening": str(screen_dir), "point": "secondary.hook_latents", "top": 3, "role": "top"},
+            {"point": "secondary.hook_latents", "random": 1, "role": "random_control"},
+            {"top_linear": 1, "role": "linear_control"},
+        ],
+        "interventions": [{"kind": "scale", "values": [-4.0, 0.0, 1.0, 4.0]}],
+        "seed": 0, "batch_size": s["battery_batch"], "out": str(out / "battery"), "max_items": s["max_items"],
+    }
+    (out / "battery.yaml").write_text(yaml.safe_dump(battery_cfg, sort_keys=False), encoding="utf-8")
+    store = battery(BatteryConfig.model_validate(battery_cfg), bridge=bridge, progress=progress)
+    echo(f"[{stamp()}] battery results: {store}")
+    shutil.copy(screen_dir / "screening.csv", out / "battery" / "screening.csv")
+    (out / "battery" / "eval.json").write_text(json.dumps(table, default=str), encoding="utf-8")
+
+    rep = report(out / "battery", out=report_dir or (ROOT / "reports" / "demo" if not quick else out / "report"))
+    html = Path(rep) / "report.html" if Path(rep).is_dir() else Path(rep)
+    echo(f"[{stamp()}] report: {html}")
+    return {"activations": acts, "checkpoints": ckpts, "eval": table, "screen": screen_dir, "battery": store,
+            "report": html}

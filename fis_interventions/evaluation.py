@@ -201,7 +201,7 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
             row = {"checkpoint": ev.name, "mode": s["mode"], "components": comp, "fvu": rec["fvu"],
                    "mse": rec["mse"], "l0": rec["l0"], "kl": sp["kl"], "ce": sp["ce"],
                    "ce_recovered": sp["ce_recovered"], "kl_score": sp["kl_score"],
-                   "params": s["params"]["total"] if comp == "full" else _params_for(s["params"], comp)}
+                   "params": _params_for(s["params"], comp)}
             own = s["reconstruction"]["sae"]
             row["fvu_vs_own_sae"] = 1 - rec["fvu"] / own["fvu"] if comp != "sae" else None
             if comp != "sae":
@@ -255,3 +255,17 @@ def format_table(table: dict[str, Any]) -> str:
         text = df.to_string(index=False, na_rep="")
         text += "\n\nbaselines:\n" + pd.DataFrame(table["baselines"]).to_string(index=False)
     return text + "\n\n" + "\n".join("note: " + n for n in table["notes"])
+
+
+def evaluate_many(checkpoints: list[Path], *, activations: Path | None = None, json_out: Path | None = None,
+                  device: str = "auto", bridge: Any = None, **kwargs: Any) -> tuple[dict[str, Any], str]:
+    """`fis eval A B C`: evaluate each checkpoint on the same held-out contexts and build the comparison."""
+    evals = []
+    for ckpt in checkpoints:
+        if bridge is None:
+            bridge = load_model(load_checkpoint(Path(ckpt)).model_name or "smollm2-135m", device=device)
+        evals.append(evaluate(ckpt, activations, bridge=bridge, **kwargs))
+    table = comparison_table(evals, seed=kwargs.get("seed", 0))
+    if json_out is not None:
+        write_json(Path(json_out), {**table, "evals": [e.summary for e in evals], "provenance": provenance()})
+    return table, format_table(table)

@@ -67,8 +67,10 @@ def harvest_cmd(
 
 @app.command("demo")
 def demo_cmd(out: Annotated[Path, typer.Option(help="where the demo writes its runs")] = Path("runs/demo"),
-             quick: Annotated[bool, typer.Option(help="tiny sizes (smoke test)")] = False) -> None:
+             quick: Annotated[bool, typer.Option(help="tiny sizes (smoke test)")] = False,
+             model: Annotated[str, typer.Option(help="model (default: the embedded SmolLM2)")] = "smollm2-135m",
+             progress: bool = True) -> None:
     """Run the whole pipeline on the embedded defaults (what `make demo` runs)."""
     from ..demo import demo
 
-    demo(out=out, quick=quick, echo=typer.echo)
+    demo(out=out, quick=quick, model=model, echo=typer.echo, progress=progress)

@@ -140,13 +140,18 @@ class _MetricsLog:
 
 
 def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = False, progress: bool = True,
-          normalization: dict[str, Any] | None = None, heldout: list[torch.Tensor] | None = None) -> TrainResult:
+          normalization: dict[str, Any] | None = None, heldout: list[torch.Tensor] | None = None,
+          model_name: str | None = None, hook: str | None = None) -> TrainResult:
     """Train ``cfg.mode`` on normalised batches; write ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint``.
 
     ``batches``: an iterable of [B, d_in] float tensors, or a callable ``start -> iterable`` that starts at
     batch ``start`` (lets a shard reader seek on resume). If ``heldout`` is not given, the first
     ``ceil(heldout_fraction * steps)`` batches (at most 16) are held out and never trained on.
+    ``model_name``/``hook`` (default ``cfg.model``/``cfg.hook``) are recorded in the checkpoint; training from
+    a shard folder passes the ones in its manifest.
     """
+    model_name = model_name or cfg.model
+    hook = hook or cfg.hook
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoint"
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
@@ -158,7 +163,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
         if not (ckpt_dir / "cfg.json").exists():
             raise FisError("nothing to resume: no checkpoint in this folder", source=out_dir,
                            fix="run without --resume to start")
-        ckpt = load_checkpoint(ckpt_dir, expect_model=cfg.model, expect_hook=cfg.hook, device=device)
+        ckpt = load_checkpoint(ckpt_dir, expect_model=model_name, expect_hook=hook, device=device)
         if ckpt.train_config != cfg.model_dump(mode="json"):
             raise FisError("the config differs from the one this checkpoint was trained with", source=out_dir,
                            fix="resume with the same config, or start a new run in another folder")
@@ -191,9 +196,9 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
 
     if state is None:
         seed_everything(cfg.seed)
-        model = JointSAE(_arch(cfg, d_in)).to(device, dtype)
+        model = JointSAE(_arch(cfg, d_in, model_name, hook)).to(device, dtype)
         if cfg.sae_checkpoint is not None:
-            _load_frozen_sae(model, cfg, d_in)
+            _load_frozen_sae(model, cfg, d_in, model_name, hook)
         step = 0
     else:
         step = state["step"]
@@ -216,7 +221,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
                        "rng": torch.get_rng_state(),
                        "phase": trainer.phase if trainer else None,
                        "trainer": trainer.state_dict() if trainer else None}
-        save_checkpoint(ckpt_dir, model, model_name=cfg.model, hook=cfg.hook, normalization=normalization,
+        save_checkpoint(ckpt_dir, model, model_name=model_name, hook=hook, normalization=normalization,
                         cfg=cfg, step=step, tokens_seen=tokens_seen, complete=complete, metrics=last,
                         train_state=train_state)
         last_ckpt = step
@@ -272,15 +277,16 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
     return TrainResult(ckpt_dir, model, step, True, last)
 
 
-def _arch(cfg: TrainConfig, d_in: int) -> JointArch:
+def _arch(cfg: TrainConfig, d_in: int, model_name: str | None, hook: str | None) -> JointArch:
     if cfg.sae_checkpoint is None:
         return cfg.arch(d_in)
-    frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=cfg.model, expect_hook=cfg.hook)
+    frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=model_name, expect_hook=hook)
     return cfg.arch(d_in).model_copy(update={"sae": frozen.model.cfg.sae})
 
 
-def _load_frozen_sae(model: JointSAE, cfg: TrainConfig, d_in: int) -> None:
-    frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=cfg.model, expect_hook=cfg.hook)
+def _load_frozen_sae(model: JointSAE, cfg: TrainConfig, d_in: int, model_name: str | None,
+                     hook: str | None) -> None:
+    frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=model_name, expect_hook=hook)
     if frozen.d_in != d_in:
         raise FisError(f"sae_checkpoint has d_in={frozen.d_in}, the activations have {d_in}",
                        field="sae_checkpoint", fix="train the SAE on the same hook point")

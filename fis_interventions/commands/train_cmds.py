@@ -1,0 +1,23 @@
+"""`fis train CONFIG.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import app
+
+
+@app.command("train")
+def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see README: Training)")],
+              out: Annotated[Path, typer.Option(help="run folder: checkpoint/, metrics.jsonl")] = Path("runs/train"),
+              resume: Annotated[bool, typer.Option(help="continue the checkpoint in --out")] = False,
+              progress: bool = True) -> None:
+    """Train a standalone SAE, sequential or joint model (mode in the config) on harvested activations."""
+    from ..training import train
+
+    result = train(config, out, resume=resume, progress=progress)
+    state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
+    typer.echo(f"checkpoint {result.checkpoint}: {state}")

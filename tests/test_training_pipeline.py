@@ -1,0 +1,116 @@
+"""`fis train` on harvested shards, then `fis eval`: checkpoints carry model, hook, normalisation, exclusion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fis_interventions.activations import harvest
+from fis_interventions.cli import main
+from fis_interventions.errors import FisError
+from fis_interventions.evaluation import comparison_table, evaluate, format_table
+from fis_interventions.sae import load_checkpoint
+from fis_interventions.training import train
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_bridge) -> Path:
+    root = tmp_path_factory.mktemp("pipe")
+    corpus = root / "c.txt"
+    corpus.write_text(" ".join(f"Sentence number {i} talks about cats, dogs and the weather today." for i in range(400)))
+    out = root / "acts"
+    harvest(bridge=tiny_bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=out, tokens=6000,
+            context_length=32, progress=False)
+    return out
+
+
+def _cfg(shards: Path, mode: str, **kw) -> dict:
+    cfg = dict(activations=str(shards), d_sae=128, k=8, mode=mode, emb_dim=16, hidden=16, batch_size=128,
+               tokens=128 * 30, lr=1e-3, warmup_steps=5, eval_every=10, checkpoint_every=10, heldout_fraction=0.1)
+    cfg.update(kw)
+    return cfg
+
+
+def test_train_records_model_hook_and_preprocessing(shards, tmp_path):
+    result = train(_to_cfg(_cfg(shards, "joint")), tmp_path / "joint", progress=False)
+    ck = load_checkpoint(result.checkpoint)
+    assert ck.model_name == "tiny-random" and ck.hook == HOOK
+    assert ck.normalization["exclusion"]["special_ids"] and ck.normalization["kind"] == "expected_norm"
+    lines = [json.loads(x) for x in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "heldout" for r in lines)
+    with pytest.raises(FisError, match="trained on model 'tiny-random'"):
+        load_checkpoint(result.checkpoint, expect_model="smollm2-135m")
+
+
+def _to_cfg(d: dict):
+    from fis_interventions.sae import TrainConfig
+
+    return TrainConfig.model_validate(d)
+
+
+def test_cli_train_and_eval_compare(shards, tmp_path, tiny_bridge, monkeypatch, capsys):
+    for mode in ("sae", "joint"):
+        cfg_file = tmp_path / f"{mode}.yaml"
+        cfg_file.write_text(yaml.safe_dump(_cfg(shards, mode)))
+        assert main(["train", str(cfg_file), "--out", str(tmp_path / mode), "--no-progress"]) == 0
+    evs = [evaluate(tmp_path / m / "checkpoint", bridge=tiny_bridge, max_contexts=8, progress=False)
+           for m in ("sae", "joint")]
+    s = evs[1].summary
+    assert set(s["reconstruction"]) == {"sae", "sae+linear", "sae+interaction", "full"}
+    for key in ("zero", "random@sae", "random@full", "clean", "full"):
+        assert key in s["spliced"]
+    assert s["spliced"]["zero"]["kl"] > 0 and s["spliced"]["full"]["kl"] >= 0
+    assert 0 < s["reconstruction"]["full"]["fvu"] < 1.5
+    table = comparison_table(evs)
+    assert table["baseline"] == "sae"
+    rows = {(r["checkpoint"], r["components"]): r for r in table["table"]}
+    assert ("joint", "interaction gain (full vs sae+linear)") in rows
+    full = rows[("joint", "full")]
+    assert full["fvu_vs_standalone"] == pytest.approx(1 - s["reconstruction"]["full"]["fvu"] /
+                                                      evs[0].summary["reconstruction"]["sae"]["fvu"])
+    lo, hi = full["kl_vs_standalone_ci"]
+    assert lo <= full["kl_vs_standalone"] <= hi
+    assert "interaction gain" in format_table(table)
+    assert (tmp_path / "joint" / "eval.json").exists()
+
+
+def test_resume_via_cli_refuses_other_config(shards, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(shards, "sae")))
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    cfg_file.write_text(yaml.safe_dump(_cfg(shards, "sae", k=4)))
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "r"), "--resume", "--no-progress"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**_cfg(shards, "sae"), "learning_rate": 1}))
+    assert main(["train", str(bad), "--out", str(tmp_path / "b")]) == 2
+
+
+def test_spliced_reconstruction_is_exact_with_identity(shards, tiny_bridge):
+    """Splicing a perfect reconstruction must give the clean logits: checks scale inversion and hook."""
+    from fis_interventions.activations import ActivationStore
+    from fis_interventions.splice import JointSplice, SplitModel
+
+    store = ActivationStore(shards)
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, components, edit=None):
+            return type("O", (), {"recon": x})()
+
+    splice = JointSplice(Identity(), store.normalizer, store.exclusion)
+    split = SplitModel(tiny_bridge, HOOK)
+    tokens = store.contexts("heldout")[:2]
+    resid, state = split.prefix(tokens)
+    keep = splice.keep_mask(tokens, resid)
+    spliced = splice.reconstruct(resid, keep)
+    assert (split.suffix(spliced, state) - split.suffix(resid, state)).abs().max() < 1e-4
