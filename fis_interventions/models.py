@@ -180,8 +180,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                seed: int = 0) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` on the chosen device and dtype, never touching the network."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
     from transformer_lens.model_bridge import TransformerBridge
 
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening; theirs are noise
     source = resolve_model(name_or_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)

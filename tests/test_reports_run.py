@@ -61,10 +61,11 @@ def test_tests_table_rows_and_family(tests_table: pd.DataFrame) -> None:
     assert tests_table["null_check"].sum() == 6
     assert (tests_table["null_check"] == (tests_table["value"] == 1.0)).all()
     assert set(tests_table["factor_a"]) == {"formality"} and set(tests_table["factor_b"]) == {"emotion"}
-    # one BH family over every test: recompute independently
+    # one BH family over every test except the no-op null checks: recompute independently
     from statsmodels.stats.multitest import multipletests
 
-    ok = tests_table["p"].notna()
+    ok = tests_table["p"].notna() & ~tests_table["null_check"]
+    assert tests_table.loc[tests_table["null_check"], "q"].isna().all()
     assert tests_table["q_family_size"].iloc[0] == ok.sum()
     np.testing.assert_allclose(tests_table.loc[ok, "q"], multipletests(tests_table.loc[ok, "p"], method="fdr_bh")[1],
                                rtol=1e-12)

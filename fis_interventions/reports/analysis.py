@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 ALPHA = 0.05
 KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
 FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
-          "(no-op checks included)")
+          "(no-op checks excluded: they are null checks of the splice)")
 
 
 def is_noop(intervention: str, value: float) -> bool:
@@ -154,10 +154,15 @@ def analyze_run(run: Run) -> Analysis:
         warns.setdefault(msg, []).append("(python warning during the analysis)")
     tests = pd.DataFrame(rows)
     if not tests.empty:
-        tests = add_qvalues(tests, p_col="p", out="q")
+        # The family is every real test of the run; no-op clamps (scale 1, add 0) are null checks of the
+        # error-term splice whose p-values describe float noise, so they are kept out of the correction.
+        real = ~tests["null_check"].astype(bool)
+        tests = add_qvalues(tests.assign(_p=tests["p"].where(real)), p_col="_p", out="q").drop(columns="_p")
         for col in ("p_anova", "p_f2", "p_lmm"):
-            tests[col.replace("p_", "q_")] = add_qvalues(tests, p_col=col, out="tmp")["tmp"]
-        tests["significant"] = tests["q"] < ALPHA
+            masked = tests.assign(_p=tests[col].where(real))
+            tests[col.replace("p_", "q_")] = add_qvalues(masked, p_col="_p", out="tmp")["tmp"]
+        tests["q_family"] = "every non-null-check test of the run"
+        tests["significant"] = (tests["q"] < ALPHA) & real
     log.info("analysed %d tests (%d engine warnings)", len(tests), len(warns))
     kl = res[res["readout_kind"] == "kl"]
     kl_table = (kl.groupby(["design", "point", "feature", "role", "intervention", "value", "position"])["shift"]

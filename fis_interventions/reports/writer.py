@@ -135,7 +135,7 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
                  f"({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm apply "
                  "the same correction to the other p-values.")
     lines.append("No-op clamps (scale 1, add 0) are null checks: their shifts must be float noise; they are kept "
-                 "in the tests table and the family, but p-values of float noise mean nothing.")
+                 "in the tests table but left out of the FDR family, since p-values of float noise mean nothing.")
     versions = info.provenance.get("versions") or {}
     if versions:
         lines.append("Software of the run: " + ", ".join(f"{k} {v}" for k, v in versions.items())

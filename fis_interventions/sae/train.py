@@ -10,6 +10,10 @@ Output folder::
 
 Resuming restores weights, optimiser, dead-latent counters, the torch RNG and the data position, so on CPU an
 interrupted and resumed run ends bit-for-bit where an uninterrupted one does.
+
+Under ``torchrun`` (a process group initialised, see :mod:`fis_interventions.distributed`) each rank passes
+its own slice of every global batch; the trainers average gradients, and only rank 0 evaluates and writes
+metrics, progress and checkpoints. ``tokens_seen`` counts the global batch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import FisError
 from ..provenance import seed_everything
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
@@ -152,6 +157,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
     """
     model_name = model_name or cfg.model
     hook = hook or cfg.hook
+    world = distributed.current()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoint"
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
@@ -203,20 +209,24 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
     else:
         step = state["step"]
         torch.set_rng_state(state["rng"])
+    distributed.broadcast_parameters(model.state_dict().values())
     if model.cfg.sae.d_in != d_in:
         raise FisError(f"activations have d_in={d_in}, the checkpoint expects {model.cfg.sae.d_in}",
                        field="activations", fix="use activations from the checkpoint's hook point")
 
-    metrics_log = _MetricsLog(out_dir / "metrics.jsonl", step if state else None)
+    metrics_log = _MetricsLog(out_dir / "metrics.jsonl", step if state else None) if world.is_main else None
     tokens_seen = state["tokens_seen"] if state else 0
     last_ckpt = step if state else None
     trainer: Trainer | None = None
     last: dict[str, Any] = {}
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.mode, unit="step")
+    bar = tqdm(total=total, initial=step, disable=not (progress and world.is_main), desc=cfg.mode, unit="step")
     t0, tokens_t0 = time.perf_counter(), tokens_seen
 
     def save(complete: bool) -> None:
         nonlocal last_ckpt
+        if not world.is_main:
+            last_ckpt = step
+            return
         train_state = {"step": step, "position": position, "tokens_seen": tokens_seen,
                        "rng": torch.get_rng_state(),
                        "phase": trainer.phase if trainer else None,
@@ -241,6 +251,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
             if x is None:
                 log.warning("activations ran out at step %d of %d; saved an incomplete checkpoint", step, total)
                 save(complete=False)
+                distributed.barrier()
                 bar.close()
                 return TrainResult(ckpt_dir, model, step, False, last)
             x = _check_batch(x, d_in, position).to(device, dtype)
@@ -254,16 +265,17 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
                                source=out_dir, fix="lower lr, keep grad_clip, check the activations for NaN/Inf"
                                ) from None
             step += 1
-            tokens_seen += x.shape[0]
+            tokens_seen += x.shape[0] * world.world_size
             bar.update(1)
             if step % LOG_EVERY == 0 or step == total:
                 rate = (tokens_seen - tokens_t0) / max(time.perf_counter() - t0, 1e-9)
                 last = {"step": step, "split": "train", "phase": phase, "tokens": tokens_seen,
                         "tokens_per_s": rate, **stats}
-                metrics_log.write(last)
+                if metrics_log is not None:
+                    metrics_log.write(last)
                 bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}",
                                 tok_s=f"{rate:.0f}")
-            if held and (step % cfg.eval_every == 0 or step == total):
+            if held and world.is_main and (step % cfg.eval_every == 0 or step == total):
                 row = {"step": step, "split": "heldout", "phase": phase,
                        **_flatten(evaluate_reconstruction(model, held))}
                 metrics_log.write(row)
@@ -271,6 +283,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
             if step % cfg.checkpoint_every == 0 and step < total:
                 save(complete=False)
         save(complete=True)
+        distributed.barrier()  # every rank returns once the checkpoint exists
     finally:
         bar.close()
     model.eval()

@@ -3,6 +3,10 @@
 All trainers share the step: MSE loss (+ AuxK for dead latents), Adam, linear warm-up then linear decay to
 ``lr_decay_to``, gradient clipping, and unit-norm decoder rows kept by removing the gradient component
 parallel to each row before the step and re-projecting after it (Gao et al. 2024; SAELens; sparsify).
+
+Under ``torchrun`` (see :mod:`fis_interventions.distributed`) each rank holds an equal slice of the global
+batch: losses are per-rank means, gradients are averaged before clipping, the dead-latent counters see the
+global "fired" mask and the AuxK denominator is the global one, so every rank takes the single-process step.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from .. import distributed
 from .config import TrainConfig
 from .metrics import DeadLatentTracker, fvu, l0
 from .model import AUXK_COEF, JointSAE, TopKSAE
@@ -51,13 +56,43 @@ class Trainer:
 
     def _sae_loss(self, x: torch.Tensor, recon: torch.Tensor, pre: torch.Tensor, latents) -> tuple:
         mse = (recon - x).square().mean()
-        self.dead.update(latents)
+        self._update_dead(latents)
         dead = self.dead.dead(self.cfg.dead_tokens)
-        aux = self.sae.auxk_loss(pre, (x - recon).detach(), dead) if self.sae.aux_k else mse.new_zeros(())
+        aux = self._auxk(pre, (x - recon).detach(), dead) if self.sae.aux_k else mse.new_zeros(())
         with torch.no_grad():
             stats = {"mse": float(mse), "fvu": float(fvu(x, recon)), "l0": float(l0(latents)),
                      "dead_frac": float(dead.float().mean()), "auxk": float(aux)}
         return mse + AUXK_COEF * aux, stats
+
+    def _update_dead(self, latents) -> None:
+        """Dead-latent counters over the GLOBAL batch: a latent is alive if it fired on any rank."""
+        if not distributed.active():
+            self.dead.update(latents)
+            return
+        fired = torch.zeros(self.sae.d_sae, dtype=torch.bool, device=latents.indices.device)
+        fired[latents.indices[latents.values > 0]] = True
+        fired = distributed.any_rank(fired)
+        n_tokens = latents.values.reshape(-1, latents.values.shape[-1]).shape[0]
+        self.dead.since += n_tokens * distributed.current().world_size
+        self.dead.since[fired] = 0
+
+    def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK loss; with several ranks it is rescaled so that the AVERAGE over ranks is the full-batch loss.
+
+        The model divides by this rank's centred sum of squares of the residual; the full-batch loss divides
+        by the global one. Multiplying by ``world * local / global`` makes the rank-mean of the gradients
+        equal the single-process gradient. (Hand-written: the global centred SS from all-reduced sums.)
+        """
+        aux = self.sae.auxk_loss(pre, residual, dead)
+        if not distributed.active():
+            return aux
+        r = residual.reshape(-1, residual.shape[-1]).double()
+        local = (r - r.mean(0)).square().sum().clamp_min(1e-12)
+        sums = torch.cat([r.sum(0), r.square().sum().reshape(1), r.new_tensor([r.shape[0]])])
+        sums = distributed.all_reduce_sum(sums)
+        n, total_sq, s = sums[-1], sums[-2], sums[:-2]
+        glob = (total_sq - s.square().sum() / n).clamp_min(1e-12)
+        return aux * (distributed.current().world_size * local / glob).to(aux.dtype)
 
     def update(self, step: int, x: torch.Tensor) -> dict[str, float]:
         """One optimiser step on batch ``x``; ``step`` counts from 0 within this trainer's phase."""
@@ -66,18 +101,20 @@ class Trainer:
             group["lr"] = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps,
                                                   self.cfg.lr_decay_to)
         loss, stats = self.loss(x)
-        value = float(loss.detach())
+        stats["loss"] = float(loss.detach())
+        stats = distributed.mean_stats(stats)  # every rank sees the same (global) loss: all stop together
+        value = stats["loss"]
         if not math.isfinite(value):
             raise NonFiniteLoss(value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.params)
         self.sae.remove_parallel_grad()
         if self.cfg.grad_clip:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
         self.optimizer.step()
         if self.sae.W_dec.requires_grad:  # a frozen SAE is left bit-for-bit alone
             self.sae.renormalize_decoder()
-        stats["loss"] = value
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
