@@ -143,3 +143,52 @@ def test_bad_shard_and_config_errors(tiny_bridge, tiny_ckpt, tmp_path):
         battery(_cfg(tiny_ckpt, tmp_path / "x"), bridge=tiny_bridge, progress=False, shard="a/b")
     with pytest.raises(Exception, match="exactly one of"):
         _cfg(tiny_ckpt, tmp_path / "x", features=[{"point": "sae.hook_latents", "index": 1, "random": 2}])
+
+
+def _random_ckpt(bridge, folder: Path, hook: str) -> Path:
+    torch.manual_seed(1)
+    d = int(bridge.cfg.d_model)
+    joint = JointSAE(JointArch(sae=SAEArch(d_in=d, d_sae=2 * d, k=16), nfm=NFMArch(emb_dim=16, hidden=32)))
+    joint.attach_secondary(64, 4)
+    rule = ExclusionRule.for_tokenizer(bridge.tokenizer, 10.0)
+    rule.median_norm = 150.0
+    norm = {**Normalizer("expected_norm", scale=d**0.5 / 150.0).to_dict(), "exclusion": rule.to_dict()}
+    return save_checkpoint(folder / "ckpt", joint, model_name=bridge.fis_model_name, hook=hook, normalization=norm)
+
+
+@pytest.mark.real_model
+def test_error_term_noop_equals_clean_logits_real_model(real_bridge, tmp_path):
+    from fis_interventions.attach import attach
+    from fis_interventions.designs import expand, load_design
+    from fis_interventions.interventions.battery import encode_rows
+    from fis_interventions.interventions.features import Condition
+
+    attached = attach(real_bridge, _random_ckpt(real_bridge, tmp_path, "blocks.14.hook_resid_post"))
+    rows = expand(load_design(ROOT / "stimuli/formality_emotion.yaml")).iloc[:6]
+    enc = encode_rows(rows, real_bridge.tokenizer)
+    resid, state = attached.split.prefix(enc.tokens, enc.mask)
+    keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+    noop = make_edit(Target("secondary.hook_latents", (0,), "x"), Condition("scale", 1.0, "all", 1.0))
+    edited = attached.splice.edit(resid, keep, {"secondary.hook_latents": noop})
+    logits = attached.split.suffix(edited, state)
+    with torch.no_grad():
+        for i in range(len(rows)):
+            n = int(enc.mask[i].sum())
+            clean = real_bridge(enc.tokens[i:i + 1, :n])
+            assert (logits[i, :n] - clean[0]).abs().max().item() <= 1e-4
+    # and a real clamp does move the readout logits
+    big = make_edit(Target("sae.hook_latents", (0, 1, 2), "x"), Condition("set", 10.0, "all", 10.0))
+    moved = attached.split.suffix(attached.splice.edit(resid, keep, {"sae.hook_latents": big}), state)
+    assert (moved - logits).abs().max().item() > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_battery_on_cuda_matches_cpu(tiny_ckpt, tmp_path):
+    from fis_interventions.models import load_model
+
+    cpu = _run(load_model("tiny-random", device="cpu"), _cfg(tiny_ckpt, tmp_path / "cpu"))
+    gpu_bridge = load_model("tiny-random", device="cuda")
+    gpu = _run(gpu_bridge, _cfg(tiny_ckpt, tmp_path / "gpu", device="cuda"))
+    assert len(cpu) == len(gpu)
+    assert (cpu["shift"] - gpu["shift"]).abs().max() < 1e-3
