@@ -17,6 +17,7 @@ token). Per-context values are kept so that relative improvements get bootstrap 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         "name": name or (ckpt.path.parent.name if ckpt.path.name == "checkpoint" else ckpt.path.name),
         "mode": train_cfg.get("mode"), "model": ckpt.model_name, "hook": ckpt.hook,
         "architecture": ckpt.meta.get("architecture"), "params": param_counts(attached.joint),
+        "train_config": train_cfg,
         "reconstruction": recon, "dead_fraction_heldout": dead, "spliced": spliced,
         "n_heldout_tokens": min(max_tokens, int(store.activations("heldout", normalized=False).shape[0])),
         "n_heldout_contexts": int(len(contexts)), "seed": seed,
@@ -172,9 +174,37 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         summary["organisation"] = organisation_tests(attached.joint, n_permutations=1000, seed=seed).to_dict("records")
     summary["provenance"] = provenance(seed)
     target = Path(out) if out else ckpt.path.parent
+    if organisation and attached.joint.nfm is not None:
+        summary["organisation_figure"] = str(organisation_figure(attached.joint, target / "organisation.png"))
     write_json(target / "eval.json", summary)
     np.savez(target / "eval_per_context.npz", **per_context)
     return CheckpointEval(summary["name"], summary, per_context)
+
+
+def organisation_figure(joint: Any, path: Path) -> Path:
+    """Histograms of each latent's decoder squared norm, linear-part norm and interaction-embedding norm, and
+    the scatter of decoder norm against embedding norm (the association `organisation_tests` quantifies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .sae.organisation import feature_norms
+
+    norms = feature_norms(joint)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, col in zip(axes, ("decoder_sq_norm", "linear_norm", "embedding_norm"), strict=False):
+        ax.hist(norms[col], bins=50, color="#4c72b0")
+        ax.set_title(col.replace("_", " "))
+        ax.set_ylabel("latents")
+    axes[3].scatter(norms["decoder_sq_norm"], norms["embedding_norm"], s=3, alpha=0.4)
+    axes[3].set_xlabel("decoder squared norm")
+    axes[3].set_ylabel("interaction embedding norm")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _per_ctx(ev: CheckpointEval, key: str) -> np.ndarray:
@@ -229,11 +259,36 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
                 baselines.append({"checkpoint": ev.name, "condition": cond, "kl": sp[cond]["kl"], "ce": sp[cond]["ce"]})
         baselines.append({"checkpoint": ev.name, "condition": "clean", "kl": 0.0, "ce": sp["clean"]["ce"]})
     return {"baseline": base.name if base else None, "table": rows, "baselines": baselines,
+            "seeds": seed_summary(evals),
             "notes": ["fvu_vs_* and kl_vs_* are relative reductions (positive = better than the reference)",
                       "vs_own_sae: against the same checkpoint's SAE path alone (the paper's reference, flaw 4)",
                       "vs_standalone: against an independently trained SAE of the same size",
                       "the linear part reads the same latents as the SAE decoder: compare it with an "
                       "unconstrained-decoder SAE; nonlinear integration is the 'interaction gain' row"]}
+
+
+def seed_summary(evals: list[CheckpointEval]) -> list[dict[str, Any]]:
+    """Mean and SD over checkpoints that differ only in their seed (same training config otherwise)."""
+    groups: dict[str, list[CheckpointEval]] = {}
+    for ev in evals:
+        cfg = dict(ev.summary.get("train_config") or {})
+        cfg.pop("seed", None)
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(ev)
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for comp in members[0].summary["reconstruction"]:
+            vals = {m: np.array([_metric(e.summary, comp, m) for e in members]) for m in ("fvu", "kl", "ce")}
+            rows.append({"checkpoints": [e.name for e in members], "mode": members[0].summary["mode"],
+                         "components": comp, "n_seeds": len(members),
+                         **{f"{m}_mean": float(v.mean()) for m, v in vals.items()},
+                         **{f"{m}_sd": float(v.std(ddof=1)) for m, v in vals.items()}})
+    return rows
+
+
+def _metric(summary: dict[str, Any], comp: str, metric: str) -> float:
+    return summary["reconstruction"][comp]["fvu"] if metric == "fvu" else summary["spliced"][comp][metric]
 
 
 def _params_for(params: dict[str, int], comp: str) -> int:
@@ -254,6 +309,8 @@ def format_table(table: dict[str, Any]) -> str:
                            lambda v: f"{v:.4g}" if not math.isnan(v) else ""):
         text = df.to_string(index=False, na_rep="")
         text += "\n\nbaselines:\n" + pd.DataFrame(table["baselines"]).to_string(index=False)
+        if table.get("seeds"):
+            text += "\n\nacross seeds (mean, sd):\n" + pd.DataFrame(table["seeds"]).to_string(index=False)
     return text + "\n\n" + "\n".join("note: " + n for n in table["notes"])
 
 

@@ -2,6 +2,11 @@
 
 The checkpoint records the harvest's model and hook point (flaw 1) and its normalisation + exclusion rule
 (flaw 2), so evaluation, screening and batteries splice it back exactly where and how it was trained.
+
+Memory stays bounded whatever the size of the harvest: training streams one shard at a time and the held-out
+set is a bounded sample (:data:`MAX_HELDOUT_TOKENS`) read shard by shard. Under ``torchrun`` (``WORLD_SIZE>1``)
+this joins the process group and each rank reads ``batch_size / world_size`` rows of every global batch, so
+the effective batch is the configured ``batch_size`` (see ``bench/README.md``, "Scaling out").
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .activations import ActivationStore, harvest
 from .config import load_config
 from .errors import FisError
@@ -31,6 +37,18 @@ def _store_for(cfg: TrainConfig, out: Path, progress: bool) -> ActivationStore:
     return ActivationStore(folder, heldout_fraction=max(cfg.heldout_fraction, 0.01))
 
 
+def heldout_sample(store: ActivationStore, max_tokens: int = MAX_HELDOUT_TOKENS) -> torch.Tensor:
+    """The first ``max_tokens`` normalised held-out rows, reading one shard at a time (never the whole split)."""
+    parts, n = [], 0
+    for path in store.shard_paths():
+        acts = store.load_shard(path, "heldout")[0][:max_tokens - n]
+        parts.append(acts.clone())  # clone: do not keep the whole shard alive through a view
+        n += len(acts)
+        if n >= max_tokens:
+            break
+    return store.normalizer.apply(torch.cat(parts))
+
+
 def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = False, progress: bool = True,
           **overrides: Any) -> TrainResult:
     """Train a standalone SAE, a sequential or a joint model (``config.mode``) into ``out/checkpoint``."""
@@ -38,18 +56,64 @@ def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = F
     if overrides:
         cfg = TrainConfig.model_validate({**cfg.model_dump(), **overrides})
     out = Path(out)
+    world = distributed.env_world()
+    if cfg.batch_size % world.world_size:
+        raise FisError(f"batch_size {cfg.batch_size} is not divisible by the {world.world_size} ranks",
+                       field="batch_size", fix="use a batch_size that is a multiple of --nproc_per_node x nnodes")
+    if cfg.activations is None and world.distributed:
+        raise FisError("on-the-fly harvest is single-process", field="activations",
+                       fix="run `fis harvest` first and train on the shard folder under torchrun")
+    with distributed.session(cfg.device) as world:
+        return _train(cfg, out, resume, progress, world)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: distributed.World) -> TrainResult:
     store = _store_for(cfg, out, progress)
     manifest = store.manifest
-    heldout = store.activations("heldout")[:MAX_HELDOUT_TOKENS]
+    heldout = heldout_sample(store)
     if len(heldout) < cfg.batch_size // 4:
         raise FisError(f"only {len(heldout)} held-out tokens", source=store.folder, field="heldout_fraction",
                        fix="harvest more tokens or raise heldout_fraction")
     held = list(torch.split(heldout, cfg.batch_size))
 
     def batches(start: int):
-        return store.iter_batches(cfg.batch_size, "train", seed=cfg.seed, start_batch=start)
+        return store.iter_batches(cfg.batch_size // world.world_size, "train", seed=cfg.seed, start_batch=start,
+                                  rank=world.rank, world_size=world.world_size)
 
     normalization = {**manifest["normalization"], "exclusion": manifest["exclusion"],
                      "activations": str(store.folder)}
     return train_joint(cfg, batches, out, resume=resume, progress=progress, normalization=normalization,
                        heldout=held, model_name=manifest["model"], hook=manifest["hook"])
+
+
+def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096) -> Path:
+    """`fis refit`: a standalone SAE whose decoder is refitted by least squares on its frozen codes.
+
+    A control for the joint model's linear part: if refitting the decoder of a standalone SAE closes most of the
+    gap to the joint model, the integration module was compensating an under-trained decoder. The codes come
+    from one pass over the training split of the checkpoint's harvest folder.
+    """
+    from .sae import JointArch, JointSAE, load_checkpoint, refit_decoder_lstsq, save_checkpoint
+
+    ckpt = load_checkpoint(Path(checkpoint))
+    acts = (ckpt.train_config or {}).get("activations")
+    if ckpt.model.nfm is not None or not acts:
+        raise FisError("refit needs a standalone SAE checkpoint trained on a harvest folder", source=ckpt.path,
+                       fix="pass the checkpoint of a `mode: sae` run")
+    store = ActivationStore(Path(acts), heldout_fraction=ckpt.train_config.get("heldout_fraction", 0.1))
+
+    def batches():
+        for path in store.shard_paths():
+            x = store.normalizer.apply(store.load_shard(path, "train")[0])
+            yield from torch.split(x, batch_size)
+
+    sae = refit_decoder_lstsq(ckpt.model.sae, batches())
+    arch = JointArch(sae=ckpt.model.cfg.sae.model_copy(update={"normalize_decoder": False}), nfm=None)
+    model = JointSAE(arch)
+    model.sae.load_state_dict(sae.state_dict())
+    cfg = TrainConfig.model_validate({**ckpt.train_config, "normalize_decoder": False})
+    target = Path(out) / "checkpoint"
+    save_checkpoint(target, model, model_name=ckpt.model_name, hook=ckpt.hook, normalization=ckpt.normalization,
+                    cfg=cfg, step=ckpt.meta.get("step", 0), tokens_seen=ckpt.meta.get("tokens_seen", 0),
+                    metrics={"refit_of": str(ckpt.path)})
+    return target

@@ -135,3 +135,36 @@ def test_real_model_harvest_train_eval(real_bridge, tmp_path):
     held = [r["full/fvu"] for r in held if r["split"] == "heldout"]
     assert held[-1] < 0.8 * held[0], held
     assert ev["reconstruction"]["full"]["fvu"] == pytest.approx(held[-1], rel=0.2)
+
+
+def test_refit_lstsq_checkpoint_lowers_training_error(shards, tmp_path, tiny_bridge):
+    cfg_file = tmp_path / "sae.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(shards, "sae", tokens=128 * 5)))
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "sae"), "--no-progress"]) == 0
+    assert main(["refit", str(tmp_path / "sae" / "checkpoint"), "--out", str(tmp_path / "refit")]) == 0
+    from fis_interventions.activations import ActivationStore
+
+    store = ActivationStore(shards)
+    x = store.activations("train")
+    before = load_checkpoint(tmp_path / "sae" / "checkpoint").model
+    after = load_checkpoint(tmp_path / "refit" / "checkpoint").model
+    err = lambda m: float((m(x, "sae").recon - x).square().sum())  # noqa: E731
+    assert err(after) < err(before)
+    assert not after.cfg.sae.normalize_decoder
+    assert main(["refit", str(tmp_path / "refit" / "checkpoint"), "--out", str(tmp_path / "r2")]) == 0
+
+
+def test_eval_aggregates_seeds(shards, tmp_path, tiny_bridge):
+    evs = []
+    for seed in (0, 1):
+        result = train(_to_cfg(_cfg(shards, "joint", seed=seed, tokens=128 * 5)), tmp_path / f"s{seed}",
+                       progress=False)
+        evs.append(evaluate(result.checkpoint, bridge=tiny_bridge, max_contexts=4, progress=False, name=f"s{seed}"))
+    assert (tmp_path / "s0" / "organisation.png").stat().st_size > 5000
+    table = comparison_table(evs)
+    rows = {r["components"]: r for r in table["seeds"]}
+    assert rows["full"]["n_seeds"] == 2 and rows["full"]["checkpoints"] == ["s0", "s1"]
+    fvus = [e.summary["reconstruction"]["full"]["fvu"] for e in evs]
+    assert rows["full"]["fvu_mean"] == pytest.approx(sum(fvus) / 2)
+    assert rows["full"]["fvu_sd"] == pytest.approx(abs(fvus[0] - fvus[1]) / 2**0.5)
+    assert "across seeds" in format_table(table)

@@ -21,3 +21,13 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
     result = train(config, out, resume=resume, progress=progress)
     state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
     typer.echo(f"checkpoint {result.checkpoint}: {state}")
+
+
+@app.command("refit")
+def refit_cmd(checkpoint: Annotated[Path, typer.Argument(help="a standalone SAE checkpoint (mode: sae)")],
+              out: Annotated[Path, typer.Option(help="run folder for the refitted checkpoint")] = Path("runs/refit")
+              ) -> None:
+    """Refit a standalone SAE's decoder by least squares on its frozen codes (a control for the linear part)."""
+    from ..training import refit
+
+    typer.echo(f"refitted checkpoint: {refit(checkpoint, out)}")
