@@ -292,10 +292,11 @@ def _metric(summary: dict[str, Any], comp: str, metric: str) -> float:
 
 
 def _params_for(params: dict[str, int], comp: str) -> int:
+    """Parameters a component setting uses (the secondary SAE is an analysis tool, not part of the recon)."""
     total = params.get("sae", 0)
-    if "linear" in comp:
+    if "linear" in comp or comp == "full":
         total += params.get("linear", 0)
-    if "interaction" in comp:
+    if "interaction" in comp or comp == "full":
         total += params.get("interaction", 0)
     return total
 

@@ -192,3 +192,17 @@ def test_battery_on_cuda_matches_cpu(tiny_ckpt, tmp_path):
     gpu = _run(gpu_bridge, _cfg(tiny_ckpt, tmp_path / "gpu", device="cuda"))
     assert len(cpu) == len(gpu)
     assert (cpu["shift"] - gpu["shift"]).abs().max() < 1e-3
+
+
+def test_torchrun_rank_picks_the_shard(monkeypatch):
+    from fis_interventions.interventions.battery import parse_shard, store_path
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_shard(None) == (1, 3)
+    assert parse_shard("0/2") == (0, 2)  # an explicit shard wins
+    assert store_path(Path("out"), (1, 3)).name == "results.shard-1-of-3.sqlite"
+    monkeypatch.delenv("RANK")
+    assert parse_shard(None) == (0, 1)
+    with pytest.raises(FisError, match="not in 0..1"):
+        parse_shard("2/2")
