@@ -206,3 +206,19 @@ def test_torchrun_rank_picks_the_shard(monkeypatch):
     assert parse_shard(None) == (0, 1)
     with pytest.raises(FisError, match="not in 0..1"):
         parse_shard("2/2")
+
+
+def test_from_screening_ranks_within_the_point(tmp_path):
+    from fis_interventions.interventions.config import FeatureSpec
+    from fis_interventions.interventions.features import _from_screening
+
+    pd.DataFrame({"point": ["sae.hook_latents", "secondary.hook_latents", "secondary.hook_latents",
+                            "secondary.hook_latents"],
+                  "feature": [5, 9, 3, 7], "p_ab": [1e-9, 0.2, 0.01, 1e-4],
+                  "degenerate": [False, False, False, True]}).to_csv(tmp_path / "screening.csv", index=False)
+    spec = FeatureSpec(from_screening=tmp_path, point="secondary.hook_latents", top=2, role="top")
+    assert [t.indices for t in _from_screening(spec)] == [(3,), (9,)]
+    spec = FeatureSpec(from_screening=tmp_path, top=1)
+    assert _from_screening(spec)[0].indices == (5,)
+    with pytest.raises(FisError, match="has no feature at nfm.hook_hidden"):
+        _from_screening(FeatureSpec(from_screening=tmp_path, point="nfm.hook_hidden"))

@@ -52,15 +52,32 @@ def _check_point(point: str, widths: dict[str, int]) -> int:
 
 
 def _from_screening(spec: FeatureSpec) -> list[Target]:
+    """Top features of a screening: from its full table (ranked within ``point`` when given), else top.json."""
+    import pandas as pd
+
     path = Path(spec.from_screening)
-    file = path / "top.json" if path.is_dir() else path
-    if not file.exists():
-        raise FisError("screening top list not found", source=file, field="features.from_screening",
-                       fix="run `fis screen --out FOLDER` first")
-    top = json.loads(file.read_text(encoding="utf-8"))
-    if spec.point is not None:
-        top = [t for t in top if t["point"] == spec.point]
-    return [Target(t["point"], (int(t["feature"]),), spec.role) for t in top[:spec.top]]
+    table = path / "screening.csv" if path.is_dir() else None
+    if table is not None and table.exists():
+        df = pd.read_csv(table)
+        if spec.point is not None:
+            df = df[df["point"] == spec.point]
+        if "degenerate" in df.columns:
+            df = df[~df["degenerate"].astype(bool)]
+        df = df.sort_values("p_ab", kind="stable").head(spec.top)
+        top = df[["point", "feature"]].to_dict("records")
+    else:
+        file = path / "top.json" if path.is_dir() else path
+        if not file.exists():
+            raise FisError("screening results not found", source=file, field="features.from_screening",
+                           fix="run `fis screen --out FOLDER` first and pass that folder")
+        top = json.loads(file.read_text(encoding="utf-8"))
+        if spec.point is not None:
+            top = [t for t in top if t["point"] == spec.point]
+        top = top[:spec.top]
+    if not top:
+        raise FisError(f"the screening has no feature{' at ' + spec.point if spec.point else ''}",
+                       source=path, field="features.from_screening", fix="screen that point, or drop `point`")
+    return [Target(t["point"], (int(t["feature"]),), spec.role) for t in top]
 
 
 def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
