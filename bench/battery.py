@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="stimulus x prompt rows")
     ap.add_argument("--features", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     bridge = load_model(args.model)
@@ -90,17 +91,20 @@ def main() -> None:
     readouts = Readouts.for_design(design, bridge.tokenizer)
     n_rows = len(expand(design).pipe(lambda d: d[d["item"].isin(rows["item"].unique())]))
 
-    t = time.perf_counter()
-    battery(cfg, bridge=bridge, progress=False)
-    t_ours = time.perf_counter() - t
-    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ours = read_results(tmp / "run" / "results.sqlite")
-
-    t = time.perf_counter()
-    ref = naive(bridge, attached, cfg, expand(design).pipe(lambda d: d[d["item"].isin(rows["item"].unique())]),
-                readouts, targets)
-    t_naive = time.perf_counter() - t
+    sub = expand(design).pipe(lambda d: d[d["item"].isin(rows["item"].unique())])
+    with torch.no_grad():  # warm-up, so neither side pays first-call costs
+        bridge(encode_rows(sub.iloc[:args.batch_size], bridge.tokenizer).tokens)
+    t_ours, t_naive = float("inf"), float("inf")
+    for rep in range(args.repeats):  # alternate and keep the fastest: the machine is shared and noisy
+        run_cfg = cfg.model_copy(update={"out": tmp / f"run{rep}"})
+        t = time.perf_counter()
+        battery(run_cfg, bridge=bridge, progress=False)
+        t_ours = min(t_ours, time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = naive(bridge, attached, cfg, sub, readouts, targets)
+        t_naive = min(t_naive, time.perf_counter() - t)
     rss_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ours = read_results(tmp / "run0" / "results.sqlite")
 
     words = ours[ours.readout_kind == "word"]
     word_pos = {w: i for i, (w, _) in enumerate(readouts.word_ids)}
@@ -112,7 +116,7 @@ def main() -> None:
     print(f"ours  : {n_cond / t_ours:8.1f} conditions x stimuli / s  ({t_ours:.1f} s, includes SQLite writes)")
     print(f"naive : {n_cond / t_naive:8.1f} conditions x stimuli / s  ({t_naive:.1f} s)")
     print(f"speed-up ours/naive: {t_naive / t_ours:.2f}x  (target >= 2x); max |score difference| {diff:.2e}")
-    print(f"peak RSS after ours: {rss_ours:.0f} MiB; after both: {rss_all:.0f} MiB")
+    print(f"peak RSS (whole process, model included): {rss_all:.0f} MiB")
     if torch.cuda.is_available():
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 

@@ -28,7 +28,7 @@ DESIGN = ROOT / "stimuli" / "formality_emotion.yaml"
 # Sizes that fit ~15 minutes on 2 CPU cores (full) or well under a minute on tiny-random (quick).
 SIZES = {
     "full": dict(tokens=60_000, context_length=128, expansion=8, k=32, batch_size=512, train_tokens=512 * 300,
-                 secondary_steps=150, eval_contexts=24, max_items=None, battery_batch=16),
+                 secondary_steps=150, eval_contexts=24, max_items=8, battery_batch=16),
     "quick": dict(tokens=3_000, context_length=32, expansion=2, k=8, batch_size=128, train_tokens=128 * 20,
                   secondary_steps=10, eval_contexts=4, max_items=3, battery_batch=16),
 }
