@@ -18,9 +18,12 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
     """Train a standalone SAE, sequential or joint model (mode in the config) on harvested activations."""
     from ..training import train
 
+    import os
+
     result = train(config, out, resume=resume, progress=progress)
-    state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
-    typer.echo(f"checkpoint {result.checkpoint}: {state}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (and writes)
+        state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
+        typer.echo(f"checkpoint {result.checkpoint}: {state}")
 
 
 @app.command("refit")

@@ -9,6 +9,9 @@ bi-interaction pooling uses ``0.5 * ((sum f_i v_i)^2 - sum (f_i v_i)^2)`` over t
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,6 +99,65 @@ class SparseLatents:
                              self.d_sae)
 
 
+@contextmanager
+def _quiet_csr() -> Iterator[None]:
+    """The 2-D float CSR products used here are stable; silence only torch's 'CSR support is in beta' notice."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
+
+
+def _sparse_grads(x: torch.Tensor, w_enc: torch.Tensor, g: torch.Tensor, needs: tuple[bool, bool, bool]):
+    """Gradients of ``pre = x @ w_enc + bias`` from a SPARSE ``grad_pre`` (a CSR [batch, d_sae] tensor).
+
+    Hand-written because autograd would form the dense ``x.T @ grad_pre`` (a second full encoder matmul) although
+    only k entries per row are non-zero: the CSR product costs O(batch * k * d_in) (as in sparsify's fused
+    encoder). Returns (grad_x, grad_w_enc, grad_bias), ``None`` where not needed.
+    """
+    gx = (g @ w_enc.t()) if needs[0] else None
+    # the [d_sae, d] product is the fast one (measured); transpose it back contiguous for the optimiser
+    gw = (g.t() @ x).t().contiguous() if needs[1] else None
+    gb = None
+    if needs[2]:
+        gb = w_enc.new_zeros(w_enc.shape[1]).index_add_(0, g.col_indices(), g.values())
+    return gx, gw, gb
+
+
+class _EncoderPre(torch.autograd.Function):
+    """``x @ w_enc + bias`` whose backward expects a mostly-zero ``grad_pre`` (only AuxK's top-k reaches it)."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, bias):
+        ctx.save_for_backward(x, w_enc)
+        return torch.addmm(bias, x, w_enc)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_enc = ctx.saved_tensors
+        with _quiet_csr():
+            return _sparse_grads(x, w_enc, grad.to_sparse_csr(), ctx.needs_input_grad)
+
+
+class _GatherPre(torch.autograd.Function):
+    """``pre[b, indices[b, j]]`` for an already computed ``pre``, differentiable in (x, w_enc, bias) with a
+    sparse backward: the top-k values touch k encoder columns per row, so their gradient is a scatter."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, bias, pre, indices):
+        ctx.save_for_backward(x, w_enc, indices)
+        return pre.gather(-1, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_enc, indices = ctx.saved_tensors
+        b, k = indices.shape
+        crow = torch.arange(0, b * k + 1, k, device=indices.device)
+        with _quiet_csr():
+            g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).contiguous(),
+                                        (b, w_enc.shape[1]), check_invariants=False)
+            return (*_sparse_grads(x, w_enc, g, ctx.needs_input_grad[:3]), None, None)
+
+
 def bag_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``sum_j weights[b, j] * table[indices[b, j]]`` for each row b, without a dense [batch, rows] tensor."""
     shape = indices.shape
@@ -143,14 +205,33 @@ class TopKSAE(HookedModule):
         return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def topk(self, pre: torch.Tensor) -> SparseLatents:
-        """ReLU then top-k (unsorted: the order is irrelevant to every consumer and sorting costs time)."""
-        values, indices = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
-        return SparseLatents(values, indices, self.d_sae)
+        """Top-k then ReLU: the same values as ReLU then top-k (ReLU is monotone) without a dense ReLU pass;
+        only the indices of zero-valued padding can differ. ``sorted=True`` is measured ~2x faster on CPU."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=True)
+        return SparseLatents(torch.relu(values), indices, self.d_sae)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
         """Pre-activations and (possibly edited) top-k latents."""
+        if self._sparse_backward(x):
+            return self._encode_sparse(x)
         pre = self.pre_acts(x)
         return pre, apply_sparse_hook(self.hook_latents, self.topk(pre))
+
+    def _sparse_backward(self, x: torch.Tensor) -> bool:
+        """Training fast path on CPU: same values, gradients by sparse products (no hooks may be active)."""
+        return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and x.ndim == 2 and self.W_enc.requires_grad
+                and not (self.hook_pre.active or self.hook_latents.active))
+
+    def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
+        """The top-k values are gathered from the dense pre-activations by :class:`_GatherPre`, whose backward
+        is a scatter into k encoder columns per row; ``pre`` itself (for AuxK) has a sparse-aware backward."""
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        pre = _EncoderPre.apply(x, self.W_enc, bias)
+        with torch.no_grad():
+            indices = pre.topk(self.k, dim=-1, sorted=True).indices
+        values = torch.relu(_GatherPre.apply(x, self.W_enc, bias, pre.detach(), indices))
+        return pre, SparseLatents(values, indices, self.d_sae)
 
     def decode(self, latents: SparseLatents, bias: bool = True) -> torch.Tensor:
         """Sparse decode from the active rows of ``W_dec``."""
