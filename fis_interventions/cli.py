@@ -47,5 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m fis_interventions.cli`
+    # commands register on the imported module's `app`, not on this __main__ copy: run that one
+    from fis_interventions.cli import main as _main
+
+    sys.exit(_main())
