@@ -158,7 +158,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         "name": name or (ckpt.path.parent.name if ckpt.path.name == "checkpoint" else ckpt.path.name),
         "mode": train_cfg.get("mode"), "model": ckpt.model_name, "hook": ckpt.hook,
         "architecture": ckpt.meta.get("architecture"), "params": param_counts(attached.joint),
-        "train_config": train_cfg,
+        "train_config": train_cfg, "refit_of": _refit_of(ckpt.path),
         "reconstruction": recon, "dead_fraction_heldout": dead, "spliced": spliced,
         "n_heldout_tokens": min(max_tokens, int(store.activations("heldout", normalized=False).shape[0])),
         "n_heldout_contexts": int(len(contexts)), "seed": seed,
@@ -207,6 +207,23 @@ def organisation_figure(joint: Any, path: Path) -> Path:
     return path
 
 
+def _refit_of(path: Path) -> str | None:
+    metrics = path / "metrics.json"
+    if not metrics.exists():
+        return None
+    try:
+        return json.loads(metrics.read_text(encoding="utf-8")).get("refit_of")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _relative_ci(baseline: np.ndarray, method: np.ndarray, seed: int) -> dict[str, float]:
+    """Bootstrap CI of a relative improvement; identical inputs (e.g. a frozen, shared SAE) give exactly 0."""
+    if np.array_equal(baseline, method):
+        return {"estimate": 0.0, "low": 0.0, "high": 0.0}
+    return bootstrap_relative_improvement(baseline, method, seed=seed)
+
+
 def _per_ctx(ev: CheckpointEval, key: str) -> np.ndarray:
     return ev.per_context[key]
 
@@ -235,18 +252,18 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
             own = s["reconstruction"]["sae"]
             row["fvu_vs_own_sae"] = 1 - rec["fvu"] / own["fvu"] if comp != "sae" else None
             if comp != "sae":
-                ci = bootstrap_relative_improvement(_per_ctx(ev, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed=seed)
+                ci = _relative_ci(_per_ctx(ev, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed)
                 row["kl_vs_own_sae"], row["kl_vs_own_sae_ci"] = ci["estimate"], [ci["low"], ci["high"]]
             if base is not None:
                 b_rec = base.summary["reconstruction"]["sae"]
                 row["fvu_vs_standalone"] = 1 - rec["fvu"] / b_rec["fvu"]
                 if base is not ev or comp != "sae":
-                    ci = bootstrap_relative_improvement(_per_ctx(base, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed=seed)
+                    ci = _relative_ci(_per_ctx(base, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed)
                     row["kl_vs_standalone"], row["kl_vs_standalone_ci"] = ci["estimate"], [ci["low"], ci["high"]]
             rows.append(row)
         if "full" in s["reconstruction"]:
             full, lin = s["reconstruction"]["full"], s["reconstruction"]["sae+linear"]
-            ci = bootstrap_relative_improvement(_per_ctx(ev, "kl/sae+linear"), _per_ctx(ev, "kl/full"), seed=seed)
+            ci = _relative_ci(_per_ctx(ev, "kl/sae+linear"), _per_ctx(ev, "kl/full"), seed)
             rows.append({"checkpoint": ev.name, "mode": s["mode"], "components": "interaction gain (full vs sae+linear)",
                          "fvu": full["fvu"] - lin["fvu"], "kl": s["spliced"]["full"]["kl"] - s["spliced"]["sae+linear"]["kl"],
                          "fvu_vs_own_sae": 1 - full["fvu"] / lin["fvu"], "kl_vs_own_sae": ci["estimate"],
@@ -273,6 +290,7 @@ def seed_summary(evals: list[CheckpointEval]) -> list[dict[str, Any]]:
     for ev in evals:
         cfg = dict(ev.summary.get("train_config") or {})
         cfg.pop("seed", None)
+        cfg["refit"] = ev.summary.get("refit_of") is not None  # a refit is a different method, not a seed
         groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(ev)
     rows = []
     for members in groups.values():
