@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--rows", type=int, default=64, help="stimulus x prompt rows")
-    ap.add_argument("--features", type=int, default=2)
+    ap.add_argument("--features", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()

@@ -27,29 +27,20 @@ D_MODEL, CTX_LEN = 576, 64
 
 def write_shards(folder: Path, gb: float, shard_mb: int, seed: int = 0) -> int:
     """Synthetic activations (sparse features + noise) in shards of about ``shard_mb``; returns the token count."""
-    from fis_interventions.activations.shards import new_manifest, shard_name, write_manifest, write_shard
+    from fis_interventions.activations.shards import write_tensor_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     dictionary = torch.randn(2048, D_MODEL, generator=g) / D_MODEL**0.5
     ctx_per_shard = max(1, shard_mb * 2**20 // (CTX_LEN * D_MODEL * 4))
     n_shards = max(1, round(gb * 2**30 / (ctx_per_shard * CTX_LEN * D_MODEL * 4)))
-    manifest = new_manifest(model="synthetic", hook="blocks.0.hook_resid_post", d_model=D_MODEL,
-                            context_length=CTX_LEN, normalization={"kind": "expected_norm", "scale": 1.0},
-                            exclusion={"special_ids": [0], "norm_multiple": None, "median_norm": None})
-    for i in range(n_shards):
-        n = ctx_per_shard * CTX_LEN
-        idx = torch.randint(0, 2048, (n, 16), generator=g)
-        acts = torch.nn.functional.embedding_bag(idx, dictionary, mode="sum")
-        acts += 0.05 * torch.randn(n, D_MODEL, generator=g)
-        ids = torch.arange(i * ctx_per_shard, (i + 1) * ctx_per_shard)
-        write_shard(folder, i, acts, torch.ones(ctx_per_shard, CTX_LEN, dtype=torch.int32),
-                    torch.ones(ctx_per_shard, CTX_LEN, dtype=torch.uint8), ids)
-        manifest["shards"].append({"file": shard_name(i), "n_contexts": ctx_per_shard})
-        manifest["token_count"] += n
-    manifest["complete"] = True
-    write_manifest(folder, manifest)
-    return manifest["token_count"]
+
+    def shards():
+        for _ in range(n_shards):
+            idx = torch.randint(0, 2048, (ctx_per_shard * CTX_LEN, 16), generator=g)
+            acts = torch.nn.functional.embedding_bag(idx, dictionary, mode="sum")
+            yield acts + 0.05 * torch.randn(acts.shape, generator=g)
+
+    return write_tensor_folder(folder, shards(), CTX_LEN)["token_count"]
 
 
 def child(config: str, out: str) -> None:

@@ -23,7 +23,7 @@ GRID = {"d_sae": [2304, 4608, 9216], "k": [16, 32, 64], "emb_dim": [32, 64, 128]
 
 def step_time(mode: str, d_in: int, d_sae: int, k: int, emb_dim: int, batch: int, steps: int) -> float:
     src = SyntheticActivations(d_in=d_in, n_features=4 * d_in, p_active=0.01, batch_size=batch)
-    batches = [src.batch(i) for i in range(steps)]
+    batches = [src.batch(0)] * steps  # timing only: one batch reused (generating data is not what we measure)
     cfg = TrainConfig(d_sae=d_sae, k=k, emb_dim=emb_dim, hidden=64, batch_size=batch, lr=1e-4, warmup_steps=0,
                       tokens=batch * steps, mode=mode)
     torch.manual_seed(0)

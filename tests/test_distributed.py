@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fis_interventions.activations.shards import ActivationStore, new_manifest, shard_name, write_manifest, write_shard
+from fis_interventions.activations.shards import ActivationStore, shard_name, write_tensor_folder
 from fis_interventions.errors import FisError
 from fis_interventions.training import heldout_sample, train
 
@@ -23,23 +23,16 @@ D, CTX_LEN = 16, 8
 
 def write_synthetic_shards(folder: Path, n_shards: int, ctx_per_shard: int, d: int = D, seed: int = 0) -> Path:
     """A harvest-shaped folder of sparse-ish synthetic activations (every position kept)."""
-    folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     dictionary = torch.randn(4 * d, d, generator=g)
-    manifest = new_manifest(model="synthetic", hook="blocks.0.hook_resid_post", d_model=d, context_length=CTX_LEN,
-                            normalization={"kind": "expected_norm", "scale": 0.5},
-                            exclusion={"special_ids": [0], "norm_multiple": None, "median_norm": None})
-    for i in range(n_shards):
-        n = ctx_per_shard * CTX_LEN
-        codes = torch.rand(n, 4 * d, generator=g) * (torch.rand(n, 4 * d, generator=g) < 0.05)
-        acts = codes @ dictionary + 0.01 * torch.randn(n, d, generator=g)
-        ids = torch.arange(i * ctx_per_shard, (i + 1) * ctx_per_shard)
-        write_shard(folder, i, acts, torch.ones(ctx_per_shard, CTX_LEN, dtype=torch.int32),
-                    torch.ones(ctx_per_shard, CTX_LEN, dtype=torch.uint8), ids)
-        manifest["shards"].append({"file": shard_name(i), "n_contexts": ctx_per_shard})
-        manifest["token_count"] += n
-    manifest["complete"] = True
-    write_manifest(folder, manifest)
+
+    def shards():
+        for _ in range(n_shards):
+            n = ctx_per_shard * CTX_LEN
+            codes = torch.rand(n, 4 * d, generator=g) * (torch.rand(n, 4 * d, generator=g) < 0.05)
+            yield codes @ dictionary + 0.01 * torch.randn(n, d, generator=g)
+
+    write_tensor_folder(folder, shards(), CTX_LEN, normalization={"kind": "expected_norm", "scale": 0.5})
     return folder
 
 

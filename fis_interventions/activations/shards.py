@@ -12,7 +12,7 @@ atomically after each one, so an interrupted harvest resumes from the last compl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,3 +163,37 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
 def stats_from_manifest(manifest: dict[str, Any], d: int) -> RunningStats:
     state = manifest.get("running_stats")
     return RunningStats.from_dict(state) if state else RunningStats(d)
+
+
+def write_tensor_folder(folder: Path, shards: Iterable[torch.Tensor], context_length: int, *,
+                        model: str = "synthetic", hook: str = "blocks.0.hook_resid_post",
+                        normalization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A harvest-format folder from in-memory activations (every position kept, no special tokens).
+
+    For benchmarks and tests that need shards without running a model; each tensor [n, d] becomes one shard of
+    ``n / context_length`` contexts.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] | None = None
+    n_ctx_total = 0
+    for i, acts in enumerate(shards):
+        if acts.shape[0] % context_length:
+            raise ValueError("each shard's row count must be a multiple of context_length")
+        n_ctx = acts.shape[0] // context_length
+        if manifest is None:
+            manifest = new_manifest(model=model, hook=hook, d_model=int(acts.shape[1]), context_length=context_length,
+                                    normalization=normalization or {"kind": "expected_norm", "scale": 1.0},
+                                    exclusion={"special_ids": [0], "norm_multiple": None, "median_norm": None})
+        ids = torch.arange(n_ctx_total, n_ctx_total + n_ctx)
+        write_shard(folder, i, acts, torch.ones(n_ctx, context_length, dtype=torch.int32),
+                    torch.ones(n_ctx, context_length, dtype=torch.uint8), ids)
+        manifest["shards"].append({"file": shard_name(i), "n_contexts": n_ctx, "n_tokens": int(acts.shape[0])})
+        manifest["token_count"] += int(acts.shape[0])
+        n_ctx_total += n_ctx
+    if manifest is None:
+        raise ValueError("no shards given")
+    manifest["complete"] = True
+    manifest["n_contexts_planned"] = n_ctx_total
+    write_manifest(folder, manifest)
+    return manifest

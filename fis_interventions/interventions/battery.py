@@ -204,7 +204,9 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if any(f.top_linear for f in cfg.features):
         active = _active_latents(attached, all_batches)
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
-    fmax = _feature_max(attached, targets, all_batches)
+    # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
+    needs_max = any(spec.relative_to_max for spec in cfg.interventions)
+    fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "provenance": provenance(cfg.seed),
@@ -235,7 +237,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
             cache[(di, bi)] = _clean_pass(attached, enc, readouts)
         resid, state, keep, clean_logits, clean_words, clean_con = cache[(di, bi)]
         target = targets[ti]
-        conds = conditions(cfg.interventions, fmax[target])
+        conds = conditions(cfg.interventions, fmax[target] if fmax[target] is not None else 1.0)
         edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device), {target.point: make_edit(target, c)})
                   for c in conds]
         stacked = torch.cat(edited)
