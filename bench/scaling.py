@@ -42,10 +42,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--d-in", type=int, default=576)
+    ap.add_argument("--only", default=None, help="one knob: d_sae, k, emb_dim or batch")
     args = ap.parse_args()
     print(f"threads {torch.get_num_threads()}, d_in {args.d_in}, base {BASE}, joint mode unless noted")
     print(f"{'knob':<8}{'value':>8}{'mode':>7}{'s/step':>10}{'us/token':>10}")
     for knob, values in GRID.items():
+        if args.only and knob != args.only:
+            continue
         for v in values:
             sizes = {**BASE, knob: v}
             modes = ("sae", "joint") if knob in ("d_sae", "k", "batch") else ("joint",)
