@@ -9,13 +9,13 @@ prints seconds per step and microseconds per token. fp32 CPU; fastest of the tim
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from fis_interventions.sae import JointSAE, TrainConfig
+from train import bench  # bench/train.py: seconds per step, fastest timed step
+
+from fis_interventions.sae import TrainConfig
 from fis_interventions.sae.synthetic import SyntheticActivations
-from fis_interventions.sae.trainers import JointTrainer, SAETrainer
 
 BASE = dict(d_sae=4608, k=32, emb_dim=64, batch=1024)
 GRID = {"d_sae": [2304, 4608, 9216], "k": [16, 32, 64], "emb_dim": [32, 64, 128], "batch": [512, 1024, 2048]}
@@ -26,16 +26,7 @@ def step_time(mode: str, d_in: int, d_sae: int, k: int, emb_dim: int, batch: int
     batches = [src.batch(0)] * steps  # timing only: one batch reused (generating data is not what we measure)
     cfg = TrainConfig(d_sae=d_sae, k=k, emb_dim=emb_dim, hidden=64, batch_size=batch, lr=1e-4, warmup_steps=0,
                       tokens=batch * steps, mode=mode)
-    torch.manual_seed(0)
-    model = JointSAE(cfg.arch(d_in))
-    trainer = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, steps)
-    times = []
-    for i, x in enumerate(batches):
-        t = time.perf_counter()
-        trainer.update(i, x)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return min(times)
+    return bench(mode, batches, cfg, warmup=2)
 
 
 def main() -> None:
