@@ -22,7 +22,7 @@ from .models import model_info as info
 from .reports import report
 from .screening import screen
 from .stats import stats
-from .training import train
+from .training import refit, train
 
-__all__ = ["battery", "demo", "eval", "harvest", "info", "merge", "report", "screen", "show", "stats", "train",
+__all__ = ["battery", "demo", "eval", "harvest", "info", "merge", "refit", "report", "screen", "show", "stats", "train",
            "validate"]
