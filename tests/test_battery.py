@@ -222,3 +222,56 @@ def test_from_screening_ranks_within_the_point(tmp_path):
     assert _from_screening(spec)[0].indices == (5,)
     with pytest.raises(FisError, match="has no feature at nfm.hook_hidden"):
         _from_screening(FeatureSpec(from_screening=tmp_path, point="nfm.hook_hidden"))
+
+
+SPLIT_DESIGN = """
+name: split_words
+factors:
+  tone: [calm, upset]
+  topic: [work, home]
+items:
+  - id: a
+    cells:
+      calm.work: "The report is done."
+      calm.home: "The dinner is ready."
+      upset.work: "The report is late again!"
+      upset.home: "The dinner burned again!"
+  - id: b
+    cells:
+      calm.work: "The meeting went fine."
+      calm.home: "The garden looks nice."
+      upset.work: "The meeting was a disaster!"
+      upset.home: "The garden is ruined!"
+readout:
+  score: logprob
+  multi_token: sum_logprob
+  targets:
+    calmish: [fine, antidisestablishmentarianism]
+    upsetish: [awful, catastrophically]
+  contrasts:
+    mood: calmish - upsetish
+"""
+
+
+def test_sum_logprob_scores_split_words_by_teacher_forcing(tiny_bridge, tiny_ckpt, tmp_path):
+    design = tmp_path / "split.yaml"
+    design.write_text(SPLIT_DESIGN, encoding="utf-8")
+    cfg = _cfg(tiny_ckpt, tmp_path / "s", designs=[design], max_items=None, batch_size=3,
+               features=[{"point": "sae.hook_latents", "index": 3}],
+               interventions=[{"kind": "scale", "values": [1.0, 5.0]}])
+    df = _run(tiny_bridge, cfg)
+    tok = tiny_bridge.tokenizer
+    word = " antidisestablishmentarianism"
+    ids = tok(word, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2
+    row = df[(df.readout == "antidisestablishmentarianism") & (df.value == 1.0) & (df.item == "a")
+             & (df.cell == "calm.work")].iloc[0]
+    text_ids = [tok.bos_token_id, *tok("The report is done.", add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logp = tiny_bridge(torch.tensor([text_ids + ids[:-1]])).log_softmax(-1)[0]
+    n = len(text_ids)
+    expected = sum(float(logp[n - 1 + j, ids[j]]) for j in range(len(ids)))
+    assert row.score_clean == pytest.approx(expected, abs=1e-4)
+    assert row["shift"] == 0.0
+    moved = df[(df.readout == "antidisestablishmentarianism") & (df.value == 5.0)]["shift"].abs().max()
+    assert moved > 0

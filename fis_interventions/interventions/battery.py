@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,36 +77,86 @@ def _where_mask(enc: Encoded, where: str, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Readouts:
-    """What is read at the readout position: the design's scored token ids, sets and contrasts."""
+    """What is read at the readout position: the design's scored token ids, sets and contrasts.
 
-    word_ids: list[tuple[str, int]]  # (word, token id) in set order
+    With ``multi_token: sum_logprob`` a split word's score is the sum of the log-probabilities of all its tokens
+    by teacher forcing: the first token is read at the readout position; the rest come from an extended copy of
+    each stimulus with the word's earlier tokens appended (``continuations``), run under the same edit.
+    """
+
+    word_ids: list[tuple[str, int]]  # (word, first token id) in set order
     sets: dict[str, list[int]]  # set name -> positions in word_ids
     contrasts: dict[str, tuple[str, str]]
     score: str  # logit | logprob
+    continuations: dict[int, tuple[int, ...]] = field(default_factory=dict)  # word index -> all its token ids
 
     @classmethod
     def for_design(cls, design: Any, tokenizer: Any) -> Readouts:
         sets = target_tokens(design, tokenizer)
-        if design.readout.multi_token == "sum_logprob" and any(w.split for ws in sets.values() for w in ws):
-            raise FisError("multi_token: sum_logprob with split words is not supported by batteries yet",
-                           field="readout.multi_token", fix="use words that are single tokens, or first_token")
         word_ids: list[tuple[str, int]] = []
         positions: dict[str, list[int]] = {}
+        continuations: dict[int, tuple[int, ...]] = {}
         for name, words in sets.items():
             positions[name] = []
             for w in words:
                 positions[name].append(len(word_ids))
+                if len(w.token_ids) > 1:
+                    continuations[len(word_ids)] = tuple(w.token_ids)
                 word_ids.append((w.word, w.token_ids[0]))
-        return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score)
+        if continuations and design.readout.position != "last":
+            raise FisError("multi_token: sum_logprob needs the readout at the last token (the word is appended)",
+                           source=design.source, field="readout.position", fix="use position: last")
+        return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score, continuations)
 
-    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-word scores [N, n_words] and per-contrast scores (mean of set A - mean of set B)."""
+    def scores(self, logits: torch.Tensor, extra: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-word scores [N, n_words] and per-contrast scores (mean of set A - mean of set B).
+
+        ``extra`` [N, n_continuations]: log-probabilities of the later tokens of split words, added to their
+        first token's log-probability (``sum_logprob``)."""
         base = logits.float().log_softmax(-1) if self.score == "logprob" else logits.float()
         ids = torch.tensor([i for _, i in self.word_ids], device=logits.device)
         words = base[:, ids]
+        if extra is not None and self.continuations:
+            cols = torch.tensor(list(self.continuations), device=logits.device)
+            words = words.index_add(1, cols, extra.to(words))
         contrast = {name: words[:, self.sets[a]].mean(1) - words[:, self.sets[b]].mean(1)
                     for name, (a, b) in self.contrasts.items()}
         return words, contrast
+
+
+@dataclass
+class Extended:
+    """Each stimulus of a batch with a split word's tokens appended (all but the last), one copy per word."""
+
+    enc: Encoded  # rows ordered word-major: copy m of row i is row m * B + i
+    positions: torch.Tensor  # [B*M, P] positions whose logits predict the word's later tokens
+    targets: torch.Tensor  # [B*M, P] those tokens
+    valid: torch.Tensor  # [B*M, P]
+    n_words: int  # M
+
+
+def extend_rows(enc: Encoded, continuations: dict[int, tuple[int, ...]], pad_id: int) -> Extended:
+    seqs, readouts, stim, pos, tgt = [], [], [], [], []
+    lengths = enc.mask.sum(1).tolist()
+    width = max(len(ids) for ids in continuations.values()) - 1
+    for ids in continuations.values():
+        for i, n in enumerate(lengths):
+            seqs.append(enc.tokens[i, :n].tolist() + list(ids[:-1]))
+            readouts.append(int(enc.readout[i]))
+            stim.append(enc.stimulus_mask[i, :n])
+            p = [n + j for j in range(len(ids) - 1)]  # position n holds ids[0]; its logits predict ids[1]
+            pos.append(p + [n] * (width - len(p)))
+            tgt.append(list(ids[1:]) + [pad_id] * (width - len(p)))
+    tokens, mask = pad_right(seqs, pad_id)
+    stim_mask = torch.zeros_like(mask, dtype=torch.bool)
+    for r, m in enumerate(stim):
+        stim_mask[r, :len(m)] = m
+    positions = torch.tensor(pos)
+    valid = torch.tensor([[j < len(ids) - 1 for j in range(width)] for ids in continuations.values()
+                          for _ in lengths])
+    return Extended(Encoded(tokens, mask, torch.tensor(readouts), stim_mask), positions, torch.tensor(tgt), valid,
+                    len(continuations))
 
 
 def _rows_for(meta: pd.DataFrame, target: Target, conds: list[Condition], readouts: Readouts,
@@ -234,8 +284,8 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         meta, enc = batches[bi]
         if (di, bi) not in cache:
             cache.clear()
-            cache[(di, bi)] = _clean_pass(attached, enc, readouts)
-        resid, state, keep, clean_logits, clean_words, clean_con = cache[(di, bi)]
+            cache[(di, bi)] = _clean_pass(attached, enc, readouts, tokenizer.pad_token_id)
+        resid, state, keep, clean_logits, clean_words, clean_con, ext_data = cache[(di, bi)]
         target = targets[ti]
         conds = conditions(cfg.interventions, fmax[target] if fmax[target] is not None else 1.0)
         edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device), {target.point: make_edit(target, c)})
@@ -243,7 +293,15 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         stacked = torch.cat(edited)
         positions = enc.readout.to(device).repeat(len(conds)).unsqueeze(1)
         logits = attached.split.suffix(stacked, state.repeat(len(conds)), positions)[:, 0]
-        words, con = readouts.scores(logits)
+        extra = None
+        if ext_data is not None:  # sum_logprob: the split words' later tokens, under the same edits
+            resid_e, state_e, keep_e, ext = ext_data
+            edited_e = [attached.splice.edit(resid_e, keep_e & _where_mask(ext.enc, c.where, device),
+                                             {target.point: make_edit(target, c)}) for c in conds]
+            logits_e = attached.split.suffix(torch.cat(edited_e), state_e.repeat(len(conds)),
+                                             ext.positions.to(device).repeat(len(conds), 1))
+            extra = _continuation_logprobs(logits_e, ext, len(conds))
+        words, con = readouts.scores(logits, extra)
         kl = F.kl_div(logits.float().log_softmax(-1), clean_logits.repeat(len(conds), 1).float().log_softmax(-1),
                       log_target=True, reduction="none").sum(-1)
         a, b = list(design.factors)
@@ -264,12 +322,30 @@ def _unit_key(plans: list, targets: list[Target], unit: tuple[int, int, int]) ->
 
 
 @torch.no_grad()
-def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts) -> tuple:
+def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts, pad_id: int) -> tuple:
     resid, state = attached.split.prefix(enc.tokens, enc.mask)
     keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
     clean = attached.split.suffix(resid, state, enc.readout.to(resid.device).unsqueeze(1))[:, 0]
-    words, con = readouts.scores(clean)
-    return resid, state, keep, clean, words.cpu(), {k: v.cpu() for k, v in con.items()}
+    ext_data, extra = None, None
+    if readouts.continuations:
+        ext = extend_rows(enc, readouts.continuations, pad_id)
+        resid_e, state_e = attached.split.prefix(ext.enc.tokens, ext.enc.mask)
+        keep_e = attached.splice.keep_mask(ext.enc.tokens, resid_e, ext.enc.mask)
+        ext_data = (resid_e, state_e, keep_e, ext)
+        extra = _continuation_logprobs(attached.split.suffix(resid_e, state_e, ext.positions.to(resid.device)), ext, 1)
+    words, con = readouts.scores(clean, extra)
+    return resid, state, keep, clean, words.cpu(), {k: v.cpu() for k, v in con.items()}, ext_data
+
+
+def _continuation_logprobs(logits: torch.Tensor, ext: Extended, n_conds: int) -> torch.Tensor:
+    """Summed log-probabilities of each split word's later tokens: [n_conds * B, M] from [n_conds*M*B, P, V]."""
+    targets = ext.targets.to(logits.device).repeat(n_conds, 1)
+    valid = ext.valid.to(logits.device).repeat(n_conds, 1)
+    lp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    total = (lp * valid).sum(1)
+    n_words = ext.n_words
+    n_rows = total.numel() // (n_conds * n_words)
+    return total.view(n_conds, n_words, n_rows).permute(0, 2, 1).reshape(n_conds * n_rows, n_words)
 
 
 @torch.no_grad()
