@@ -114,7 +114,7 @@ def spliced_metrics(attached: Attached, contexts: torch.Tensor, batch_size: int 
 
 @torch.no_grad()
 def _reconstruction(attached: Attached, store: ActivationStore, batch_size: int, max_tokens: int
-                    ) -> tuple[dict[str, dict[str, float]], float]:
+                    ) -> tuple[dict[str, dict[str, float]], float, int]:
     joint = attached.joint
     dtype = next(joint.parameters()).dtype
     device = next(joint.parameters()).device
@@ -127,7 +127,7 @@ def _reconstruction(attached: Attached, store: ActivationStore, batch_size: int,
     for b in batches:
         latents = joint(b, "sae").latents
         fired[latents.indices[latents.values > 0]] = True
-    return recon, float((~fired).float().mean())
+    return recon, float((~fired).float().mean()), len(x)
 
 
 def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, model: str | None = None,
@@ -148,7 +148,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
                        fix="evaluate on activations harvested at the checkpoint's hook")
     bridge = bridge if bridge is not None else load_model(model or ckpt.model_name, device=device)
     attached = attach(bridge, ckpt)
-    recon, dead = _reconstruction(attached, store, 1024, max_tokens)
+    recon, dead, n_heldout = _reconstruction(attached, store, 1024, max_tokens)
     contexts = store.contexts("heldout")[:max_contexts]
     spliced, per_context = spliced_metrics(attached, contexts, batch_size=batch_size, seed=seed, progress=progress)
     from .sae.metrics import param_counts
@@ -160,7 +160,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         "architecture": ckpt.meta.get("architecture"), "params": param_counts(attached.joint),
         "train_config": train_cfg, "refit_of": _refit_of(ckpt.path),
         "reconstruction": recon, "dead_fraction_heldout": dead, "spliced": spliced,
-        "n_heldout_tokens": min(max_tokens, int(store.activations("heldout", normalized=False).shape[0])),
+        "n_heldout_tokens": n_heldout,
         "n_heldout_contexts": int(len(contexts)), "seed": seed,
         "definitions": {"fvu": "sum squared error / sum squared deviation from the held-out mean, pooled",
                         "kl": "KL(clean || spliced) in nats, mean over kept positions",

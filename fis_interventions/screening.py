@@ -107,7 +107,6 @@ def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], poi
     tok = split.bridge.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     components = "full" if joint.nfm is not None else "sae"
-    dtype = next(joint.parameters()).dtype
     n = len(token_lists)
     out: dict[str, np.ndarray] = {}
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="screen", unit="batch"):
@@ -129,7 +128,7 @@ def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], poi
                 seen[name] = value.detach()
             return fn
 
-        x = splice.normalizer.apply(resid[keep].to(dtype))
+        x = splice.inputs(resid[keep])
         joint(x, components, edit={p: observer(p) for p in points})
         b = len(seqs)
         for p in points:

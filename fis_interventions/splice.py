@@ -149,10 +149,12 @@ class JointSplice:
             keep &= attention_mask.to(resid.device).bool()
         return keep
 
+    def inputs(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw residual vectors -> the joint model's input space (its dtype, the stored normalisation)."""
+        return self.normalizer.apply(x_raw.to(next(self.joint.parameters()).dtype))
+
     def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
-        dtype = next(self.joint.parameters()).dtype
-        x = self.normalizer.apply(x_raw.to(dtype))
-        return self.joint(x, components, edit=edit).recon
+        return self.joint(self.inputs(x_raw), components, edit=edit).recon
 
     @torch.no_grad()
     def reconstruct(self, resid: torch.Tensor, keep: torch.Tensor, components: str = "full") -> torch.Tensor:

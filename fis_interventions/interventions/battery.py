@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class Readouts:
     contrasts: dict[str, tuple[str, str]]
     score: str  # logit | logprob
     continuations: dict[int, tuple[int, ...]] = field(default_factory=dict)  # word index -> all its token ids
+    warnings: list[str] = field(default_factory=list)  # from tokenising the target words
 
     @classmethod
     def for_design(cls, design: Any, tokenizer: Any) -> Readouts:
@@ -106,7 +108,8 @@ class Readouts:
         if continuations and design.readout.position != "last":
             raise FisError("multi_token: sum_logprob needs the readout at the last token (the word is appended)",
                            source=design.source, field="readout.position", fix="use position: last")
-        return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score, continuations)
+        return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score, continuations,
+                   list(sets.warnings))
 
     def scores(self, logits: torch.Tensor, extra: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -187,15 +190,20 @@ def _rows_for(meta: pd.DataFrame, target: Target, conds: list[Condition], readou
 
 
 @torch.no_grad()
+def _kept_inputs(attached: Attached, batches: list[Encoded]) -> Iterator[torch.Tensor]:
+    """The joint model's inputs at the kept positions of every stimulus batch (one prefix pass each)."""
+    for enc in batches:
+        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
+        yield attached.splice.inputs(resid[attached.splice.keep_mask(enc.tokens, resid, enc.mask)])
+
+
+@torch.no_grad()
 def _feature_max(attached: Attached, targets: list[Target], batches: list[Encoded]) -> dict[Target, float]:
     """Largest activation of each target (max over its indices) on the kept positions of the stimuli."""
     best = {t: float("-inf") for t in targets}
-    for enc in batches:
-        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
-        keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
-        x = attached.splice.normalizer.apply(resid[keep].to(next(attached.joint.parameters()).dtype))
+    points = {t.point for t in targets}
+    for x in _kept_inputs(attached, batches):
         seen: dict[str, torch.Tensor] = {}
-        points = {t.point for t in targets}
         attached.joint(x, "full" if attached.joint.nfm is not None else "sae",
                        edit={p: (lambda p: lambda v: seen.__setitem__(p, v.detach()))(p) for p in points})
         for t in targets:
@@ -266,7 +274,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                     for (d, r, _, _), p in zip(plans, cfg.designs, strict=True)},
         "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t]}
                      for t in targets],
-        "warnings": [w for d in designs for w in target_tokens(d, tokenizer).warnings],
+        "warnings": [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
     write_json(out / "run.json", run_meta)
@@ -351,10 +359,7 @@ def _continuation_logprobs(logits: torch.Tensor, ext: Extended, n_conds: int) ->
 @torch.no_grad()
 def _active_latents(attached: Attached, batches: list[Encoded]) -> torch.Tensor:
     active = torch.zeros(attached.joint.sae.d_sae, dtype=torch.bool)
-    for enc in batches:
-        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
-        keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
-        x = attached.splice.normalizer.apply(resid[keep].to(next(attached.joint.parameters()).dtype))
+    for x in _kept_inputs(attached, batches):
         lat = attached.joint(x, "sae").latents
         active[lat.indices[lat.values > 0].cpu()] = True
     return active
