@@ -3,12 +3,13 @@
 Defaults: d_in 576 (SmolLM2-135M), 8x expansion, k 32, NFM emb_dim 64, batch 1024. Target: joint/SAE-only
 time per step <= 1.2x. Prints a table; no assertions.
 
-    python bench/train.py [--steps 20] [--threads N] [--activations shards.pt]
+    python bench/train.py [--steps 10] [--rounds 3] [--threads N] [--activations shards.pt]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -18,24 +19,48 @@ from fis_interventions.sae.synthetic import SyntheticActivations
 from fis_interventions.sae.trainers import JointTrainer, SAETrainer
 
 
-def bench(mode: str, batches: list[torch.Tensor], cfg: TrainConfig, warmup: int) -> float:
-    """Seconds per optimiser step: the fastest timed step (robust to other processes on a shared machine)."""
+def make_trainer(mode: str, batches: list[torch.Tensor], cfg: TrainConfig) -> SAETrainer | JointTrainer:
     torch.manual_seed(0)
     model = JointSAE(cfg.model_copy(update={"mode": mode}).arch(batches[0].shape[1]))
-    trainer = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
+    return (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
+
+
+def step_times(trainer, batches: list[torch.Tensor], first_step: int = 0) -> list[float]:
     times = []
-    for step, x in enumerate(batches):
+    for i, x in enumerate(batches):
         t = time.perf_counter()
-        trainer.update(step, x)
-        if step >= warmup:
-            times.append(time.perf_counter() - t)
-    return min(times)
+        trainer.update(first_step + i, x)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench(mode: str, batches: list[torch.Tensor], cfg: TrainConfig, warmup: int) -> float:
+    """Seconds per optimiser step: the fastest timed step (robust to other processes on a shared machine)."""
+    return min(step_times(make_trainer(mode, batches, cfg), batches)[warmup:])
+
+
+def compare(batches: list[torch.Tensor], cfg: TrainConfig, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every timed step per mode, the modes taking turns step by step.
+
+    Taking turns means a burst of load from other processes on a shared machine hits both modes alike, so
+    the ratio from one run is meaningful even when the absolute times drift.
+    """
+    trainers = {mode: make_trainer(mode, batches, cfg) for mode in ("sae", "joint")}
+    for trainer in trainers.values():  # warm-up steps, not timed
+        step_times(trainer, batches[:warmup])
+    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for r in range(rounds):
+        for i, x in enumerate(batches):
+            for mode, trainer in trainers.items():
+                times[mode] += step_times(trainer, [x], warmup + r * len(batches) + i)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="the two modes take turns this many times")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--d-in", type=int, default=576)
     ap.add_argument("--batch", type=int, default=1024)
@@ -51,15 +76,17 @@ def main() -> None:
         src = SyntheticActivations(d_in=args.d_in, n_features=4 * args.d_in, p_active=0.01, batch_size=args.batch)
         batches = [src.batch(i) for i in range(args.steps)]
     cfg = TrainConfig(expansion=8, k=32, emb_dim=64, hidden=64, batch_size=args.batch, lr=1e-4,
-                      warmup_steps=0, tokens=args.batch * args.steps)
-    rows = [(mode, bench(mode, batches, cfg, args.warmup)) for mode in ("sae", "joint")]
+                      warmup_steps=0, tokens=args.batch * (args.warmup + args.rounds * args.steps))
+    times = compare(batches, cfg, args.warmup, args.rounds)
     d_in = batches[0].shape[1]
     print(f"d_in={d_in} d_sae={8 * d_in} k=32 emb_dim=64 batch={args.batch} threads={torch.get_num_threads()} "
-          f"device=cpu fp32 steps={args.steps} (fastest of {args.steps - args.warmup})")
-    print(f"{'mode':<8}{'s/step':>10}{'tokens/s':>12}")
-    for mode, sec in rows:
-        print(f"{mode:<8}{sec:>10.4f}{args.batch / sec:>12.0f}")
-    print(f"joint / sae-only time ratio: {rows[1][1] / rows[0][1]:.3f} (target <= 1.2)")
+          f"device=cpu fp32; {args.rounds} rounds x {args.steps} steps per mode, modes taking turns step by step")
+    print(f"{'mode':<8}{'fastest s/step':>16}{'median s/step':>15}{'tokens/s (median)':>19}")
+    for mode, ts in times.items():
+        print(f"{mode:<8}{min(ts):>16.4f}{statistics.median(ts):>15.4f}{args.batch / statistics.median(ts):>19.0f}")
+    ratio = statistics.median(times["joint"]) / statistics.median(times["sae"])
+    print(f"joint / sae-only time ratio (medians): {ratio:.3f} (target <= 1.2); "
+          f"fastest steps: {min(times['joint']) / min(times['sae']):.3f}")
 
 
 if __name__ == "__main__":

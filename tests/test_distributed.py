@@ -117,34 +117,3 @@ def test_heldout_sample_is_bounded_and_streams(shards, monkeypatch):
     everything = heldout_sample(store, max_tokens=10_000)
     assert torch.equal(everything, full)  # 3 shards x 4 held-out contexts x 8 positions
     assert len(everything) == 3 * 4 * CTX_LEN
-
-
-# --- the CPU training fast path (sparse backward of the encoder) equals plain autograd -----------------------
-
-def test_sparse_backward_gradients_equal_dense_autograd(monkeypatch):
-    from fis_interventions.sae.model import JointArch, JointSAE, NFMArch, SAEArch, TopKSAE
-
-    torch.manual_seed(0)
-    m = JointSAE(JointArch(sae=SAEArch(d_in=16, d_sae=64, k=4, aux_k=8), nfm=NFMArch(emb_dim=8, hidden=8))).double()
-    x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True
-
-    def grads(fast: bool):
-        monkeypatch.setattr(TopKSAE, "_sparse_backward", lambda self, x: fast)
-        m.zero_grad()
-        x.grad = None
-        out = m(x, "full")
-        aux = m.sae.auxk_loss(out.pre, (x - out.recon).detach(), dead)
-        assert float(aux.detach()) > 0
-        ((out.recon - x).square().mean() + aux).backward()
-        return out, {n: p.grad.clone() for n, p in m.named_parameters()}, x.grad.clone()
-
-    fast_out, fast, fast_x = grads(True)
-    slow_out, slow, slow_x = grads(False)
-    assert torch.equal(fast_out.latents.indices, slow_out.latents.indices)
-    assert torch.equal(fast_out.recon, slow_out.recon)
-    for name in slow:
-        torch.testing.assert_close(fast[name], slow[name], atol=1e-12, rtol=1e-10, msg=name)
-    torch.testing.assert_close(fast_x, slow_x, atol=1e-12, rtol=1e-10)
-    assert float(slow["sae.W_enc"].abs().sum()) > 0

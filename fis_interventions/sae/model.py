@@ -9,20 +9,17 @@ bi-interaction pooling uses ``0.5 * ((sum f_i v_i)^2 - sum (f_i v_i)^2)`` over t
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
 from ..config import StrictModel
 from ..errors import FisError
 from .hooks import HookedModule, HookPoint
+from .sparse_ops import CodePattern, EncoderPre, GatherPre, bi_interaction_pool, fast_backward, sparse_decode
 
 Components = Literal["sae", "sae+linear", "sae+interaction", "full"]
 COMPONENTS: tuple[str, ...] = ("sae", "sae+linear", "sae+interaction", "full")
@@ -64,6 +61,14 @@ class SparseLatents:
     values: torch.Tensor
     indices: torch.Tensor
     d_sae: int
+    _pattern: CodePattern | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def pattern(self) -> CodePattern:
+        """The sparsity pattern, shared by every backward pass through these codes (see :mod:`.sparse_ops`)."""
+        if self._pattern is None:
+            self._pattern = CodePattern(self.indices, self.d_sae)
+        return self._pattern
 
     def dense(self) -> torch.Tensor:
         """The [batch, d_sae] tensor (for edits, tests and analysis; never on the training path)."""
@@ -97,73 +102,6 @@ class SparseLatents:
         new_vals = dense.gather(-1, new_idx) * extra.gather(-1, new_idx)
         return SparseLatents(torch.cat([values, new_vals], -1), torch.cat([self.indices, new_idx], -1),
                              self.d_sae)
-
-
-@contextmanager
-def _quiet_csr() -> Iterator[None]:
-    """The 2-D float CSR products used here are stable; silence only torch's 'CSR support is in beta' notice."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        yield
-
-
-def _sparse_grads(x: torch.Tensor, w_enc: torch.Tensor, g: torch.Tensor, needs: tuple[bool, bool, bool]):
-    """Gradients of ``pre = x @ w_enc + bias`` from a SPARSE ``grad_pre`` (a CSR [batch, d_sae] tensor).
-
-    Hand-written because autograd would form the dense ``x.T @ grad_pre`` (a second full encoder matmul) although
-    only k entries per row are non-zero: the CSR product costs O(batch * k * d_in) (as in sparsify's fused
-    encoder). Returns (grad_x, grad_w_enc, grad_bias), ``None`` where not needed.
-    """
-    gx = (g @ w_enc.t()) if needs[0] else None
-    # the [d_sae, d] product is the fast one (measured); transpose it back contiguous for the optimiser
-    gw = (g.t() @ x).t().contiguous() if needs[1] else None
-    gb = None
-    if needs[2]:
-        gb = w_enc.new_zeros(w_enc.shape[1]).index_add_(0, g.col_indices(), g.values())
-    return gx, gw, gb
-
-
-class _EncoderPre(torch.autograd.Function):
-    """``x @ w_enc + bias`` whose backward expects a mostly-zero ``grad_pre`` (only AuxK's top-k reaches it)."""
-
-    @staticmethod
-    def forward(ctx, x, w_enc, bias):
-        ctx.save_for_backward(x, w_enc)
-        return torch.addmm(bias, x, w_enc)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_enc = ctx.saved_tensors
-        with _quiet_csr():
-            return _sparse_grads(x, w_enc, grad.to_sparse_csr(), ctx.needs_input_grad)
-
-
-class _GatherPre(torch.autograd.Function):
-    """``pre[b, indices[b, j]]`` for an already computed ``pre``, differentiable in (x, w_enc, bias) with a
-    sparse backward: the top-k values touch k encoder columns per row, so their gradient is a scatter."""
-
-    @staticmethod
-    def forward(ctx, x, w_enc, bias, pre, indices):
-        ctx.save_for_backward(x, w_enc, indices)
-        return pre.gather(-1, indices)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_enc, indices = ctx.saved_tensors
-        b, k = indices.shape
-        crow = torch.arange(0, b * k + 1, k, device=indices.device)
-        with _quiet_csr():
-            g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).contiguous(),
-                                        (b, w_enc.shape[1]), check_invariants=False)
-            return (*_sparse_grads(x, w_enc, g, ctx.needs_input_grad[:3]), None, None)
-
-
-def bag_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``sum_j weights[b, j] * table[indices[b, j]]`` for each row b, without a dense [batch, rows] tensor."""
-    shape = indices.shape
-    out = F.embedding_bag(indices.reshape(-1, shape[-1]), table, per_sample_weights=weights.reshape(-1, shape[-1]),
-                          mode="sum")
-    return out.reshape(*shape[:-1], table.shape[-1])
 
 
 class TopKSAE(HookedModule):
@@ -219,23 +157,25 @@ class TopKSAE(HookedModule):
 
     def _sparse_backward(self, x: torch.Tensor) -> bool:
         """Training fast path on CPU: same values, gradients by sparse products (no hooks may be active)."""
-        return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and x.ndim == 2 and self.W_enc.requires_grad
-                and not (self.hook_pre.active or self.hook_latents.active))
+        return (fast_backward(x) and self.W_enc.requires_grad and not (self.hook_pre.active or self.hook_latents.active))
 
     def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
         """The top-k values are gathered from the dense pre-activations by :class:`_GatherPre`, whose backward
-        is a scatter into k encoder columns per row; ``pre`` itself (for AuxK) has a sparse-aware backward."""
+        is a scatter into k encoder columns per row; ``pre`` itself (for AuxK) has a sparse-aware backward
+        (see :mod:`.sparse_ops`)."""
         bias = self.b_enc - self.b_dec @ self.W_enc
-        pre = _EncoderPre.apply(x, self.W_enc, bias)
+        pre = EncoderPre.apply(x, self.W_enc, bias)
         with torch.no_grad():
             indices = pre.topk(self.k, dim=-1, sorted=True).indices
-        values = torch.relu(_GatherPre.apply(x, self.W_enc, bias, pre.detach(), indices))
-        return pre, SparseLatents(values, indices, self.d_sae)
+        pattern = CodePattern(indices, self.d_sae)
+        latents = SparseLatents(torch.relu(GatherPre.apply(x, self.W_enc, bias, pre.detach(), pattern)), indices,
+                                self.d_sae)
+        latents._pattern = pattern
+        return pre, latents
 
     def decode(self, latents: SparseLatents, bias: bool = True) -> torch.Tensor:
         """Sparse decode from the active rows of ``W_dec``."""
-        out = bag_sum(latents.indices, latents.values, self.W_dec)
+        out = sparse_decode(latents.pattern, latents.values, self.W_dec)
         return out + self.b_dec if bias else out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents, torch.Tensor]:
@@ -265,7 +205,7 @@ class TopKSAE(HookedModule):
         """Project out the gradient component along each unit decoder row (keeps the step on the sphere)."""
         if self.normalize_decoder and self.W_dec.grad is not None:
             w, g = self.W_dec, self.W_dec.grad
-            g -= (g * w).sum(-1, keepdim=True) * w
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(-1), w, value=-1.0)  # in place, no [d_sae, d] temp
 
     @torch.no_grad()
     def renormalize_decoder(self) -> None:
@@ -311,15 +251,12 @@ class IntegrationNFM(HookedModule):
         return latents.top(self.top_m) if self.top_m else latents
 
     def linear(self, latents: SparseLatents) -> torch.Tensor:
-        out = bag_sum(latents.indices, latents.values, self.W_lin)
+        out = sparse_decode(latents.pattern, latents.values, self.W_lin)
         return self.hook_linear(out + self.b_lin if self.b_lin is not None else out)
 
     def bi_interaction(self, latents: SparseLatents) -> torch.Tensor:
         """``0.5 * ((sum_i f_i v_i)^2 - sum_i (f_i v_i)^2)``, elementwise over the embedding dimension."""
-        fv = latents.values.unsqueeze(-1) * F.embedding(latents.indices, self.V)  # [..., k, emb_dim], small
-        s = fv.sum(-2)
-        q = fv.square().sum(-2)
-        return self.hook_bi(0.5 * (s.square() - q))
+        return self.hook_bi(bi_interaction_pool(latents.pattern, latents.values, self.V))
 
     def hidden_acts(self, bi: torch.Tensor) -> torch.Tensor:
         return self.hook_hidden(torch.relu(self.mlp_in(bi)))
@@ -334,7 +271,7 @@ class JointOutput:
 
     pre: torch.Tensor
     latents: SparseLatents
-    sae_recon: torch.Tensor
+    sae_recon: torch.Tensor | None  # None only from a training forward with ``parts=False``
     recon: torch.Tensor
     linear: torch.Tensor | None = None
     bi: torch.Tensor | None = None
@@ -376,8 +313,12 @@ class JointSAE(HookedModule):
         self.setup_hooks()
         return self.secondary
 
-    def forward(self, x: torch.Tensor, components: Components = "full", edit=None) -> JointOutput:
-        """Run the model; ``edit`` maps hook names to ``fn(value) -> value`` for this call only."""
+    def forward(self, x: torch.Tensor, components: Components = "full", edit=None, parts: bool = True) -> JointOutput:
+        """Run the model; ``edit`` maps hook names to ``fn(value) -> value`` for this call only.
+
+        ``parts=False`` lets the training fast path skip ``sae_recon`` and ``linear`` (left ``None``) when only
+        ``recon`` enters the loss; every other path computes them anyway.
+        """
         if components not in COMPONENTS:
             raise FisError(f"unknown components {components!r}", field="components",
                            fix=f"use one of: {', '.join(COMPONENTS)}")
@@ -385,11 +326,11 @@ class JointSAE(HookedModule):
             raise FisError(f"components {components!r} need the integration module, this is a plain SAE",
                            field="components", fix="use components='sae'")
         with self.edits(edit):
-            return self._forward(x, components)
+            return self._forward(x, components, parts)
 
-    def _forward(self, x: torch.Tensor, components: str) -> JointOutput:
+    def _forward(self, x: torch.Tensor, components: str, parts: bool = True) -> JointOutput:
         if self._can_fuse(components):
-            return self._forward_fused(x, components)
+            return self._forward_fused(x, components, parts)
         pre, latents, sae_recon = self.sae(x)
         out = JointOutput(pre=pre, latents=latents, sae_recon=sae_recon, recon=sae_recon)
         recon = sae_recon
@@ -412,20 +353,22 @@ class JointSAE(HookedModule):
         return (self.training and torch.is_grad_enabled() and components in ("sae+linear", "full")
                 and self.nfm.top_m is None and not any(p.active for p in self.hook_points().values()))
 
-    def _forward_fused(self, x: torch.Tensor, components: str) -> JointOutput:
+    def _forward_fused(self, x: torch.Tensor, components: str, parts: bool) -> JointOutput:
         """Training fast path, same values and gradients up to float rounding.
 
         ``sae_recon + linear = codes @ (W_dec + W_lin) + biases``: one sparse decode (and one backward, the
-        expensive part on CPU) instead of two. ``sae_recon`` is then recomputed without gradient for the
-        metrics and ``linear`` carries the gradient. (The same identity shows that, trained jointly, the linear
+        expensive part on CPU) instead of two. ``sae_recon`` is then recomputed without gradient (unless
+        ``parts=False``) and ``linear`` carries the gradient. (The same identity shows that, trained jointly, the linear
         part is just a free-norm correction of the unit-norm decoder: see flaw 4.)
         """
         pre, latents = self.sae.encode(x)
         bias = self.sae.b_dec + self.nfm.b_lin if self.nfm.b_lin is not None else self.sae.b_dec
-        both = bag_sum(latents.indices, latents.values, self.sae.W_dec + self.nfm.W_lin) + bias
-        with torch.no_grad():
-            sae_recon = self.sae.decode(latents)
-        out = JointOutput(pre=pre, latents=latents, sae_recon=sae_recon, recon=both, linear=both - sae_recon)
+        both = sparse_decode(latents.pattern, latents.values, self.sae.W_dec, self.nfm.W_lin) + bias
+        out = JointOutput(pre=pre, latents=latents, sae_recon=None, recon=both)
+        if parts:
+            with torch.no_grad():
+                out.sae_recon = self.sae.decode(latents)
+            out.linear = both - out.sae_recon
         if components == "full":
             out.bi = self.nfm.bi_interaction(latents)
             out.hidden = self.nfm.hidden_acts(out.bi)

@@ -113,12 +113,21 @@ class Trainer:
         distributed.average_gradients(self.params)
         self.sae.remove_parallel_grad()
         if self.cfg.grad_clip:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            stats["grad_norm"] = self._clip_gradients(self.cfg.grad_clip)
         self.optimizer.step()
         if self.sae.W_dec.requires_grad:  # a frozen SAE is left bit-for-bit alone
             self.sae.renormalize_decoder()
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        """``clip_grad_norm_`` that skips the multiply-by-1.0 pass over every gradient when nothing is clipped
+        (same values: torch scales by ``min(1, max_norm / (norm + 1e-6))``)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if float(norm) + 1e-6 > max_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
+        return float(norm)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "dead": self.dead.state_dict()}
@@ -151,7 +160,7 @@ class JointTrainer(Trainer):
         super().__init__(model, cfg, total_steps, params, model.sae)
 
     def loss(self, x):
-        out = self.model(x, "full")
+        out = self.model(x, "full", parts=False)  # the loss reads only the sum
         return self._sae_loss(x, out.recon, out.pre, out.latents)
 
 
