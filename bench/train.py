@@ -34,11 +34,6 @@ def step_times(trainer, batches: list[torch.Tensor], first_step: int = 0) -> lis
     return times
 
 
-def bench(mode: str, batches: list[torch.Tensor], cfg: TrainConfig, warmup: int) -> float:
-    """Seconds per optimiser step: the fastest timed step (robust to other processes on a shared machine)."""
-    return min(step_times(make_trainer(mode, batches, cfg), batches)[warmup:])
-
-
 def compare(batches: list[torch.Tensor], cfg: TrainConfig, warmup: int, rounds: int) -> dict[str, list[float]]:
     """Seconds of every timed step per mode, the modes taking turns step by step.
 

@@ -21,9 +21,9 @@ class SyntheticActivations:
         self.d_in, self.batch_size, self.seed = d_in, batch_size, seed
         self.p_active, self.noise = p_active, noise
         self.dirs = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=g), dim=-1)
-        pairs = torch.randperm(n_features * n_features, generator=g)
-        pairs = [(int(p) // n_features, int(p) % n_features) for p in pairs]
-        self.pairs = torch.tensor([p for p in pairs if p[0] < p[1]][:n_pairs])
+        flat = torch.randperm(n_features * n_features, generator=g)
+        pairs = torch.stack([flat // n_features, flat % n_features], -1)
+        self.pairs = pairs[pairs[:, 0] < pairs[:, 1]][:n_pairs]
         self.pair_dirs = interaction * torch.nn.functional.normalize(torch.randn(len(self.pairs), d_in,
                                                                                  generator=g), dim=-1)
 
