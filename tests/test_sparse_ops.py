@@ -51,7 +51,8 @@ def test_sparse_decode_gradients_equal_autograd(with_extra):
 def test_bi_pool_gradients_equal_autograd_and_pairwise_definition():
     indices, values = _codes(40, 30, 6)
     emb = torch.randn(30, 4, dtype=torch.float64)
-    out_fast, g_fast = _grads(lambda v, e: sparse_ops._BiPool.apply(v, sparse_ops.CodePattern(indices, 30), e), values, emb)
+    pattern = sparse_ops.CodePattern(indices, 30)
+    out_fast, g_fast = _grads(lambda v, e: sparse_ops._BiPool.apply(v, pattern, e), values, emb)
 
     def pairwise(v, e):  # the definition: sum over pairs i < j of f_i f_j v_i * v_j
         fv = v.unsqueeze(-1) * e[indices]

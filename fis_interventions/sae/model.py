@@ -157,10 +157,11 @@ class TopKSAE(HookedModule):
 
     def _sparse_backward(self, x: torch.Tensor) -> bool:
         """Training fast path on CPU: same values, gradients by sparse products (no hooks may be active)."""
-        return (fast_backward(x) and self.W_enc.requires_grad and not (self.hook_pre.active or self.hook_latents.active))
+        return (fast_backward(x) and self.W_enc.requires_grad
+                and not (self.hook_pre.active or self.hook_latents.active))
 
     def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
-        """The top-k values are gathered from the dense pre-activations by :class:`_GatherPre`, whose backward
+        """The top-k values are gathered from the dense pre-activations by :class:`GatherPre`, whose backward
         is a scatter into k encoder columns per row; ``pre`` itself (for AuxK) has a sparse-aware backward
         (see :mod:`.sparse_ops`)."""
         bias = self.b_enc - self.b_dec @ self.W_enc
@@ -358,8 +359,8 @@ class JointSAE(HookedModule):
 
         ``sae_recon + linear = codes @ (W_dec + W_lin) + biases``: one sparse decode (and one backward, the
         expensive part on CPU) instead of two. ``sae_recon`` is then recomputed without gradient (unless
-        ``parts=False``) and ``linear`` carries the gradient. (The same identity shows that, trained jointly, the linear
-        part is just a free-norm correction of the unit-norm decoder: see flaw 4.)
+        ``parts=False``) and ``linear`` carries the gradient. (The same identity shows that, trained jointly, the
+        linear part is just a free-norm correction of the unit-norm decoder: see flaw 4.)
         """
         pre, latents = self.sae.encode(x)
         bias = self.sae.b_dec + self.nfm.b_lin if self.nfm.b_lin is not None else self.sae.b_dec
