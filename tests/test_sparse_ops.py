@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fis_interventions.sae import sparse_ops
 from fis_interventions.sae.model import JointArch, JointSAE, NFMArch, SAEArch
@@ -94,3 +96,23 @@ def test_joint_model_fast_path_equals_autograd(monkeypatch, components):
     torch.testing.assert_close(fast_x, slow_x, atol=1e-12, rtol=1e-10)
     if components == "full":
         assert float(slow["nfm.V"].abs().sum()) > 0 and float(slow["nfm.W_lin"].abs().sum()) > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 12), d_sae=st.integers(2, 20), k_frac=st.floats(0.0, 1.0), dim=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_sparse_backwards_equal_autograd_for_any_shape(batch, d_sae, k_frac, dim, seed):
+    """Edge shapes: one row, k = 1, k = d_sae (every latent active), one embedding dimension."""
+    k = max(1, round(k_frac * d_sae))
+    indices, values = _codes(batch, d_sae, k, seed)
+    table = torch.randn(d_sae, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    pattern = sparse_ops.CodePattern(indices, d_sae)
+    for fast, slow in [(lambda v, t: sparse_ops._SparseDecode.apply(v, pattern, t, None),
+                        lambda v, t: sparse_ops.bag_sum(indices, v, t)),
+                       (lambda v, t: sparse_ops._BiPool.apply(v, pattern, t),
+                        lambda v, t: sparse_ops.bi_pool(indices, v, t))]:
+        out_fast, g_fast = _grads(fast, values, table)
+        out_slow, g_slow = _grads(slow, values, table)
+        assert torch.equal(out_fast, out_slow)
+        for a, b in zip(g_fast, g_slow, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
