@@ -193,8 +193,8 @@ def _rows_for(meta: pd.DataFrame, target: Target, conds: list[Condition], readou
 def _kept_inputs(attached: Attached, batches: list[Encoded]) -> Iterator[torch.Tensor]:
     """The joint model's inputs at the kept positions of every stimulus batch (one prefix pass each)."""
     for enc in batches:
-        resid, _ = attached.split.prefix(enc.tokens, enc.mask)
-        yield attached.splice.inputs(resid[attached.splice.keep_mask(enc.tokens, resid, enc.mask)])
+        resid, _, keep = _prefix_pass(attached, enc)
+        yield attached.splice.inputs(resid[keep])
 
 
 @torch.no_grad()
@@ -241,7 +241,6 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     attached = attach(bridge, cfg.checkpoint)
     tokenizer = bridge.tokenizer
-    device = attached.split.device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -296,18 +295,11 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         resid, state, keep, clean_logits, clean_words, clean_con, ext_data = cache[(di, bi)]
         target = targets[ti]
         conds = conditions(cfg.interventions, fmax[target] if fmax[target] is not None else 1.0)
-        edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device), {target.point: make_edit(target, c)})
-                  for c in conds]
-        stacked = torch.cat(edited)
-        positions = enc.readout.to(device).repeat(len(conds)).unsqueeze(1)
-        logits = attached.split.suffix(stacked, state.repeat(len(conds)), positions)[:, 0]
+        logits = _edited_logits(attached, (resid, state, keep), enc, enc.readout.unsqueeze(1), target, conds)[:, 0]
         extra = None
         if ext_data is not None:  # sum_logprob: the split words' later tokens, under the same edits
-            resid_e, state_e, keep_e, ext = ext_data
-            edited_e = [attached.splice.edit(resid_e, keep_e & _where_mask(ext.enc, c.where, device),
-                                             {target.point: make_edit(target, c)}) for c in conds]
-            logits_e = attached.split.suffix(torch.cat(edited_e), state_e.repeat(len(conds)),
-                                             ext.positions.to(device).repeat(len(conds), 1))
+            *prefix_e, ext = ext_data
+            logits_e = _edited_logits(attached, tuple(prefix_e), ext.enc, ext.positions, target, conds)
             extra = _continuation_logprobs(logits_e, ext, len(conds))
         words, con = readouts.scores(logits, extra)
         kl = F.kl_div(logits.float().log_softmax(-1), clean_logits.repeat(len(conds), 1).float().log_softmax(-1),
@@ -330,15 +322,32 @@ def _unit_key(plans: list, targets: list[Target], unit: tuple[int, int, int]) ->
 
 
 @torch.no_grad()
-def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts, pad_id: int) -> tuple:
+def _prefix_pass(attached: Attached, enc: Encoded) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """``(resid, state, keep)``: the residual at the hook, the suffix's state and the positions the splice edits."""
     resid, state = attached.split.prefix(enc.tokens, enc.mask)
-    keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+    return resid, state, attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+
+
+@torch.no_grad()
+def _edited_logits(attached: Attached, prefix: tuple, enc: Encoded, positions: torch.Tensor, target: Target,
+                   conds: list[Condition]) -> torch.Tensor:
+    """Logits at ``positions`` [B, P] under each condition's edit, conditions stacked in one suffix pass."""
+    resid, state, keep = prefix
+    device = resid.device
+    edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device),
+                                   {target.point: make_edit(target, c)}) for c in conds]
+    return attached.split.suffix(torch.cat(edited), state.repeat(len(conds)),
+                                 positions.to(device).repeat(len(conds), 1))
+
+
+@torch.no_grad()
+def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts, pad_id: int) -> tuple:
+    resid, state, keep = _prefix_pass(attached, enc)
     clean = attached.split.suffix(resid, state, enc.readout.to(resid.device).unsqueeze(1))[:, 0]
     ext_data, extra = None, None
     if readouts.continuations:
         ext = extend_rows(enc, readouts.continuations, pad_id)
-        resid_e, state_e = attached.split.prefix(ext.enc.tokens, ext.enc.mask)
-        keep_e = attached.splice.keep_mask(ext.enc.tokens, resid_e, ext.enc.mask)
+        resid_e, state_e, keep_e = _prefix_pass(attached, ext.enc)
         ext_data = (resid_e, state_e, keep_e, ext)
         extra = _continuation_logprobs(attached.split.suffix(resid_e, state_e, ext.positions.to(resid.device)), ext, 1)
     words, con = readouts.scores(clean, extra)
