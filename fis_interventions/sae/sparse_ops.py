@@ -180,19 +180,19 @@ def bi_interaction_pool(pattern: CodePattern, values: torch.Tensor, emb: torch.T
 
 # --------------------------------------------------------------------------- encoder
 
-def _sparse_grads(x: torch.Tensor, w_enc: torch.Tensor, g: torch.Tensor, needs: tuple[bool, bool, bool]):
-    """Gradients of ``pre = x @ w_enc + bias`` from a SPARSE ``grad_pre`` (a CSR [batch, d_sae] tensor).
+def _encoder_grads(x: torch.Tensor, w_enc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None,
+                   needs: tuple[bool, ...]):
+    """Gradients of ``pre = x @ w_enc + bias`` from a SPARSE ``grad_pre``: ``rows`` is it as a CSR [batch, d_sae]
+    matrix, ``cols`` its transpose (``None`` when ``w_enc`` needs no gradient).
 
     Autograd would form the dense ``x.T @ grad_pre`` (a second full encoder matmul) although only k entries per
     row are non-zero: the CSR product costs O(batch * k * d_in) (as in sparsify's fused encoder). Returns
     (grad_x, grad_w_enc, grad_bias), ``None`` where not needed.
     """
-    gx = (g @ w_enc.t()) if needs[0] else None
+    gx = rows @ w_enc.t() if needs[0] else None
     # the [d_sae, d] product is the fast one (measured); transpose it back contiguous for the optimiser
-    gw = (g.t() @ x).t().contiguous() if needs[1] else None
-    gb = None
-    if needs[2]:
-        gb = w_enc.new_zeros(w_enc.shape[1]).index_add_(0, g.col_indices(), g.values())
+    gw = (cols @ x).t().contiguous() if needs[1] else None
+    gb = w_enc.new_zeros(w_enc.shape[1]).index_add_(0, rows.col_indices(), rows.values()) if needs[2] else None
     return gx, gw, gb
 
 
@@ -208,7 +208,8 @@ class EncoderPre(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_enc = ctx.saved_tensors
         with _quiet_csr():
-            return _sparse_grads(x, w_enc, grad.to_sparse_csr(), ctx.needs_input_grad)
+            g = grad.to_sparse_csr()
+            return _encoder_grads(x, w_enc, g, g.t(), ctx.needs_input_grad)
 
 
 class GatherPre(torch.autograd.Function):
@@ -226,8 +227,5 @@ class GatherPre(torch.autograd.Function):
         x, w_enc = ctx.saved_tensors
         pattern, needs = ctx.pattern, ctx.needs_input_grad
         with _quiet_csr():
-            gx = pattern.rows(grad) @ w_enc.t() if needs[0] else None
-            gw = (pattern.cols(grad) @ x).t().contiguous() if needs[1] else None
-            gb = w_enc.new_zeros(w_enc.shape[1]).index_add_(0, pattern.indices.reshape(-1), grad.reshape(-1)) \
-                if needs[2] else None
-        return gx, gw, gb, None, None
+            cols = pattern.cols(grad) if needs[1] else None
+            return (*_encoder_grads(x, w_enc, pattern.rows(grad), cols, needs[:3]), None, None)
