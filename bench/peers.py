@@ -40,23 +40,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], warmup: int, device: str) -> float:
-    """Median seconds per step after ``warmup`` steps (every batch is trained on, timed or not)."""
-    times = []
+def timed(steps: dict[str, Callable[[int, torch.Tensor], None]], batches: list[torch.Tensor], warmup: int,
+          device: str) -> dict[str, float]:
+    """Median seconds per step after ``warmup`` steps for each named step function, called as
+    ``step(i, batch)``. With several, they take turns batch by batch, so load from other jobs on a shared
+    machine hits all alike; every batch is trained on, timed or not."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i, x in enumerate(batches):
-        sync(device)
-        t = time.perf_counter()
-        step(x)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step(i, x)
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run_ours(modes: list[str], batches, held, args) -> dict[str, tuple[float, float]]:
-    """Our SAE-only and joint steps, taking turns step by step (so machine load hits both alike), each
-    trained on every batch; median seconds per step and held-out FVU per mode."""
-    trainers, times = {}, {}
+    """Our SAE-only and joint steps, taking turns; median seconds per step and held-out FVU per mode."""
+    trainers = {}
     for mode in modes:
         cfg = TrainConfig(d_sae=args.d_in * args.expansion, k=args.k, mode=mode, emb_dim=64, hidden=64,
                           lr=args.lr, warmup_steps=0, lr_decay_to=1.0, batch_size=args.batch,
@@ -64,21 +67,13 @@ def run_ours(modes: list[str], batches, held, args) -> dict[str, tuple[float, fl
         torch.manual_seed(0)
         model = JointSAE(cfg.arch(args.d_in)).to(args.device, getattr(torch, args.dtype))
         trainers[mode] = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
-        times[mode] = []
-    for i, x in enumerate(batches):
-        for mode, trainer in trainers.items():
-            sync(args.device)
-            t = time.perf_counter()
-            trainer.update(i, x)
-            sync(args.device)
-            if i >= args.warmup:
-                times[mode].append(time.perf_counter() - t)
+    secs = timed({mode: trainer.update for mode, trainer in trainers.items()}, batches, args.warmup, args.device)
     out = {}
     for mode, trainer in trainers.items():
         trainer.model.eval()
         with torch.no_grad():
             recon = trainer.model(held, "sae" if mode == "sae" else "full").recon
-        out[mode] = statistics.median(times[mode]), float(fvu(held, recon))
+        out[mode] = secs[mode], float(fvu(held, recon))
     return out
 
 
@@ -90,7 +85,7 @@ def run_sparsify(batches, held, args) -> tuple[float, float]:
                       device=args.device, dtype=getattr(torch, args.dtype))
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
 
-    def step(x):  # the same step as sparsify's Trainer (fvu loss, parallel-gradient removal, renormalise)
+    def step(_, x):  # the same step as sparsify's Trainer (fvu loss, parallel-gradient removal, renormalise)
         out = sae(x)
         opt.zero_grad(set_to_none=True)
         out.fvu.backward()
@@ -98,7 +93,7 @@ def run_sparsify(batches, held, args) -> tuple[float, float]:
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
 
-    sec = timed(step, batches, args.warmup, args.device)
+    sec = timed({"sparsify": step}, batches, args.warmup, args.device)["sparsify"]
     with torch.no_grad():
         return sec, float(fvu(held, sae(held).sae_out))
 
