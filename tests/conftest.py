@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from fis_interventions.cli import main
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 CSV = GOLDEN / "factorial_items.csv"
 BASE = ["stats", str(CSV), "--dv", "logit_shift", "--factor", "formality", "--factor", "emotion"]
 

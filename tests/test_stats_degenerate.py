@@ -12,7 +12,7 @@ import pytest
 from fis_interventions.errors import FisError
 from fis_interventions.stats import analyze_2x2, interaction_contrast, lmm_2x2
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 ARGS = ("logit_shift", "formality", "emotion")
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fis_interventions.stats import anova_2x2, lmm_2x2, lmm_fit, rm_anova_by_item
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 TERMS = ["formality", "emotion", "formality:emotion"]
 R_TERMS = {"(Intercept)": "Intercept", "formality1": "formality", "emotion1": "emotion",
            "formality1:emotion1": "formality:emotion"}
@@ -19,7 +19,7 @@ R_TERMS = {"(Intercept)": "Intercept", "formality1": "formality", "emotion1": "e
 
 @pytest.fixture(scope="module")
 def golden() -> tuple[pd.DataFrame, dict]:
-    # CI runs with ../shared beside the clone: a missing golden folder is a failure, not a skip.
+    # The golden R outputs are part of the project (tests/golden): a missing file is a failure, not a skip.
     assert (GOLDEN / "factorial_items.csv").is_file(), f"golden data missing at {GOLDEN}"
     data = pd.read_csv(GOLDEN / "factorial_items.csv")
     ref = json.loads((GOLDEN / "factorial_items.r.json").read_text())
