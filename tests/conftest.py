@@ -10,8 +10,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_bridge():
     from fis_interventions.models import load_model
