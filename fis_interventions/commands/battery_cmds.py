@@ -29,20 +29,27 @@ app.add_typer(battery_app, name="battery")
 @battery_app.command("run")
 def battery_run_cmd(config: Annotated[Path, typer.Argument(help="battery YAML")],
                     shard: Annotated[Optional[str], typer.Option(help="run shard i of n, e.g. 0/4")] = None,
+                    overwrite: Annotated[bool, typer.Option(help="replace an earlier run with other settings "
+                                                                 "in the same out folder")] = False,
                     progress: bool = True) -> None:
-    """Run (or resume) a battery: clamp features, record logit shifts into the run's SQLite store."""
+    """Run (or resume) a battery: clamp features, record logit shifts into the run's SQLite store.
+
+    Rerunning the same config resumes; another config into the same out folder is refused (see --overwrite)."""
     from ..interventions import battery
 
-    path = battery(config, shard=shard, progress=progress)
+    path = battery(config, shard=shard, progress=progress, overwrite=overwrite)
     typer.echo(f"results: {path}")
 
 
 @battery_app.command("merge")
-def battery_merge_cmd(run: Annotated[Path, typer.Argument(help="battery output folder")]) -> None:
-    """Combine the shard stores of a run into results.sqlite (+ parquet/csv export)."""
+def battery_merge_cmd(run: Annotated[Path, typer.Argument(help="battery output folder")],
+                      partial: Annotated[bool, typer.Option(help="merge incomplete or missing shards too")] = False
+                      ) -> None:
+    """Combine the shard stores of a run into results.sqlite (+ parquet/csv export); refuses conflicting or
+    incomplete shards."""
     from ..interventions import merge_shards
 
-    typer.echo(f"merged {merge_shards(run)} rows into {run / 'results.sqlite'}")
+    typer.echo(f"merged {merge_shards(run, partial=partial)} rows into {run / 'results.sqlite'}")
 
 
 @app.command("eval")

@@ -26,13 +26,15 @@ from ..attach import Attached, attach
 from ..config import load_config
 from ..designs import expand, load_design, target_tokens
 from ..errors import FisError
+from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
+                           package_version)
 from ..io import write_json
 from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import pad_right
 from .config import BatteryConfig
 from .features import Condition, Target, conditions, make_edit, resolve_features
-from .store import ResultStore, merge, read_results
+from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +234,11 @@ def store_path(out: Path, shard: tuple[int, int]) -> Path:
 
 
 def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bridge: Any = None,
-            progress: bool = True) -> Path:
-    """Run (or resume) a battery; return the results store path. See the module docstring."""
+            progress: bool = True, overwrite: bool = False) -> Path:
+    """Run (or resume) a battery; return the results store path. See the module docstring.
+
+    ``cfg.out`` follows the fingerprint rule (:mod:`fis_interventions.fingerprint`): the same settings resume,
+    other settings are refused unless ``overwrite`` replaces the earlier run."""
     cfg = config if isinstance(config, BatteryConfig) else load_config(BatteryConfig, Path(config))
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
@@ -242,7 +247,6 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     attached = attach(bridge, cfg.checkpoint)
     tokenizer = bridge.tokenizer
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     plans = []
     all_batches: list[Encoded] = []
@@ -261,12 +265,15 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if any(f.top_linear for f in cfg.features):
         active = _active_latents(attached, all_batches)
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
+    fp = battery_fingerprint(cfg, model_name(bridge), attached)
+    claim(out, fp, overwrite=overwrite)  # the folder is created only now, after every input was checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
-        "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "provenance": provenance(cfg.seed),
+        "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "fingerprint": fp.digest,
+        "provenance": provenance(cfg.seed),
         "designs": {d.name: {"factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
                              "n_items": int(r["item"].nunique()), "prompts": [t for _, t in d.readout.prompt_items()],
                              "contrasts": dict(d.readout.contrasts), "score": d.readout.score}
@@ -278,11 +285,12 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     }
     write_json(out / "run.json", run_meta)
 
-    store = ResultStore(store_path(out, (shard_i, shard_n)))
-    done = store.done_units()
     units = [(di, bi, ti) for di, plan in enumerate(plans) for bi in range(len(plan[2])) for ti in range(len(targets))]
     mine = [u for k, u in enumerate(units) if k % shard_n == shard_i]
-    todo = [u for u in mine if _unit_key(plans, targets, u) not in done]
+    store = ResultStore(store_path(out, (shard_i, shard_n)),
+                        StoreMeta(fingerprint=fp.digest, shard=shard_i, shards=shard_n, units=len(mine)))
+    done = store.done_units()
+    todo = [u for u in mine if _unit_key(fp, plans, targets, u) not in done]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, desc=f"battery {cfg.name}",
                unit="unit")
     cache: dict[tuple[int, int], Any] = {}
@@ -306,7 +314,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                       log_target=True, reduction="none").sum(-1)
         a, b = list(design.factors)
         rows = _rows_for(meta, target, conds, readouts, clean_words, clean_con, words, con, kl, a, b)
-        store.commit_unit(_unit_key(plans, targets, (di, bi, ti)), rows)
+        store.commit_unit(_unit_key(fp, plans, targets, (di, bi, ti)), rows)
         bar.update(1)
     bar.close()
     store.close()
@@ -315,10 +323,31 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     return store_path(out, (shard_i, shard_n))
 
 
-def _unit_key(plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
+def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
+    """A work unit's key; it starts with the run's fingerprint, so units of other settings never count as done."""
     di, bi, ti = unit
     t = targets[ti]
-    return f"{plans[di][0].name}|{bi}|{t.point}|{t.label}"
+    return f"{fp.short}|{plans[di][0].name}|{bi}|{t.point}|{t.label}"
+
+
+def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached) -> Fingerprint:
+    """Everything that decides a battery's numbers: the config (not where it is written or on which device),
+    the checkpoint's weights, the designs' and screenings' contents, the model and the package version."""
+    config = cfg.model_dump(mode="json", exclude={"out", "device"})
+    screenings = sorted({str(f.from_screening) for f in cfg.features if f.from_screening is not None})
+    return Fingerprint("battery", {
+        "config": config, "model": model, "package": package_version(),
+        "checkpoint": checkpoint_identity(attached.checkpoint.path),
+        "designs": [file_digest(Path(p)) for p in cfg.designs],
+        "screenings": {s: _screening_identity(Path(s)) for s in screenings},
+    })
+
+
+def _screening_identity(path: Path) -> str:
+    folder = path if path.is_dir() else path.parent
+    if (folder / "fingerprint.json").exists():
+        return folder_identity(folder)
+    return file_digest(path if path.is_file() else folder / "top.json")
 
 
 @torch.no_grad()
@@ -382,13 +411,16 @@ def export(out: Path) -> Path:
     return Path(out) / "results.parquet"
 
 
-def merge_shards(out: Path) -> int:
-    """`fis battery merge`: combine ``results.shard-*.sqlite`` into ``results.sqlite`` and export."""
+def merge_shards(out: Path, *, partial: bool = False) -> int:
+    """`fis battery merge`: combine ``results.shard-*.sqlite`` into ``results.sqlite`` and export.
+
+    Every shard must come from the same run and be complete (``partial`` merges what is there)."""
     out = Path(out)
     sources = sorted(out.glob("results.shard-*-of-*.sqlite"))
-    n = merge(sources, out / "results.sqlite")
+    n = merge(sources, out / "results.sqlite", partial=partial)
     export(out)
     meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     meta["merged_from"] = [s.name for s in sources]
+    meta["merged_partial"] = partial
     write_json(out / "run.json", meta)
     return n

@@ -73,3 +73,22 @@ class BatteryConfig(StrictModel):
     batch_size: PositiveInt = 16
     out: Path = Path("runs/battery")
     max_items: PositiveInt | None = Field(None, description="use only the first N items per design (pilots)")
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> BatteryConfig:
+        """A repeated design or condition would write the same result rows twice: refuse it up front."""
+        seen_designs: set[str] = set()
+        for path in self.designs:
+            key = str(path.resolve())
+            if key in seen_designs:
+                raise ValueError(f"design {path} is listed twice")
+            seen_designs.add(key)
+        seen: set[tuple] = set()
+        for spec in self.interventions:
+            for value in spec.values:
+                key = (spec.kind, float(value), spec.where, spec.relative_to_max)
+                if key in seen:
+                    raise ValueError(f"condition {spec.kind} {value:g} (where: {spec.where}) is listed twice; "
+                                     "remove the repeat")
+                seen.add(key)
+        return self

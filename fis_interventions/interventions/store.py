@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..errors import FisError
+from ..io import atomic_path
 
 COLUMNS = ["design", "item", "cell", "a", "b", "prompt_id", "point", "feature", "role", "intervention", "value",
            "position", "readout", "readout_kind", "score_clean", "score_edited", "shift"]
@@ -22,17 +24,52 @@ _KEY = ["design", "item", "cell", "prompt_id", "point", "feature", "intervention
 def _schema() -> str:
     cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
     return (f"CREATE TABLE IF NOT EXISTS results ({cols}, PRIMARY KEY ({', '.join(_KEY)}));"
-            "CREATE TABLE IF NOT EXISTS done (unit TEXT PRIMARY KEY);")
+            "CREATE TABLE IF NOT EXISTS done (unit TEXT PRIMARY KEY);"
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);")
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Which run a store belongs to: the battery's fingerprint, its shard, and how many units it must hold."""
+
+    fingerprint: str
+    shard: int = 0
+    shards: int = 1
+    units: int = 0
+
+    @classmethod
+    def read(cls, conn: sqlite3.Connection, schema: str = "main") -> StoreMeta | None:
+        try:
+            rows = dict(conn.execute(f"SELECT key, value FROM {schema}.meta").fetchall())
+        except sqlite3.OperationalError:  # a store written before stores carried their run's fingerprint
+            return None
+        if "fingerprint" not in rows:
+            return None
+        return cls(rows["fingerprint"], int(rows["shard"]), int(rows["shards"]), int(rows["units"]))
 
 
 class ResultStore:
-    """Append-only results with a ``done`` table of finished work units."""
+    """Append-only results with a ``done`` table of finished work units and the run's :class:`StoreMeta`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, meta: StoreMeta | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path)
         self.conn.executescript(_schema())
+        if meta is not None:
+            self._check_or_write(meta)
+
+    def _check_or_write(self, meta: StoreMeta) -> None:
+        old = StoreMeta.read(self.conn)
+        has_rows = self.conn.execute("SELECT COUNT(*) FROM done").fetchone()[0] > 0
+        if old is None and has_rows or old is not None and (old.fingerprint, old.shard, old.shards) != (
+                meta.fingerprint, meta.shard, meta.shards):
+            self.conn.close()
+            raise FisError("results store belongs to another run (fingerprint or shard differs)", source=self.path,
+                           fix="use a new out folder, or the same settings and --shard as the run that wrote it")
+        with self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                  [(k, str(v)) for k, v in asdict(meta).items()])
 
     def done_units(self) -> set[str]:
         return {row[0] for row in self.conn.execute("SELECT unit FROM done")}
@@ -61,17 +98,52 @@ def read_results(path: Path) -> pd.DataFrame:
     return df
 
 
-def merge(sources: list[Path], target: Path) -> int:
-    """Combine shard stores into ``target`` (rows and done units); returns the number of rows."""
+def merge(sources: list[Path], target: Path, *, partial: bool = False) -> int:
+    """Combine shard stores into ``target`` (rows and done units); returns the number of rows.
+
+    Refused, with nothing written: shards of different runs (fingerprints) or shard counts, a missing or
+    repeated shard, an incomplete shard (unless ``partial``), and two shards that disagree on a row's values.
+    ``target`` is rebuilt from the shards each time and replaces the old one atomically.
+    """
     if not sources:
         raise FisError("no shard stores to merge", source=target.parent, fix="run the shards first")
-    out = ResultStore(target)
-    for src in sources:  # ATTACH cannot run inside a transaction: commit after each shard
-        out.conn.execute("ATTACH DATABASE ? AS shard", (str(src),))
-        out.conn.execute("INSERT OR IGNORE INTO results SELECT * FROM shard.results")
-        out.conn.execute("INSERT OR IGNORE INTO done SELECT * FROM shard.done")
-        out.conn.commit()
-        out.conn.execute("DETACH DATABASE shard")
-    n = out.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    out.close()
-    return int(n)
+    metas = []
+    for src in sources:
+        with sqlite3.connect(src) as conn:
+            meta = StoreMeta.read(conn)
+            done = conn.execute("SELECT COUNT(*) FROM done").fetchone()[0]
+        if meta is None:
+            raise FisError("shard store has no run fingerprint (written by an older version)", source=src,
+                           fix="rerun that shard with this version into a new out folder")
+        if not partial and done < meta.units:
+            raise FisError(f"shard {meta.shard}/{meta.shards} is incomplete ({done} of {meta.units} units)",
+                           source=src, fix="finish it by rerunning the same command, or pass --partial")
+        metas.append(meta)
+    if len({m.fingerprint for m in metas}) > 1:
+        raise FisError("shards come from runs with different settings (fingerprints differ)", source=target.parent,
+                       fix="merge only shards of one battery config")
+    n = metas[0].shards
+    indices = sorted(m.shard for m in metas)
+    if any(m.shards != n for m in metas) or (indices != list(range(n)) and not partial) or len(set(indices)) < len(
+            indices):
+        raise FisError(f"expected shards 0..{n - 1} of {n} once each, found {indices}", source=target.parent,
+                       fix="run the missing shards (or pass --partial to merge what is there)")
+    with atomic_path(Path(target)) as tmp:
+        out = ResultStore(tmp, StoreMeta(metas[0].fingerprint, 0, 1, sum(m.units for m in metas)))
+        key = " AND ".join(f"r.{k} IS s.{k}" for k in _KEY)
+        differs = " OR ".join(f"r.{c} IS NOT s.{c}" for c in COLUMNS if c not in _KEY)
+        for src in sources:  # ATTACH cannot run inside a transaction: commit after each shard
+            out.conn.execute("ATTACH DATABASE ? AS shard", (str(src),))
+            clash = out.conn.execute(f"SELECT r.feature, r.item, r.readout FROM results r JOIN shard.results s "
+                                     f"ON {key} WHERE {differs} LIMIT 1").fetchone()
+            if clash is not None:
+                out.close()
+                raise FisError(f"shards disagree on a result row (feature {clash[0]}, item {clash[1]}, readout "
+                               f"{clash[2]})", source=src, fix="rerun the battery into a new out folder")
+            out.conn.execute("INSERT OR IGNORE INTO results SELECT * FROM shard.results")
+            out.conn.execute("INSERT OR IGNORE INTO done SELECT * FROM shard.done")
+            out.conn.commit()
+            out.conn.execute("DETACH DATABASE shard")
+        n_rows = out.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        out.close()
+    return int(n_rows)

@@ -1,0 +1,215 @@
+"""One rule for every stage's output folder: a fingerprint of what determines its numbers.
+
+Harvest, train, refit, screen, battery and report each compute a :class:`Fingerprint` of everything that
+decides their results (their config, the fingerprints of the folders they read, the checkpoint's hash, the
+model, the package version where it matters) and write it as ``fingerprint.json`` into their output folder
+before anything else. The rule, enforced by :func:`claim` (resumable stages) and :func:`replace_folder`
+(stages that write their folder whole):
+
+* absent or empty folder: ours now;
+* our fingerprint, same digest: resume (or rewrite the same result);
+* our fingerprint, another digest: refused in one line naming what differs, unless ``overwrite`` is set;
+* anything else (files and no fingerprint, another stage's folder, a file): refused, never deleted.
+
+So a rerun with other settings never mixes old and new results, and nothing we did not write is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FisError
+from .io import atomic_dir, write_json
+
+FINGERPRINT_FILE = "fingerprint.json"
+FORMAT = "fis-fingerprint/1"
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, compact JSON: equal inputs give byte-equal text, hence equal digests."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, streamed (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("fis-interventions")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What decides a stage's numbers, and its sha256 digest."""
+
+    stage: str
+    inputs: dict[str, Any]
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        clean = json.loads(canonical_json(self.inputs))  # paths, tuples -> JSON types, so reads compare equal
+        object.__setattr__(self, "inputs", clean)
+        text = canonical_json({"format": FORMAT, "stage": self.stage, "inputs": clean})
+        object.__setattr__(self, "digest", hashlib.sha256(text.encode()).hexdigest())
+
+    @property
+    def short(self) -> str:
+        return self.digest[:16]
+
+    def record(self) -> dict[str, Any]:
+        return {"format": FORMAT, "stage": self.stage, "digest": self.digest, "written_by":
+                f"fis-interventions {package_version()}", "inputs": self.inputs}
+
+
+def read_fingerprint(folder: Path) -> dict[str, Any] | None:
+    """The fingerprint record of ``folder``, or None when it has none."""
+    file = Path(folder) / FINGERPRINT_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise FisError(f"{FINGERPRINT_FILE} is unreadable", source=folder,
+                       fix="this folder was damaged; write to a new --out folder") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or "digest" not in record:
+        raise FisError(f"{FINGERPRINT_FILE} is not a fis fingerprint", source=folder,
+                       fix="write to a new --out folder")
+    return record
+
+
+def write_fingerprint(folder: Path, fp: Fingerprint) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / FINGERPRINT_FILE, fp.record())
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> list[str]:
+    """``key: old -> new`` for the first ``limit`` dotted keys whose values differ."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: d}
+
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    shown = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        shown.append(f"and {len(keys) - limit} more")
+    return shown
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = canonical_json(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> str:
+    """Decide what may happen to ``out`` without touching it: ``"new"``, ``"same"`` or ``"replace"``.
+
+    Raises :class:`FisError` (one line, exit 2) for a folder we did not write, another stage's folder, or
+    the same stage with other settings when ``overwrite`` is not set.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FisError("output path exists and is a file", source=out, fix="choose a folder path for --out")
+    if not out.exists() or _is_empty_dir(out):
+        return "new"
+    record = read_fingerprint(out)
+    if record is None:
+        raise FisError(f"output folder holds files that fis did not write (no {FINGERPRINT_FILE}); nothing was "
+                       "changed", source=out, fix="choose a new or empty --out folder")
+    if record.get("stage") != fp.stage:
+        raise FisError(f"output folder holds a {record.get('stage')} output, not a {fp.stage}", source=out,
+                       fix="choose another --out folder")
+    if record["digest"] == fp.digest:
+        return "same"
+    if overwrite:
+        return "replace"
+    what = "; ".join(differences(record.get("inputs", {}), fp.inputs)) or "fingerprint format"
+    raise FisError(f"output folder holds a {fp.stage} run with other settings ({what})", source=out,
+                   fix="use a new --out folder, or pass --overwrite to replace it")
+
+
+def claim(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> str:
+    """Make ``out`` this run's folder before anything is written; returns ``"new"`` or ``"resume"``.
+
+    With ``overwrite`` a folder holding our fingerprint of the same stage is emptied first (it is ours).
+    """
+    out = Path(out)
+    state = check_output(out, fp, overwrite=overwrite)
+    if state == "same":
+        return "resume"
+    if state == "replace":
+        remove_ours(out)
+    write_fingerprint(out, fp)
+    return "new"
+
+
+def remove_ours(out: Path) -> None:
+    """Delete a folder, but only one that holds our fingerprint (the one place that deletes outputs)."""
+    out = Path(out)
+    if read_fingerprint(out) is None:  # pragma: no cover - callers check first; this is the last guard
+        raise FisError(f"refusing to delete a folder without {FINGERPRINT_FILE}", source=out)
+    shutil.rmtree(out)
+
+
+@contextmanager
+def replace_folder(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole output folder atomically, fingerprint included, under the rule of :func:`check_output`."""
+    out = Path(out)
+    check_output(out, fp, overwrite=overwrite)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / FINGERPRINT_FILE, fp.record())
+        yield tmp
+
+
+def folder_identity(folder: Path) -> str:
+    """What a downstream stage records for a folder it reads: its fingerprint digest, or a hash of its files.
+
+    Folders written before fingerprints existed (and hand-made ones) get the sha256 of their defining files.
+    """
+    folder = Path(folder)
+    record = read_fingerprint(folder) if folder.is_dir() else None
+    if record is not None:
+        return record["digest"]
+    for name in ("manifest.json", "cfg.json"):
+        if (folder / name).is_file():
+            return file_digest(folder / name)
+    return "missing"
+
+
+def checkpoint_identity(path: Path) -> str:
+    """sha256 of a checkpoint's weights and its architecture/normalisation (not its provenance or timings)."""
+    from .sae.checkpoint import read_meta, resolve
+
+    path = resolve(Path(path))
+    meta = read_meta(path)
+    h = hashlib.sha256()
+    h.update(canonical_json({k: meta.get(k) for k in ("format", "model_name", "hook", "d_in", "architecture",
+                                                      "normalization")}).encode())
+    h.update(file_digest(path / "weights.safetensors").encode())
+    return h.hexdigest()
+
