@@ -86,9 +86,8 @@ def demo(out: Path = Path("runs/demo"), quick: bool = False, model: str = DEFAUL
     echo(f"[{stamp()}] evaluation on held-out tokens:\n{format_table(table)}")
 
     screen_dir = out / "screen"
-    if screen_dir.exists():
-        shutil.rmtree(screen_dir)
-    result = screen(ckpts["joint"], DESIGN, model=model, bridge=bridge, out=screen_dir, progress=progress)
+    result = screen(ckpts["joint"], DESIGN, model=model, bridge=bridge, out=screen_dir, progress=progress,
+                    overwrite=True)  # the demo owns this folder (it holds our fingerprint, or the rule refuses)
     n_sig = int((result.table["q_ab"] < 0.05).sum())
     echo(f"[{stamp()}] screened {len(result.table)} features on {DESIGN.name}: {n_sig} with interaction q < 0.05")
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import fnmatch
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +127,21 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_output(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> str:
+def foreign_entries(out: Path, owned: Sequence[str]) -> list[str]:
+    """Entries of ``out`` that match none of the ``owned`` name patterns (hidden temporaries are ours too)."""
+    return sorted(p.name for p in Path(out).iterdir()
+                  if p.name != FINGERPRINT_FILE and not p.name.startswith(".")
+                  and not any(fnmatch.fnmatchcase(p.name, pat) for pat in owned))
+
+
+def check_output(out: Path, fp: Fingerprint, *, overwrite: bool = False, owned: Sequence[str] | None = None,
+                 replaces_same: bool = False) -> str:
     """Decide what may happen to ``out`` without touching it: ``"new"``, ``"same"`` or ``"replace"``.
 
-    Raises :class:`FisError` (one line, exit 2) for a folder we did not write, another stage's folder, or
-    the same stage with other settings when ``overwrite`` is not set.
+    Raises :class:`FisError` (one line, exit 2) for a folder we did not write, another stage's folder, the
+    same stage with other settings when ``overwrite`` is not set, and, whenever the folder would be deleted
+    (``"replace"``, or ``"same"`` with ``replaces_same``), for any entry that matches neither ``owned`` nor
+    the files the fingerprint records as written: a user's file inside our folder is never deleted either.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -145,45 +156,46 @@ def check_output(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> str:
         raise FisError(f"output folder holds a {record.get('stage')} output, not a {fp.stage}", source=out,
                        fix="choose another --out folder")
     if record["digest"] == fp.digest:
-        return "same"
-    if overwrite:
-        return "replace"
-    what = "; ".join(differences(record.get("inputs", {}), fp.inputs)) or "fingerprint format"
-    raise FisError(f"output folder holds a {fp.stage} run with other settings ({what})", source=out,
-                   fix="use a new --out folder, or pass --overwrite to replace it")
+        state = "same"
+    elif overwrite:
+        state = "replace"
+    else:
+        what = "; ".join(differences(record.get("inputs", {}), fp.inputs)) or "fingerprint format"
+        raise FisError(f"output folder holds a {fp.stage} run with other settings ({what})", source=out,
+                       fix="use a new --out folder, or pass --overwrite to replace it")
+    if state == "replace" or replaces_same:
+        foreign = foreign_entries(out, [*(owned or ()), *record.get("files", [])])
+        if foreign:
+            raise FisError(f"output folder holds files that fis did not write ({', '.join(foreign[:3])}); nothing "
+                           "was changed", source=out, fix="move them elsewhere, or choose a new --out folder")
+    return state
 
 
-def claim(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> str:
+def claim(out: Path, fp: Fingerprint, *, owned: Sequence[str], overwrite: bool = False) -> str:
     """Make ``out`` this run's folder before anything is written; returns ``"new"`` or ``"resume"``.
 
-    With ``overwrite`` a folder holding our fingerprint of the same stage is emptied first (it is ours).
+    ``owned``: name patterns of what the stage writes there. With ``overwrite`` a folder holding our
+    fingerprint of the same stage, and only entries we own, is emptied first.
     """
     out = Path(out)
-    state = check_output(out, fp, overwrite=overwrite)
+    state = check_output(out, fp, overwrite=overwrite, owned=owned)
     if state == "same":
         return "resume"
     if state == "replace":
-        remove_ours(out)
+        shutil.rmtree(out)  # checked above: our fingerprint, nothing but our own entries
     write_fingerprint(out, fp)
     return "new"
 
 
-def remove_ours(out: Path) -> None:
-    """Delete a folder, but only one that holds our fingerprint (the one place that deletes outputs)."""
-    out = Path(out)
-    if read_fingerprint(out) is None:  # pragma: no cover - callers check first; this is the last guard
-        raise FisError(f"refusing to delete a folder without {FINGERPRINT_FILE}", source=out)
-    shutil.rmtree(out)
-
-
 @contextmanager
 def replace_folder(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write a whole output folder atomically, fingerprint included, under the rule of :func:`check_output`."""
+    """Write a whole output folder atomically under the rule of :func:`check_output`; the fingerprint written
+    with it lists its files, so a later replacement can tell ours from a user's."""
     out = Path(out)
-    check_output(out, fp, overwrite=overwrite)
+    check_output(out, fp, overwrite=overwrite, replaces_same=True)
     with atomic_dir(out) as tmp:
-        write_json(tmp / FINGERPRINT_FILE, fp.record())
         yield tmp
+        write_json(tmp / FINGERPRINT_FILE, {**fp.record(), "files": sorted(p.name for p in tmp.iterdir())})
 
 
 def folder_identity(folder: Path) -> str:
@@ -195,7 +207,7 @@ def folder_identity(folder: Path) -> str:
     record = read_fingerprint(folder) if folder.is_dir() else None
     if record is not None:
         return record["digest"]
-    for name in ("manifest.json", "cfg.json"):
+    for name in ("manifest.json", "cfg.json", "run.json"):
         if (folder / name).is_file():
             return file_digest(folder / name)
     return "missing"

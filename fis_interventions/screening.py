@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 
 from .errors import FisError
+from .fingerprint import (Fingerprint, check_output, checkpoint_identity, file_digest, package_version,
+                          replace_folder)
 
 DEFAULT_POINTS: tuple[str, ...] = ("sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents")
 AGGREGATES = ("mean", "last")
-OUTPUT_FILES = ("screening.csv", "screening.parquet", "screen.json", "top.json")
 ALPHA = 0.05
 Aggregate = Literal["mean", "last"]
 
@@ -173,33 +174,34 @@ def top_features(table: pd.DataFrame, n: int = 10) -> list[dict[str, Any]]:
              "q_ab": float(r.q_ab)} for r in ok.itertuples()]
 
 
-def _write_outputs(out: Path, table: pd.DataFrame, summary: dict[str, Any], top: list[dict[str, Any]]) -> None:
-    from .io import atomic_dir, write_json
+def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dict[str, Any],
+                   top: list[dict[str, Any]], overwrite: bool) -> None:
+    from .io import write_json
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FisError("output path exists and is not a folder", source=out, fix="choose a folder path")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
-        if foreign:
-            raise FisError(f"output folder holds other files ({', '.join(foreign[:3])}) that writing a screening "
-                           "would replace", source=out, fix="choose an empty or new folder")
-    with atomic_dir(out) as tmp:
+    with replace_folder(Path(out), fp, overwrite=overwrite) as tmp:
         table.to_csv(tmp / "screening.csv", index=False)
         table.to_parquet(tmp / "screening.parquet", index=False)
         write_json(tmp / "screen.json", summary)
         write_json(tmp / "top.json", top)
 
 
+def screen_fingerprint(config: dict[str, Any], checkpoint: Path, design: Path) -> Fingerprint:
+    """What decides a screening: its settings, the checkpoint's weights, the design's content, the package."""
+    return Fingerprint("screen", {"config": {k: v for k, v in config.items() if k not in ("checkpoint", "design")},
+                                  "checkpoint": checkpoint_identity(checkpoint), "design": file_digest(design),
+                                  "package": package_version()})
+
+
 def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
-           top: int = 10) -> ScreenResult:
+           top: int = 10, overwrite: bool = False) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``model`` defaults to the model the checkpoint was trained on; a different one is refused. ``points=None``
     screens the default points the checkpoint has (skipping the others with a warning); named points must
-    exist. ``bridge`` reuses an already loaded model (tests, notebooks).
+    exist. ``bridge`` reuses an already loaded model (tests, notebooks). ``out`` follows the fingerprint rule:
+    a folder is replaced only if it holds a screening with the same settings, or with ``overwrite``.
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -215,6 +217,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     d = read_design(design)
     warnings = [f"design: {m}" for m in design_warnings(d)]
     meta = read_meta(Path(checkpoint))  # cheap checks before loading a model
+    if out is not None:  # a folder we did not write is refused before the model is loaded
+        check_output(Path(out), Fingerprint("screen", {}), overwrite=True)
     trained_on = meta.get("model_name")
     with torch.device("meta"):  # the hook names of the architecture, without allocating weights
         skeleton = JointSAE(JointArch.model_validate(meta["architecture"]))
@@ -230,6 +234,11 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"model {model!r} requested but the given bridge is {model_name(bridge)!r}", field="model")
     attached = attach(bridge, checkpoint)
     warnings += point_warnings
+    config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
+              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top}
+    fp = screen_fingerprint(config, Path(checkpoint), Path(design))
+    if out is not None:  # refused before any work is done
+        check_output(Path(out), fp, overwrite=overwrite)
 
     rows = stimulus_rows(d)
     a, b = list(d.factors)
@@ -245,8 +254,6 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     family = int(table["p_ab"].notna().sum())
     n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
-    config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
-              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top}
     summary = {
         "checkpoint": str(attached.checkpoint.path), "model": model_name(bridge), "hook": attached.hook,
         "design": str(design), "design_name": d.name, "factors": levels, "points": chosen,
@@ -261,5 +268,6 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         "top": top_list, "warnings": warnings, "provenance": provenance(config=config),
     }
     if out is not None:
-        _write_outputs(Path(out), table, summary, top_list)
+        summary["fingerprint"] = fp.digest
+        _write_outputs(Path(out), fp, table, summary, top_list, overwrite)
     return ScreenResult(table, top_list, warnings, summary, acts, rows)

@@ -20,6 +20,7 @@ from . import distributed
 from .activations import ActivationStore, harvest
 from .config import load_config
 from .errors import FisError
+from .fingerprint import Fingerprint, check_output, checkpoint_identity, claim, folder_identity, package_version
 from .sae import TrainConfig
 from .sae import train as train_joint
 from .sae.train import TrainResult
@@ -49,9 +50,23 @@ def heldout_sample(store: ActivationStore, max_tokens: int = MAX_HELDOUT_TOKENS)
     return store.normalizer.apply(torch.cat(parts))
 
 
+def train_fingerprint(cfg: TrainConfig) -> Fingerprint:
+    """What decides a training run: the config (not the device), the harvest it reads, the frozen SAE it
+    starts from, the package version."""
+    inputs: dict[str, Any] = {"config": cfg.model_dump(mode="json", exclude={"device"}), "package": package_version()}
+    if cfg.activations is not None:
+        inputs["activations"] = folder_identity(Path(cfg.activations))
+    if cfg.sae_checkpoint is not None:
+        inputs["sae_checkpoint"] = checkpoint_identity(Path(cfg.sae_checkpoint))
+    return Fingerprint("train", inputs)
+
+
 def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = False, progress: bool = True,
-          **overrides: Any) -> TrainResult:
-    """Train a standalone SAE, a sequential or a joint model (``config.mode``) into ``out/checkpoint``."""
+          overwrite: bool = False, **overrides: Any) -> TrainResult:
+    """Train a standalone SAE, a sequential or a joint model (``config.mode``) into ``out/checkpoint``.
+
+    ``out`` follows the fingerprint rule: ``resume`` continues a run of the same settings; a folder of other
+    settings is refused unless ``overwrite`` replaces it."""
     cfg = config if isinstance(config, TrainConfig) else load_config(TrainConfig, Path(config))
     if overrides:
         cfg = TrainConfig.model_validate({**cfg.model_dump(), **overrides})
@@ -63,6 +78,11 @@ def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = F
     if cfg.activations is None and world.distributed:
         raise FisError("on-the-fly harvest is single-process", field="activations",
                        fix="run `fis harvest` first and train on the shard folder under torchrun")
+    fp = train_fingerprint(cfg)
+    if world.rank == 0:
+        claim(out, fp, owned=("checkpoint", "metrics.jsonl", "activations"), overwrite=overwrite)
+    else:  # rank 0 writes the fingerprint; the others only check (no race on the folder)
+        check_output(out, fp)
     with distributed.session(cfg.device) as world:
         return _train(cfg, out, resume, progress, world)
 
@@ -86,7 +106,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: dis
                        heldout=held, model_name=manifest["model"], hook=manifest["hook"])
 
 
-def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096) -> Path:
+def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, overwrite: bool = False) -> Path:
     """`fis refit`: a standalone SAE whose decoder is refitted by least squares on its frozen codes.
 
     A control for the joint model's linear part: if refitting the decoder of a standalone SAE closes most of the
@@ -100,6 +120,9 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096) ->
     if ckpt.model.nfm is not None or not acts:
         raise FisError("refit needs a standalone SAE checkpoint trained on a harvest folder", source=ckpt.path,
                        fix="pass the checkpoint of a `mode: sae` run")
+    fp = Fingerprint("refit", {"checkpoint": checkpoint_identity(ckpt.path), "activations": folder_identity(
+        Path(acts)), "batch_size": batch_size, "package": package_version()})
+    claim(Path(out), fp, owned=("checkpoint",), overwrite=overwrite)  # an earlier refit of the same checkpoint is simply redone
     store = ActivationStore(Path(acts), heldout_fraction=ckpt.train_config.get("heldout_fraction", 0.1))
 
     def batches():

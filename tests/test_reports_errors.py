@@ -90,11 +90,19 @@ def test_failed_report_leaves_no_folder_and_keeps_the_old_one(tmp_path: Path,
     with pytest.raises(RuntimeError, match="figure failed"):
         report(folder, out)
     assert not out.exists() and list(out.parent.iterdir()) == []  # no temp folder left either
-    out.mkdir()
-    (out / "old.txt").write_text("previous report")
+    monkeypatch.undo()
+    report(folder, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    monkeypatch.setattr(report_module, "dose_plot", boom)
     with pytest.raises(RuntimeError):
         report(folder, out)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the old report is kept whole
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "old.txt").write_text("previous report")
+    with pytest.raises(FisError, match="did not write"):
+        report(folder, theirs)
+    assert [p.name for p in theirs.iterdir()] == ["old.txt"]
 
 
 def test_default_out_folder_is_reports_run_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -157,8 +157,8 @@ def test_planted_interaction_found_and_screening_is_fast():
 def test_outputs_written(tmp_path, ckpt, tiny_bridge):
     out = tmp_path / "screen"
     res = screen(ckpt, DESIGN, bridge=tiny_bridge, out=out, top=5, points=["sae.hook_latents"], progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["screen.json", "screening.csv", "screening.parquet",
-                                                     "top.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "screen.json", "screening.csv",
+                                                     "screening.parquet", "top.json"]
     csv = pd.read_csv(out / "screening.csv")
     pq = pd.read_parquet(out / "screening.parquet")
     assert len(csv) == len(pq) == 128 and np.allclose(csv["p_ab"], pq["p_ab"], equal_nan=True)
@@ -170,7 +170,7 @@ def test_outputs_written(tmp_path, ckpt, tiny_bridge):
     assert summary["n_stimuli"] == 96 and summary["aggregate"] == "mean" and "family" in summary
     assert summary["provenance"]["config"]["points"] == ["sae.hook_latents"]
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(FisError, match="other files"):
+    with pytest.raises(FisError, match="did not write .mine.txt"):
         screen(ckpt, DESIGN, bridge=tiny_bridge, out=out, points=["sae.hook_latents"], progress=False)
     assert (out / "mine.txt").exists()
 

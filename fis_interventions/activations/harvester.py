@@ -15,17 +15,15 @@ from tqdm.auto import tqdm
 from ..config import StrictModel
 from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
+from ..fingerprint import Fingerprint, claim, package_version
 from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook
 from ..provenance import provenance
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, NormKind
-from .shards import (ActivationStore, new_manifest, read_manifest, shard_name, stats_from_manifest,
+from .shards import (MANIFEST, ActivationStore, new_manifest, read_manifest, shard_name, stats_from_manifest,
                      write_manifest, write_shard)
 
 log = logging.getLogger(__name__)
-
-# Settings that must match for a rerun to resume an existing folder.
-_IDENTITY_KEYS = ("model", "hook", "context_length", "corpus", "dtype", "norm_multiple", "contexts_per_shard")
 
 
 class HarvestConfig(StrictModel):
@@ -59,16 +57,19 @@ def capture_hook(bridge: Any, tokens: torch.Tensor, hook_name: str, stop_at_laye
     return captured["x"]
 
 
-def _check_resumable(existing: dict[str, Any], fresh: dict[str, Any], out: Path) -> None:
-    for key in _IDENTITY_KEYS:
-        if existing.get(key) != fresh.get(key):
-            raise FisError(f"holds a harvest with {key}={existing.get(key)!r}, not {fresh.get(key)!r}",
-                           source=out, field=key, fix="use another --out folder, or delete this one")
+def harvest_fingerprint(cfg: HarvestConfig, model: str, hook: str) -> Fingerprint:
+    """Everything that decides the harvested numbers. Not ``tokens``: a larger budget extends the same harvest."""
+    settings = cfg.model_dump(mode="json", include={"corpus", "context_length", "contexts_per_shard", "dtype",
+                                                    "store_dtype", "normalization", "norm_multiple"})
+    return Fingerprint("harvest", {**settings, "model": model, "hook": hook, "package": package_version()})
 
 
 def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridge: Any = None,
-            **overrides: Any) -> dict[str, Any]:
-    """Harvest activations into ``config.out``; resume from the last complete shard; return the manifest."""
+            overwrite: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Harvest activations into ``config.out``; resume from the last complete shard; return the manifest.
+
+    ``out`` follows the fingerprint rule: the same settings resume (a larger ``tokens`` extends), other
+    settings are refused unless ``overwrite`` replaces the earlier harvest."""
     cfg = config.model_copy(update=overrides) if config else HarvestConfig(**overrides)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
@@ -90,15 +91,15 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
                          bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
                          config=cfg.model_dump(mode="json"), provenance=provenance())
     out = Path(cfg.out)
-    if (out / "manifest.json").exists():
+    fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
+    fresh["fingerprint"] = fp.digest
+    if claim(out, fp, owned=(MANIFEST, "shard_*.safetensors"), overwrite=overwrite) == "resume" and (out / "manifest.json").exists():
         manifest = read_manifest(out)
-        _check_resumable(manifest, fresh, out)
         if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):
             return manifest
         manifest["n_contexts_planned"] = len(contexts)
         manifest["complete"] = False
     else:
-        out.mkdir(parents=True, exist_ok=True)
         manifest = fresh
     rule = (ExclusionRule.from_dict(manifest["exclusion"]) if "exclusion" in manifest
             else ExclusionRule.for_tokenizer(tokenizer, cfg.norm_multiple))

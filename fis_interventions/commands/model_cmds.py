@@ -49,9 +49,10 @@ def harvest_cmd(
     device: str = "auto",
     normalization: str = "expected_norm",
     norm_multiple: Annotated[float, typer.Option(help="exclude positions with norm > this x median (0: off)")] = 10.0,
+    overwrite: Annotated[bool, typer.Option(help="replace a harvest with other settings in --out")] = False,
     progress: bool = True,
 ) -> None:
-    """Harvest activations at a hook point into resumable shards with a manifest."""
+    """Harvest activations at a hook point into resumable shards with a manifest (same settings resume)."""
     from ..activations import HarvestConfig, harvest
     from ..config import validate
 
@@ -60,7 +61,7 @@ def harvest_cmd(
                                        contexts_per_shard=contexts_per_shard, dtype=dtype, store_dtype=store_dtype,
                                        device=device, normalization=normalization,
                                        norm_multiple=norm_multiple or None), source="fis harvest")
-    manifest = harvest(cfg, progress=progress)
+    manifest = harvest(cfg, progress=progress, overwrite=overwrite)
     typer.echo(f"harvested {manifest['token_count']} tokens at {manifest['hook']} of {manifest['model']} into {out} "
                f"(excluded: {manifest['excluded']['special']} special, {manifest['excluded']['massive']} massive)")
 

@@ -13,13 +13,15 @@ from ..cli import app
 def report_command(
     run: Path = typer.Argument(..., help="Run folder written by the battery (run.json + results.sqlite)."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default: reports/<run name>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report of other results in --out "
+                                   "(only a folder that fis wrote is ever replaced)."),
 ) -> None:
     """Analyse every clamp of a battery run (ANOVA, by-item ANOVA, LMM, BH over the run) and write a report.
 
     Writes report.md, a self-contained report.html, tables/*.csv and figures/*.png; the folder is replaced
-    only when the whole report succeeds.
+    only when the whole report succeeds, and only if fis wrote it.
     """
     from ..reports import report
 
-    folder = report(run, out)
+    folder = report(run, out, overwrite=overwrite)
     typer.echo(f"wrote {folder / 'report.html'}")

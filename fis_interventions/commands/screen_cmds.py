@@ -27,6 +27,8 @@ def screen_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",
     out: Annotated[Path | None, typer.Option("--out", help="output folder (screening.csv/.parquet, screen.json, "
                                              "top.json), written atomically")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a screening with other settings in "
+                                            "--out")] = False,
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
@@ -38,7 +40,7 @@ def screen_command(
 
     result = screen(checkpoint, design, model=model, points=point or None,
                     aggregate=aggregate,  # type: ignore[arg-type]  (checked by screen: one-line error)
-                    batch_size=batch_size, device=device, out=out, top=top)
+                    batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite)
     s = result.summary
     typer.echo(f"{s['design_name']}: {s['n_stimuli']} stimuli, aggregate={s['aggregate']}, hook {s['hook']}, "
                f"points {', '.join(f'{p} ({n})' for p, n in s['features_per_point'].items())}")

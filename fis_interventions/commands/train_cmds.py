@@ -14,13 +14,14 @@ from ..cli import app
 def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see README: Training)")],
               out: Annotated[Path, typer.Option(help="run folder: checkpoint/, metrics.jsonl")] = Path("runs/train"),
               resume: Annotated[bool, typer.Option(help="continue the checkpoint in --out")] = False,
+              overwrite: Annotated[bool, typer.Option(help="replace a run with other settings in --out")] = False,
               progress: bool = True) -> None:
     """Train a standalone SAE, sequential or joint model (mode in the config) on harvested activations."""
     from ..training import train
 
     import os
 
-    result = train(config, out, resume=resume, progress=progress)
+    result = train(config, out, resume=resume, progress=progress, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (and writes)
         state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
         typer.echo(f"checkpoint {result.checkpoint}: {state}")
@@ -28,9 +29,10 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
 
 @app.command("refit")
 def refit_cmd(checkpoint: Annotated[Path, typer.Argument(help="a standalone SAE checkpoint (mode: sae)")],
-              out: Annotated[Path, typer.Option(help="run folder for the refitted checkpoint")] = Path("runs/refit")
+              out: Annotated[Path, typer.Option(help="run folder for the refitted checkpoint")] = Path("runs/refit"),
+              overwrite: Annotated[bool, typer.Option(help="replace a refit of another checkpoint in --out")] = False
               ) -> None:
     """Refit a standalone SAE's decoder by least squares on its frozen codes (a control for the linear part)."""
     from ..training import refit
 
-    typer.echo(f"refitted checkpoint: {refit(checkpoint, out)}")
+    typer.echo(f"refitted checkpoint: {refit(checkpoint, out, overwrite=overwrite)}")

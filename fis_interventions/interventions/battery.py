@@ -38,6 +38,10 @@ from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
 
+# What a battery writes into its out folder (the demo adds screening.csv and eval.json for the report).
+OUTPUT_FILES = ("run.json", "results*.sqlite", "results*.sqlite-journal", "results.parquet", "results.csv",
+                "screening.csv", "eval.json")
+
 
 @dataclass
 class Encoded:
@@ -266,7 +270,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         active = _active_latents(attached, all_batches)
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
     fp = battery_fingerprint(cfg, model_name(bridge), attached)
-    claim(out, fp, overwrite=overwrite)  # the folder is created only now, after every input was checked
+    claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created only now, after every input was checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}

@@ -7,6 +7,7 @@ leaves nothing behind. See ``reports/README.md``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_dir, write_json
+from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identity, package_version,
+                           replace_folder)
+from ..io import write_json
 from ..provenance import library_versions, provenance
 from .analysis import ALPHA, Analysis, analyze_run, feature_verdicts, is_noop
 from .figures import dose_plot, interaction_plot
@@ -228,12 +231,26 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
     return doc
 
 
-def report(run: str | Path, out: str | Path | None = None) -> Path:
-    """Python API of ``fis report``: analyse the run folder and write the report folder; returns its path."""
+def report_fingerprint(run: Run) -> Fingerprint:
+    """What decides a report: the battery run (its fingerprint), the rows it holds now, its extras, the package."""
+    rows = pd.util.hash_pandas_object(run.results, index=False).to_numpy().tobytes()
+    extras = {name: file_digest(run.folder / name) for name in ("screening.csv", "eval.json")
+              if (run.folder / name).is_file()}
+    return Fingerprint("report", {"run": folder_identity(run.folder), "results": hashlib.sha256(rows).hexdigest(),
+                                  "n_rows": len(run.results), "extras": extras, "package": package_version()})
+
+
+def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Python API of ``fis report``: analyse the run folder and write the report folder; returns its path.
+
+    An existing report folder is replaced only if it holds our fingerprint: silently for the same run and
+    results, with ``overwrite`` when they changed; a folder we did not write is refused, never deleted."""
     loaded = load_run(run)
     target = Path(out) if out is not None else Path("reports") / slug(loaded.info.name)
+    fp = report_fingerprint(loaded)
+    check_output(target, fp, overwrite=overwrite)  # before the analysis, which takes a while
     analysis = analyze_run(loaded)
-    with atomic_dir(target) as tmp:
+    with replace_folder(target, fp, overwrite=overwrite) as tmp:
         doc = build(loaded, analysis, tmp)
         (tmp / "report.md").write_text(to_markdown(doc), encoding="utf-8")
         (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
