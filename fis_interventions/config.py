@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import FisError
+from .safe_yaml import read_yaml_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -38,17 +39,9 @@ def read_text_utf8(path: Path) -> str:
 
 
 def load_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    """Parse a YAML mapping with ``safe_load``; also return the node tree, used to find line numbers."""
-    text = read_text_utf8(path)
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise FisError(f"{line}invalid YAML: {problem}", source=path,
-                       fix="check indentation and quoting") from None
+    """Parse a YAML mapping within size, depth and alias limits (:mod:`.safe_yaml`), rejecting duplicate keys;
+    also return the node tree, used to find line numbers."""
+    data, node = read_yaml_file(Path(path))
     if not isinstance(data, dict):
         kind = "empty" if data is None else type(data).__name__
         raise FisError(f"the file must be a YAML mapping of keys to values, got {kind}", source=path,

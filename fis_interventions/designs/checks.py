@@ -35,24 +35,6 @@ def fail(design: Design | None, loc: tuple[Any, ...], message: str, fix: str | N
     raise FisError(f"{where}{message}", source=source or "<design>", field=format_loc(loc), fix=fix)
 
 
-def check_duplicate_keys(node: yaml.Node | None, source: str, loc: tuple[Any, ...] = ()) -> None:
-    """``yaml.safe_load`` keeps the last of two equal keys silently; a duplicated cell or slot is an error."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            k = getattr(key, "value", None)
-            if isinstance(k, str) and k in seen:
-                raise FisError(f"line {key.start_mark.line + 1}: key '{k}' appears twice in the same mapping "
-                               f"(first on line {seen[k]})", source=source, field=format_loc((*loc, k)),
-                               fix="remove or rename one of them")
-            if isinstance(k, str):
-                seen[k] = key.start_mark.line + 1
-            check_duplicate_keys(value, source, (*loc, k))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            check_duplicate_keys(value, source, (*loc, i))
-
-
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 
 

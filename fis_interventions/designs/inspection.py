@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FisWarning
+from ..safe_yaml import gc_paused
 from .checks import design_warnings
 from .expand import expand
 from .load import read_design
@@ -56,8 +57,9 @@ def validate(path: str | Path, tokenizer: Any = None, *, tokenize: bool = True) 
 
     Warnings are returned in the report (not emitted), so the caller decides how to show them.
     """
-    design = read_design(path)
-    df = expand(design)
+    with gc_paused():  # tens of thousands of items build large object trees: see safe_yaml.gc_paused
+        design = read_design(path)
+        df = expand(design)
     targets = None
     if tokenize and design.readout.targets:
         targets = _tokenize_quietly(design, tokenizer if tokenizer is not None else default_tokenizer())

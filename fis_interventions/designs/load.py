@@ -7,14 +7,13 @@ from pathlib import Path
 
 from ..config import load_yaml, validate
 from ..errors import FisWarning
-from .checks import check_design, check_duplicate_keys, check_yaml_booleans, design_warnings
+from .checks import check_design, check_yaml_booleans, design_warnings
 from .schema import Design
 
 
 def read_design(path: str | Path) -> Design:
     """Load and check a design without emitting warnings (for tools that report them as data)."""
     data, node = load_yaml(Path(path))
-    check_duplicate_keys(node, str(path))
     check_yaml_booleans(node, str(path))
     design = validate(Design, data, source=str(path), node=node)
     design._source = str(path)

@@ -8,6 +8,7 @@ a rule, not by the types, so bigger designs can be allowed later without changin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import string
 from typing import Annotated, Any, Literal
@@ -158,7 +159,7 @@ class Design(StrictModel):
             assert item.cells is not None
             return item.cells[cell].strip(), {}
         text, spans = "", {}
-        for literal, field, _, _ in string.Formatter().parse(template):
+        for literal, field, _, _ in _parsed(template):
             text += literal
             if field is not None:
                 value = self.slot_text(item, field, cell)
@@ -170,10 +171,21 @@ class Design(StrictModel):
         return stripped.rstrip(), spans
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(template: str) -> tuple[tuple[Any, ...], ...]:
+    """``string.Formatter().parse`` once per distinct template (a 20,000-item design shares a few)."""
+    return tuple(string.Formatter().parse(template))
+
+
 def template_fields(template: str) -> list[str]:
     """Slot names used in a template, in order; raises ValueError for format syntax we do not allow."""
+    return list(_template_fields(template))
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_fields(template: str) -> tuple[str, ...]:
     fields = []
-    for _, field, spec, conversion in string.Formatter().parse(template):
+    for _, field, spec, conversion in _parsed(template):
         if field is None:
             continue
         if field == "" or not field.isidentifier():
@@ -182,4 +194,4 @@ def template_fields(template: str) -> list[str]:
         if spec or conversion:
             raise ValueError(f"slot '{field}' has a format spec or conversion; only plain {{name}} is allowed")
         fields.append(field)
-    return fields
+    return tuple(fields)
