@@ -1,0 +1,43 @@
+"""The CLI's terminal stays readable: libraries' deprecation notices go to a log file, statistics warnings
+are shown once, in one line without file paths, and our own warnings read as 'warning: ...'."""
+
+from __future__ import annotations
+
+import warnings
+
+from test_battery import ROOT, tiny_ckpt  # noqa: F401  (tiny_ckpt is a fixture)
+
+from fis_interventions import cli
+from fis_interventions.errors import FisWarning
+
+
+def test_battery_cli_prints_no_library_noise(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FIS_CACHE", str(tmp_path / "cache"))
+    design = ROOT / "stimuli" / "negation_sentiment.yaml"
+    config = tmp_path / "b.yaml"
+    config.write_text(f"name: q\nmodel: tiny-random\ncheckpoint: {tiny_ckpt}\ndesigns: [{design}]\n"
+                      "features: [{point: sae.hook_latents, index: 1}]\ninterventions: [{kind: scale, values: [4]}]\n"
+                      f"max_items: 1\ndevice: cpu\nout: {tmp_path / 'run'}\n", encoding="utf-8")
+    assert cli.main(["battery", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "FutureWarning" not in err and "past_key_values" not in err and ".py:" not in err, err
+    log = (tmp_path / "cache" / "warnings.log").read_text(encoding="utf-8")
+    assert "past_key_values" in log  # kept for whoever needs it
+
+
+def test_statistics_warnings_once_in_our_words(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FIS_CACHE", str(tmp_path / "cache"))
+
+    class ValueWarning(UserWarning):  # the shape of statsmodels' warning classes
+        pass
+
+    with warnings.catch_warnings():
+        cli._route_warnings()
+        for _ in range(3):
+            warnings.warn("An unsupported index was provided.\nSecond line", ValueWarning, stacklevel=1)
+        warnings.warn("cell 'a' has 3 items, cell 'b' has 4", FisWarning, stacklevel=1)
+        warnings.warn("`x` is deprecated", FutureWarning, stacklevel=1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["warning: value: An unsupported index was provided.",
+                     "warning: cell 'a' has 3 items, cell 'b' has 4"]
+    assert "`x` is deprecated" in (tmp_path / "cache" / "warnings.log").read_text(encoding="utf-8")
