@@ -110,10 +110,16 @@ def check_tree(root: yaml.Node, source: str) -> None:
         open_ids.add(id(node))
 
     enter(root, ())
+    scalar = yaml.ScalarNode
     while stack:
         node, pending = stack[-1]
         if pending:
-            enter(*pending.pop())
+            child, loc = pending.pop()
+            if type(child) is scalar and id(child) not in sizes:  # the common case, inlined
+                written += 1
+                sizes[id(child)] = 1
+            else:
+                enter(child, loc)
             continue
         stack.pop()
         open_ids.discard(id(node))

@@ -28,15 +28,18 @@ def expand(design: Design) -> pd.DataFrame:
     check_design(design)
     r = design.readout
     prompts = r.prompt_items()
-    rows = []
+    cols = COLUMNS[:3] + list(design.factors) + COLUMNS[3:]
+    table: dict[str, list] = {c: [] for c in cols}  # built by column: 20,000 items x 12 rows stay fast
+    levels = {cell: design.cell_levels(cell) for cell in design.cell_names}
 
     def add(item_id: str, cell: str, stimulus: str, spans: dict[str, tuple[int, int]]) -> None:
         for pid, prompt in prompts:
             text = full_text(stimulus, prompt, r.join)
             start, end = spans[r.position] if r.position != "last" else (0, len(text))
-            rows.append({"design": design.name, "item": item_id, "cell": cell, **design.cell_levels(cell),
-                         "stimulus": stimulus, "prompt_id": pid, "prompt": prompt, "text": text,
-                         "readout_start": start, "readout_end": end})
+            for key, value in (("design", design.name), ("item", item_id), ("cell", cell), *levels[cell].items(),
+                               ("stimulus", stimulus), ("prompt_id", pid), ("prompt", prompt), ("text", text),
+                               ("readout_start", start), ("readout_end", end)):
+                table[key].append(value)
 
     if design.items is not None:
         for item in design.items:
@@ -48,8 +51,7 @@ def expand(design: Design) -> pd.DataFrame:
         for cell in design.cell_names:
             for i, sentence in enumerate(design.cells[cell]):
                 add(f"{cell}:{i + 1:03d}", cell, sentence.strip(), {})
-    cols = COLUMNS[:3] + list(design.factors) + COLUMNS[3:]
-    df = pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(table, columns=cols)
     for factor, levels in design.factors.items():
         df[factor] = pd.Categorical(df[factor], categories=levels)
     df.attrs.update({"design": design.name, "shape": design.shape, "factors": dict(design.factors),

@@ -63,8 +63,10 @@ def validate(path: str | Path, tokenizer: Any = None, *, tokenize: bool = True) 
     targets = None
     if tokenize and design.readout.targets:
         targets = _tokenize_quietly(design, tokenizer if tokenizer is not None else default_tokenizer())
-    counts = df.drop_duplicates(["item", "cell"]).groupby("cell", sort=False).size()
-    found = design_warnings(design) + (targets.warnings if targets else [])
+    stimuli = df.drop_duplicates(["item", "cell"])
+    counts = stimuli.groupby("cell", sort=False).size()
+    rendered = dict(zip(zip(stimuli["item"], stimuli["cell"]), stimuli["stimulus"]))
+    found = design_warnings(design, rendered) + (targets.warnings if targets else [])
     return ValidationReport(str(path), design, {c: int(counts.get(c, 0)) for c in design.cell_names},
                             len(design.readout.prompts), len(df), targets, found)
 

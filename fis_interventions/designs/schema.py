@@ -142,15 +142,7 @@ class Design(StrictModel):
 
     def slot_text(self, item: Item, slot: str, cell: str) -> str:
         """The text of one slot of one item in one cell (assumes a checked design)."""
-        value = self.item_slots(item)[slot]
-        if isinstance(value, str):
-            return value
-        if cell in value:
-            return value[cell]
-        for level in cell.split(CELL_SEP):
-            if level in value:
-                return value[level]
-        raise KeyError(f"slot {slot!r} has no value for cell {cell!r}")
+        return _slot_text(self.item_slots(item)[slot], slot, cell)
 
     def render(self, item: Item, cell: str) -> tuple[str, dict[str, tuple[int, int]]]:
         """An item's text in one cell, and the character span of every slot in it."""
@@ -158,17 +150,30 @@ class Design(StrictModel):
         if template is None:
             assert item.cells is not None
             return item.cells[cell].strip(), {}
+        slots = self.item_slots(item)
         text, spans = "", {}
         for literal, field, _, _ in _parsed(template):
             text += literal
             if field is not None:
-                value = self.slot_text(item, field, cell)
+                value = _slot_text(slots[field], field, cell)
                 spans[field] = (len(text), len(text) + len(value))
                 text += value
         stripped = text.lstrip()
         shift = len(text) - len(stripped)
         spans = {k: (a - shift, b - shift) for k, (a, b) in spans.items()}
         return stripped.rstrip(), spans
+
+
+def _slot_text(value: SlotValue, slot: str, cell: str) -> str:
+    """A slot's text in a cell: one string for every cell, or per cell, or per level of either factor."""
+    if isinstance(value, str):
+        return value
+    if cell in value:
+        return value[cell]
+    for level in cell.split(CELL_SEP):
+        if level in value:
+            return value[level]
+    raise KeyError(f"slot {slot!r} has no value for cell {cell!r}")
 
 
 @functools.lru_cache(maxsize=4096)
