@@ -142,6 +142,13 @@ def test_train_refit_screen_report_follow_the_rule(tiny_bridge, corpus, tmp_path
     with pytest.raises(FisError, match="checkpoint"):
         refit(other, tmp_path / "refit")
     refit(other, tmp_path / "refit", overwrite=True)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "checkpoint").mkdir()
+    (theirs / "checkpoint" / "notes.md").write_text("mine")
+    with pytest.raises(FisError, match="did not write"):
+        refit(other, theirs, overwrite=True)
+    assert (theirs / "checkpoint" / "notes.md").read_text() == "mine"
 
     # screen: other points are refused before any work; overwrite replaces; a user's file blocks it
     scr = tmp_path / "screen"
