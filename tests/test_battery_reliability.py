@@ -14,7 +14,6 @@ from fis_interventions.cli import main
 from fis_interventions.errors import FisError
 from fis_interventions.fingerprint import FINGERPRINT_FILE
 from fis_interventions.interventions import battery, merge_shards, read_results
-from fis_interventions.interventions import store as store_mod
 
 
 def test_changed_settings_are_refused_and_nothing_changes(tiny_bridge, tiny_ckpt, tmp_path):
@@ -41,25 +40,6 @@ def test_same_settings_resume_and_overwrite_replaces(tiny_bridge, tiny_ckpt, tmp
     record = json.loads((out / FINGERPRINT_FILE).read_text())
     assert record["stage"] == "battery" and json.loads((out / "run.json").read_text())["fingerprint"] == record[
         "digest"]
-
-
-def test_killed_then_resumed_equals_uninterrupted(tiny_bridge, tiny_ckpt, tmp_path, monkeypatch):
-    full = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "full"))
-    real = store_mod.ResultStore.commit_unit
-    calls = {"n": 0}
-
-    def dying(self, unit, rows):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, unit, rows)
-
-    monkeypatch.setattr(store_mod.ResultStore, "commit_unit", dying)
-    with pytest.raises(KeyboardInterrupt):
-        battery(_cfg(tiny_ckpt, tmp_path / "k"), bridge=tiny_bridge, progress=False)
-    monkeypatch.setattr(store_mod.ResultStore, "commit_unit", real)
-    resumed = _run(tiny_bridge, _cfg(tiny_ckpt, tmp_path / "k"))
-    pd.testing.assert_frame_equal(full, resumed)
 
 
 def test_folder_we_did_not_write_is_never_touched(tiny_bridge, tiny_ckpt, tmp_path):
