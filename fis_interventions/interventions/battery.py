@@ -31,7 +31,7 @@ from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import pad_right
 from .config import BatteryConfig
-from .features import Condition, Target, conditions, make_edit, resolve_features
+from .features import Condition, Target, conditions, make_edit, resolve_features, screened_designs
 from .store import ResultStore, merge, read_results
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,14 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
 
     plans = []
     all_batches: list[Encoded] = []
+    screened = screened_designs(cfg.features, cfg.checkpoint, designs)
+    if cfg.items == "confirmation" and not screened:
+        raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
+                       field="items", fix="drop `items`, or select features from_screening")
+    selection: dict[str, dict[str, Any]] = {}
     for design in designs:
         rows = expand(design)
+        rows, selection[design.name] = _select_items(rows, design.name, screened.get(design.name), cfg.items)
         if cfg.max_items is not None:
             keep_items = list(dict.fromkeys(rows["item"]))[:cfg.max_items]
             rows = rows[rows["item"].isin(keep_items)]
@@ -267,12 +273,13 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "provenance": provenance(cfg.seed),
-        "designs": {d.name: {"factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
+        "designs": {d.name: {**selection[d.name], "items_used": list(dict.fromkeys(r["item"].astype(str))),
+                             "factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
                              "n_items": int(r["item"].nunique()), "prompts": [t for _, t in d.readout.prompt_items()],
                              "contrasts": dict(d.readout.contrasts), "score": d.readout.score}
                     for (d, r, _, _), p in zip(plans, cfg.designs, strict=True)},
-        "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t]}
-                     for t in targets],
+        "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t],
+                      **_selected_on(t, screened)} for t in targets],
         "warnings": [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
@@ -313,6 +320,37 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if shard_n == 1:
         export(out)
     return store_path(out, (shard_i, shard_n))
+
+
+def _select_items(rows: pd.DataFrame, name: str, screened: dict[str, Any] | None, items: str | None
+                  ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows a design runs on, and how they were chosen: a design some feature was screened on runs on the
+    items its screenings held out (``items: confirmation``, the default) or on every item (``items: all``,
+    exploratory); other designs run on every item (no feature was selected on them)."""
+    if screened is None:
+        return rows, {"item_selection": "all (no feature was selected on this design)"}
+    discovery = set(screened["discovery"])
+    if items == "all":
+        return rows, {"item_selection": "all (exploratory: includes the discovery items of the screening)",
+                      "discovery_items": screened["discovery"]}
+    kept = rows[~rows["item"].astype(str).isin(discovery)]
+    if kept.empty:
+        raise FisError(f"design {name!r}: the screening held out no items (it screened every item)",
+                       source=screened["screenings"][0], field="items",
+                       fix="rescreen with --discover 0.5, or set `items: all` (exploratory)")
+    return kept, {"item_selection": "confirmation (items held out from the screening)",
+                  "discovery_items": screened["discovery"]}
+
+
+def _selected_on(target: Target, screened: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """run.json's record of where a feature was selected: the screening, its design and discovery items."""
+    if target.source is None:
+        return {}
+    for name, entry in screened.items():
+        if target.source in entry["screenings"]:
+            return {"selected_on": {"screening": target.source, "design": name,
+                                    "discovery_items": entry["discovery"]}}
+    return {"selected_on": {"screening": target.source, "design": None, "discovery_items": []}}
 
 
 def _unit_key(plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
