@@ -238,6 +238,10 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
+    screened = screened_designs(cfg.features, cfg.checkpoint, designs)  # refuse before anything is written
+    if cfg.items == "confirmation" and not screened:
+        raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
+                       field="items", fix="drop `items`, or select features from_screening")
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     attached = attach(bridge, cfg.checkpoint)
     tokenizer = bridge.tokenizer
@@ -246,10 +250,6 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
 
     plans = []
     all_batches: list[Encoded] = []
-    screened = screened_designs(cfg.features, cfg.checkpoint, designs)
-    if cfg.items == "confirmation" and not screened:
-        raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
-                       field="items", fix="drop `items`, or select features from_screening")
     selection: dict[str, dict[str, Any]] = {}
     for design in designs:
         rows = expand(design)
