@@ -197,3 +197,17 @@ def test_cli_discover_errors(setup, tiny_bridge, monkeypatch, capsys):
     assert main(base + ["--point", "sae.hook_latents", "--split-seed", "4"]) == 0
     assert "screened 12 discovery items, 12 held out" in capsys.readouterr().out
 
+
+
+def test_selection_bench_shows_the_bias_and_holdout_removes_it():
+    """bench/selection.py's simulation, small: circular testing rejects most null top features, held-out
+    testing about alpha (the bench itself runs >= 500 repetitions)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selection_bench", ROOT / "bench" / "selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.simulate(reps=150, n_features=300, top=2, chunk=50, seed=1)
+    assert res["tests"] == 300
+    assert res["same_f2"] > 0.5
+    assert res["held_f2"] < 0.11
