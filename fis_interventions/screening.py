@@ -5,7 +5,8 @@ correction (flaw 6). Here every feature at every requested named point of the jo
 ANOVA (:func:`~fis_interventions.stats.screen.screen_features`) on the design's two factors: for matched items
 the within-item model (by-item repeated-measures ANOVA: the four cells of an item are one sentence frame, so the
 item is a block), for cell lists a Type III OLS over the stimuli. The interaction q-values are
-Benjamini-Hochberg over ALL features of ALL points together (the family is written into ``screen.json``); within-point q-values are kept for reference.
+Benjamini-Hochberg over ALL features of ALL points together (the family is written into ``screen.json``);
+within-point q-values are kept for reference.
 
 What is measured: each unique stimulus of the design (the stimulus text alone, after BOS; the prompts are for
 intervention batteries) is run through the model prefix up to the checkpoint's hook, normalised with the
@@ -262,8 +263,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         n_deg = int(table.loc[table["point"] == point, "degenerate"].sum())
         if n_deg:
             warnings.append(f"{n_deg} of {acts[point].shape[1]} features at {point} are constant across the "
-                            "stimuli (e.g. never active) or have no interaction error variance, and are left out of the "
-                            "FDR family")
+                            "stimuli (e.g. never active) or have no interaction error variance, and are left "
+                            "out of the FDR family")
     family = int(table["p_ab"].notna().sum())
     n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
