@@ -211,3 +211,52 @@ def test_selection_bench_shows_the_bias_and_holdout_removes_it():
     assert res["tests"] == 300
     assert res["same_f2"] > 0.5
     assert res["held_f2"] < 0.11
+
+
+def test_screen_models_follow_the_design_shape(tmp_path, setup, tiny_bridge):
+    """Matched items: the within-item model (equal to the RM-ANOVA on the screened activations); cell lists:
+    the two-way OLS (equal to anova_2x2)."""
+    import yaml
+
+    from fis_interventions.stats import anova_2x2, rm_anova_by_item
+    from fis_interventions.stats.screen import screen_features
+
+    res = setup["result"]
+    X = res.activations["sae.hook_latents"]
+    ref = screen_features(X, res.stimuli, "negation", "sentiment", item="item")
+    table = res.table.sort_values("feature").reset_index(drop=True)
+    np.testing.assert_allclose(table["p_ab"], ref["p_ab"], rtol=1e-10, equal_nan=True)
+    j = int(np.nanargmin(ref["p_ab"]))
+    aov, _ = rm_anova_by_item(res.stimuli.assign(y=X[:, j].astype(float)), "y", "negation", "sentiment", item="item")
+    assert table.loc[j, "F_ab"] == pytest.approx(aov.set_index("term").loc["negation:sentiment", "F"], rel=1e-8)
+
+    words = ["cats", "dogs", "birds", "fish", "trees", "rivers", "hills", "roads", "lamps", "doors"]
+    cells = {f"{a}.{b}": [f"The {w} were {a} and {b} today." for w in words]
+             for a in ("calm", "loud") for b in ("red", "blue")}
+    data = {"name": "cells", "factors": {"noise": ["calm", "loud"], "colour": ["red", "blue"]}, "cells": cells,
+            "readout": {"targets": {"x": ["good"], "y": ["bad"]}, "contrasts": {"c": "x - y"}}}
+    path = tmp_path / "cells.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    cl = screen(setup["ckpt"], path, bridge=tiny_bridge, points=["sae.hook_latents"], progress=False)
+    assert cl.summary["screen_model"].startswith("two-way Type III") and cl.summary["split"]["unit"] == \
+        "sentence per cell"
+    assert len(cl.stimuli) == 20 and cl.stimuli.groupby("cell").size().eq(5).all()
+    Xc = cl.activations["sae.hook_latents"]
+    t = cl.table.sort_values("feature").reset_index(drop=True)
+    k = int(np.nanargmin(t["p_ab"]))
+    ref = anova_2x2(cl.stimuli.assign(y=Xc[:, k].astype(float)), "y", "noise", "colour").set_index("term")
+    assert t.loc[k, "F_ab"] == pytest.approx(ref.loc["noise:colour", "F"], rel=1e-8)
+
+
+def test_cli_battery_refusal_is_one_line_exit_2(setup, tiny_bridge, tmp_path, capsys):
+    """Refused before any model is loaded or anything written."""
+    import yaml
+
+    other = _checkpoint(tmp_path / "other", tiny_bridge.tokenizer, seed=2)
+    cfg = _cfg(setup, tmp_path / "out", checkpoint=other).model_dump(mode="json")
+    path = tmp_path / "battery.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    assert main(["battery", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another checkpoint" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
