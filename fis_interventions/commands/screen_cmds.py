@@ -51,9 +51,13 @@ def screen_command(
                     discover=None if all_items else discover, split_seed=split_seed)
     s = result.summary
     split = s["split"]
-    typer.echo(f"{s['design_name']}: screened {len(split['discovery'])} discovery items, "
-               f"{len(split['confirmation'])} held out for confirmation ({split['unit']}, seed {split['seed']}); "
-               f"model: {s['screen_model']}")
+    if split["confirmation"]:
+        typer.echo(f"{s['design_name']}: screened {len(split['discovery'])} discovery items, "
+                   f"{len(split['confirmation'])} held out for confirmation ({split['unit']}, seed {split['seed']}); "
+                   f"model: {s['screen_model']}")
+    else:
+        typer.echo(f"{s['design_name']}: screened all {len(split['discovery'])} items (exploratory: none held out); "
+                   f"model: {s['screen_model']}")
     typer.echo(f"{s['design_name']}: {s['n_stimuli']} stimuli, aggregate={s['aggregate']}, hook {s['hook']}, "
                f"points {', '.join(f'{p} ({n})' for p, n in s['features_per_point'].items())}")
     if result.top:
