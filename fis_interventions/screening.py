@@ -2,15 +2,21 @@
 
 Why this exists: the paper ranked 7,500 secondary features by a one-way ANOVA and reported the best one with no
 correction (flaw 6). Here every feature at every requested named point of the joint SAE gets a two-way
-Type III ANOVA (:func:`~fis_interventions.stats.screen.screen_features`) on the design's two factors, and the
-interaction q-values are Benjamini-Hochberg over ALL features of ALL points together (the family is written
-into ``screen.json``); within-point q-values are kept for reference.
+ANOVA (:func:`~fis_interventions.stats.screen.screen_features`) on the design's two factors: for matched items
+the within-item model (by-item repeated-measures ANOVA: the four cells of an item are one sentence frame, so the
+item is a block), for cell lists a Type III OLS over the stimuli. The interaction q-values are
+Benjamini-Hochberg over ALL features of ALL points together (the family is written into ``screen.json``);
+within-point q-values are kept for reference.
 
 What is measured: each unique stimulus of the design (the stimulus text alone, after BOS; the prompts are for
 intervention batteries) is run through the model prefix up to the checkpoint's hook, normalised with the
 checkpoint's statistics and passed through the joint SAE at the positions the checkpoint's exclusion rule
 keeps (flaws 1-2: same hook, same normalisation, same rule as training). A named point's value is averaged
 over those positions (``mean``) or read at the last kept position (``last``).
+
+Only the *discovery* items are screened (by default half, seeded; :mod:`fis_interventions.holdout`), and
+``screen.json`` records the split, the checkpoint's and the design's content hashes: a battery on the chosen
+features then runs on the held-out confirmation items, so selection and test never share data.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import pandas as pd
 import torch
 
 from .errors import FisError
-from .fingerprint import (Fingerprint, check_output, checkpoint_identity, file_digest, package_version,
-                          replace_folder)
+from .fingerprint import Fingerprint, check_output, checkpoint_identity, package_version, replace_folder
+from .holdout import DEFAULT_FRACTION, all_items, check_fraction, design_identity, split_items
+from .stats.screen import MODELS
 
 DEFAULT_POINTS: tuple[str, ...] = ("sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents")
 AGGREGATES = ("mean", "last")
@@ -152,14 +159,18 @@ def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], poi
 
 
 def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str, b: str,
-                 levels: dict[str, list[str]]) -> pd.DataFrame:
-    """Concatenate per-point screens; ``q_ab`` is BH over every non-degenerate feature of every point."""
+                 levels: dict[str, list[str]], item: str | None = None) -> pd.DataFrame:
+    """Concatenate per-point screens; ``q_ab`` is BH over every non-degenerate feature of every point.
+
+    ``item``: the item column of matched designs (within-item model, item as a block); None for cell lists
+    (two-way OLS over the stimuli)."""
     from .stats.fdr import fdr_bh
     from .stats.screen import screen_features
 
     parts = []
     for point, X in activations.items():
-        part = screen_features(X, rows, a, b, levels=levels).rename(columns={"q_ab": "q_ab_within_point"})
+        part = screen_features(X, rows, a, b, levels=levels, item=item).rename(
+            columns={"q_ab": "q_ab_within_point"})
         part.insert(0, "point", point)
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
@@ -185,18 +196,24 @@ def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dic
         write_json(tmp / "top.json", top)
 
 
-def screen_fingerprint(config: dict[str, Any], checkpoint: Path, design: Path) -> Fingerprint:
-    """What decides a screening: its settings, the checkpoint's weights, the design's content, the package."""
+def screen_fingerprint(config: dict[str, Any], checkpoint: Path, design: Any) -> Fingerprint:
+    """What decides a screening: its settings (split included), the checkpoint's weights, the design's
+    validated content (comments and layout do not count), the package."""
     return Fingerprint("screen", {"config": {k: v for k, v in config.items() if k not in ("checkpoint", "design")},
-                                  "checkpoint": checkpoint_identity(checkpoint), "design": file_digest(design),
+                                  "checkpoint": checkpoint_identity(checkpoint), "design": design_identity(design),
                                   "package": package_version()})
 
 
 def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
-           top: int = 10, overwrite: bool = False) -> ScreenResult:
+           top: int = 10, discover: float | None = DEFAULT_FRACTION, split_seed: int = 0,
+           overwrite: bool = False) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
+
+    ``discover``: the fraction of items screened (the discovery items, seeded by ``split_seed``; see
+    :mod:`fis_interventions.holdout`); the rest are held out for a confirmatory battery. ``None`` screens every
+    item (exploratory: a battery on those features can only be exploratory).
 
     ``model`` defaults to the model the checkpoint was trained on; a different one is refused. ``points=None``
     screens the default points the checkpoint has (skipping the others with a warning); named points must
@@ -214,7 +231,12 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix="use mean or last")
     if top < 0:
         raise FisError(f"--top must be >= 0, got {top}", field="top", fix="use e.g. 10")
+    if discover is not None:
+        check_fraction(discover)
     d = read_design(design)
+    all_rows = stimulus_rows(d)
+    split = (split_items(all_rows, discover, split_seed, d.shape, source=str(design)) if discover is not None
+             else all_items(all_rows))
     warnings = [f"design: {m}" for m in design_warnings(d)]
     meta = read_meta(Path(checkpoint))  # cheap checks before loading a model
     if out is not None:  # a folder we did not write is refused before the model is loaded
@@ -235,28 +257,37 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     attached = attach(bridge, checkpoint)
     warnings += point_warnings
     config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
-              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top}
-    fp = screen_fingerprint(config, Path(checkpoint), Path(design))
+              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
+              "discover": discover, "split_seed": split_seed}
+    fp = screen_fingerprint(config, Path(checkpoint), d)
     if out is not None:  # refused before any work is done
         check_output(Path(out), fp, overwrite=overwrite)
 
-    rows = stimulus_rows(d)
+    rows = all_rows[all_rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
     a, b = list(d.factors)
     levels = {f: list(v) for f, v in d.factors.items()}
     token_lists = stimulus_tokens(bridge.tokenizer, rows["stimulus"].tolist())
     acts = collect_activations(attached, token_lists, chosen, aggregate, batch_size, progress)
-    table = screen_table(acts, rows, a, b, levels)
+    item_col = "item" if d.shape == "items" else None
+    table = screen_table(acts, rows, a, b, levels, item=item_col)
     for point in chosen:
         n_deg = int(table.loc[table["point"] == point, "degenerate"].sum())
         if n_deg:
             warnings.append(f"{n_deg} of {acts[point].shape[1]} features at {point} are constant across the "
-                            "stimuli (e.g. never active) and left out of the FDR family")
+                            "stimuli (e.g. never active) or have no interaction error variance, and are left "
+                            "out of the FDR family")
     family = int(table["p_ab"].notna().sum())
     n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
+    if discover is None:
+        warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
+                        "items they were selected on, so its tests can only be exploratory")
     summary = {
-        "checkpoint": str(attached.checkpoint.path), "model": model_name(bridge), "hook": attached.hook,
-        "design": str(design), "design_name": d.name, "factors": levels, "points": chosen,
+        "checkpoint": str(attached.checkpoint.path), "checkpoint_sha256": checkpoint_identity(checkpoint),
+        "model": model_name(bridge), "hook": attached.hook,
+        "design": str(design), "design_name": d.name, "design_sha256": design_identity(d), "factors": levels,
+        "points": chosen, "split": split,
+        "screen_model": MODELS["within_item" if item_col else "ols"], "n_items": int(rows["item"].nunique()),
         "features_per_point": {p: int(x.shape[1]) for p, x in acts.items()},
         "aggregate": aggregate, "n_stimuli": len(rows),
         "input": "BOS + stimulus text (no prompt); positions kept by the checkpoint's exclusion rule",

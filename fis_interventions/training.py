@@ -122,7 +122,7 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, ov
                        fix="pass the checkpoint of a `mode: sae` run")
     fp = Fingerprint("refit", {"checkpoint": checkpoint_identity(ckpt.path), "activations": folder_identity(
         Path(acts)), "batch_size": batch_size, "package": package_version()})
-    claim(Path(out), fp, owned=("checkpoint",), overwrite=overwrite)  # an earlier refit of the same checkpoint is simply redone
+    claim(Path(out), fp, owned=("checkpoint",), overwrite=overwrite)  # the same refit again is simply redone
     store = ActivationStore(Path(acts), heldout_fraction=ckpt.train_config.get("heldout_fraction", 0.1))
 
     def batches():

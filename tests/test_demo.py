@@ -22,4 +22,7 @@ def test_demo_quick_end_to_end(tmp_path):
     comps = {(r["checkpoint"], r["components"]) for r in table["table"]}
     assert ("sae", "sae") in comps and ("joint", "full") in comps
     assert any("interaction gain" in c for _, c in comps)
-    assert any("screened" in line for line in lines)
+    assert any("screened" in line and "held out for the battery" in line for line in lines)
+    split = json.loads((tmp_path / "demo" / "screen" / "screen.json").read_text())["split"]
+    tested = set(df["item"])
+    assert tested and tested <= set(split["confirmation"]) and not tested & set(split["discovery"])

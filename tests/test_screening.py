@@ -42,7 +42,7 @@ def ckpt(tmp_path_factory, tiny_bridge) -> Path:
 
 @pytest.fixture(scope="module")
 def result(ckpt, tiny_bridge):
-    return screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=7, progress=False)
+    return screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=7, progress=False, discover=None)
 
 
 def test_table_has_one_row_per_feature_per_point(result):
@@ -57,7 +57,7 @@ def test_table_has_one_row_per_feature_per_point(result):
     p = t["p_ab"].to_numpy()
     assert np.all(np.diff(p[np.isfinite(p)]) >= 0) and np.isnan(p[np.isfinite(p).sum():]).all()
     assert result.summary["n_stimuli"] == 96 and result.activations["sae.hook_latents"].shape == (96, 128)
-    assert not result.warnings or all("constant" in w for w in result.warnings)
+    assert all("constant" in w or "exploratory" in w for w in result.warnings)
 
 
 def test_fdr_family_is_every_feature_of_every_point(result):
@@ -101,7 +101,7 @@ def test_activations_equal_manual_computation(result, ckpt, tiny_bridge):
 def test_aggregate_last_is_last_token(ckpt, tiny_bridge, result):
     points = ["sae.hook_latents", "nfm.hook_hidden"]
     last = screen(ckpt, DESIGN, bridge=tiny_bridge, aggregate="last", points=points, batch_size=16,
-                  progress=False)
+                  progress=False, discover=None)
     assert list(last.activations) == points
     got = last.activations["sae.hook_latents"]
     mean = result.activations["sae.hook_latents"]
@@ -156,7 +156,8 @@ def test_planted_interaction_found_and_screening_is_fast():
 
 def test_outputs_written(tmp_path, ckpt, tiny_bridge):
     out = tmp_path / "screen"
-    res = screen(ckpt, DESIGN, bridge=tiny_bridge, out=out, top=5, points=["sae.hook_latents"], progress=False)
+    res = screen(ckpt, DESIGN, bridge=tiny_bridge, out=out, top=5, points=["sae.hook_latents"], progress=False,
+                 discover=None)
     assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "screen.json", "screening.csv",
                                                      "screening.parquet", "top.json"]
     csv = pd.read_csv(out / "screening.csv")

@@ -93,7 +93,8 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     out = Path(cfg.out)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
     fresh["fingerprint"] = fp.digest
-    if claim(out, fp, owned=(MANIFEST, "shard_*.safetensors"), overwrite=overwrite) == "resume" and (out / "manifest.json").exists():
+    state = claim(out, fp, owned=(MANIFEST, "shard_*.safetensors"), overwrite=overwrite)
+    if state == "resume" and (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):
             return manifest

@@ -25,6 +25,12 @@ def screen_command(
     top: Annotated[int, typer.Option("--top", help="features listed and written to top.json")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="stimuli per forward pass")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",
+    discover: Annotated[float, typer.Option("--discover", help="fraction of the items screened (discovery, "
+                                            "seeded); the rest are held out for the battery")] = 0.5,
+    all_items: Annotated[bool, typer.Option("--all-items", help="screen every item (exploratory: a battery "
+                                            "on these features cannot be confirmatory)")] = False,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="seed of the discovery/confirmation split")
+                          ] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="output folder (screening.csv/.parquet, screen.json, "
                                              "top.json), written atomically")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a screening with other settings in "
@@ -32,6 +38,9 @@ def screen_command(
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
+    Only the discovery items are screened (--discover, default half, seeded); screen.json lists them and the
+    held-out confirmation items, on which a battery `from_screening` then tests the chosen features. Matched
+    items are screened with the within-item model (by-item repeated-measures ANOVA), cell lists with OLS.
     Each unique stimulus (BOS + stimulus text, no prompt) is run to the checkpoint's hook, normalised and passed
     through the joint SAE; feature values are averaged over the kept tokens (or read at the last one). Prints
     the top features by interaction p and how many have q < 0.05 over the whole family screened.
@@ -40,8 +49,17 @@ def screen_command(
 
     result = screen(checkpoint, design, model=model, points=point or None,
                     aggregate=aggregate,  # type: ignore[arg-type]  (checked by screen: one-line error)
-                    batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite)
+                    batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite,
+                    discover=None if all_items else discover, split_seed=split_seed)
     s = result.summary
+    split = s["split"]
+    if split["confirmation"]:
+        typer.echo(f"{s['design_name']}: screened {len(split['discovery'])} discovery items, "
+                   f"{len(split['confirmation'])} held out for confirmation ({split['unit']}, seed {split['seed']}); "
+                   f"model: {s['screen_model']}")
+    else:
+        typer.echo(f"{s['design_name']}: screened all {len(split['discovery'])} items (exploratory: none held out); "
+                   f"model: {s['screen_model']}")
     typer.echo(f"{s['design_name']}: {s['n_stimuli']} stimuli, aggregate={s['aggregate']}, hook {s['hook']}, "
                f"points {', '.join(f'{p} ({n})' for p, n in s['features_per_point'].items())}")
     if result.top:

@@ -26,6 +26,7 @@ from ..attach import Attached, attach
 from ..config import load_config
 from ..designs import expand, load_design, target_tokens
 from ..errors import FisError
+from ..holdout import design_identity
 from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
                            package_version)
 from ..io import write_json
@@ -33,7 +34,7 @@ from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import pad_right
 from .config import BatteryConfig
-from .features import Condition, Target, conditions, make_edit, resolve_features
+from .features import Condition, Target, conditions, make_edit, resolve_features, screened_designs
 from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,10 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
+    screened = screened_designs(cfg.features, cfg.checkpoint, designs)  # refuse before anything is written
+    if cfg.items == "confirmation" and not screened:
+        raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
+                       field="items", fix="drop `items`, or select features from_screening")
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     attached = attach(bridge, cfg.checkpoint)
     tokenizer = bridge.tokenizer
@@ -254,8 +259,10 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
 
     plans = []
     all_batches: list[Encoded] = []
+    selection: dict[str, dict[str, Any]] = {}
     for design in designs:
         rows = expand(design)
+        rows, selection[design.name] = _select_items(rows, design.name, screened.get(design.name), cfg.items)
         if cfg.max_items is not None:
             keep_items = list(dict.fromkeys(rows["item"]))[:cfg.max_items]
             rows = rows[rows["item"].isin(keep_items)]
@@ -269,8 +276,8 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if any(f.top_linear for f in cfg.features):
         active = _active_latents(attached, all_batches)
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
-    fp = battery_fingerprint(cfg, model_name(bridge), attached)
-    claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created only now, after every input was checked
+    fp = battery_fingerprint(cfg, model_name(bridge), attached, designs)
+    claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created now, every input checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
@@ -278,12 +285,13 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "fingerprint": fp.digest,
         "provenance": provenance(cfg.seed),
-        "designs": {d.name: {"factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
+        "designs": {d.name: {**selection[d.name], "items_used": list(dict.fromkeys(r["item"].astype(str))),
+                             "factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
                              "n_items": int(r["item"].nunique()), "prompts": [t for _, t in d.readout.prompt_items()],
                              "contrasts": dict(d.readout.contrasts), "score": d.readout.score}
                     for (d, r, _, _), p in zip(plans, cfg.designs, strict=True)},
-        "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t]}
-                     for t in targets],
+        "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t],
+                      **_selected_on(t, screened)} for t in targets],
         "warnings": [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
@@ -327,6 +335,37 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     return store_path(out, (shard_i, shard_n))
 
 
+def _select_items(rows: pd.DataFrame, name: str, screened: dict[str, Any] | None, items: str | None
+                  ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows a design runs on, and how they were chosen: a design some feature was screened on runs on the
+    items its screenings held out (``items: confirmation``, the default) or on every item (``items: all``,
+    exploratory); other designs run on every item (no feature was selected on them)."""
+    if screened is None:
+        return rows, {"item_selection": "all (no feature was selected on this design)"}
+    discovery = set(screened["discovery"])
+    if items == "all":
+        return rows, {"item_selection": "all (exploratory: includes the discovery items of the screening)",
+                      "discovery_items": screened["discovery"]}
+    kept = rows[~rows["item"].astype(str).isin(discovery)]
+    if kept.empty:
+        raise FisError(f"design {name!r}: the screening held out no items (it screened every item)",
+                       source=screened["screenings"][0], field="items",
+                       fix="rescreen with --discover 0.5, or set `items: all` (exploratory)")
+    return kept, {"item_selection": "confirmation (items held out from the screening)",
+                  "discovery_items": screened["discovery"]}
+
+
+def _selected_on(target: Target, screened: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """run.json's record of where a feature was selected: the screening, its design and discovery items."""
+    if target.source is None:
+        return {}
+    for name, entry in screened.items():
+        if target.source in entry["screenings"]:
+            return {"selected_on": {"screening": target.source, "design": name,
+                                    "discovery_items": entry["discovery"]}}
+    return {"selected_on": {"screening": target.source, "design": None, "discovery_items": []}}
+
+
 def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
     """A work unit's key; it starts with the run's fingerprint, so units of other settings never count as done."""
     di, bi, ti = unit
@@ -334,7 +373,7 @@ def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[i
     return f"{fp.short}|{plans[di][0].name}|{bi}|{t.point}|{t.label}"
 
 
-def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached) -> Fingerprint:
+def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached, designs: list[Any]) -> Fingerprint:
     """Everything that decides a battery's numbers: the config (not where it is written or on which device),
     the checkpoint's weights, the designs' and screenings' contents, the model and the package version."""
     config = cfg.model_dump(mode="json", exclude={"out", "device"})
@@ -342,7 +381,7 @@ def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached) -> F
     return Fingerprint("battery", {
         "config": config, "model": model, "package": package_version(),
         "checkpoint": checkpoint_identity(attached.checkpoint.path),
-        "designs": [file_digest(Path(p)) for p in cfg.designs],
+        "designs": [design_identity(d) for d in designs],
         "screenings": {s: _screening_identity(Path(s)) for s in screenings},
     })
 

@@ -73,6 +73,10 @@ class BatteryConfig(StrictModel):
     batch_size: PositiveInt = 16
     out: Path = Path("runs/battery")
     max_items: PositiveInt | None = Field(None, description="use only the first N items per design (pilots)")
+    items: Literal["confirmation", "all"] | None = Field(
+        None, description="which items of a screened design to run: 'confirmation' (the items the screening "
+                          "held out; the default when a feature comes from_screening) or 'all' (exploratory: "
+                          "features are tested on the items they were selected on, and reported as such)")
 
     @model_validator(mode="after")
     def _no_repeats(self) -> BatteryConfig:

@@ -21,6 +21,7 @@ class Target:
     point: str
     indices: tuple[int, ...]
     role: str
+    source: str | None = None  # the screening folder it was selected from (from_screening), else None
 
     @property
     def label(self) -> str:
@@ -77,7 +78,25 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
     if not top:
         raise FisError(f"the screening has no feature{' at ' + spec.point if spec.point else ''}",
                        source=path, field="features.from_screening", fix="screen that point, or drop `point`")
-    return [Target(t["point"], (int(t["feature"]),), spec.role) for t in top]
+    return [Target(t["point"], (int(t["feature"]),), spec.role, str(spec.from_screening)) for t in top]
+
+
+def screening_summary(spec: FeatureSpec) -> tuple[dict, Path]:
+    """``screen.json`` of a ``from_screening`` selector (the folder's, or the one beside its top.json)."""
+    path = Path(spec.from_screening)
+    file = path / "screen.json" if path.is_dir() else path.parent / "screen.json"
+    if not file.is_file():
+        raise FisError("screen.json not found beside the screening", source=file, field="features.from_screening",
+                       fix="pass the folder written by `fis screen --out FOLDER`")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FisError("screen.json is not valid JSON", source=file, field="features.from_screening",
+                       fix="rerun `fis screen`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("split"), dict):
+        raise FisError("screen.json records no discovery/confirmation split (made by an older fis screen)",
+                       source=file, field="features.from_screening", fix="rerun `fis screen`")
+    return data, file
 
 
 def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
@@ -154,3 +173,21 @@ def make_edit(target: Target, cond: Condition) -> Callable[[torch.Tensor], torch
         return out
 
     return fn
+
+
+def screened_designs(specs: list[FeatureSpec], checkpoint: Path, designs: list) -> dict[str, dict]:
+    """For each battery design some ``from_screening`` feature was selected on: its discovery items (union over
+    screenings) and the screenings. Refuses (one line) a screening of another checkpoint or design."""
+    from ..holdout import check_same_origin, design_identity
+
+    idents = {d.name: design_identity(d) for d in designs}
+    out: dict[str, dict] = {}
+    for spec in specs:
+        if spec.from_screening is None:
+            continue
+        summary, file = screening_summary(spec)
+        name = check_same_origin(summary, file, checkpoint, idents)
+        entry = out.setdefault(name, {"discovery": [], "confirmation": None, "screenings": []})
+        entry["discovery"] = list(dict.fromkeys(entry["discovery"] + [str(i) for i in summary["split"]["discovery"]]))
+        entry["screenings"].append(str(spec.from_screening))
+    return out

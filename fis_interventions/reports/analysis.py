@@ -4,7 +4,10 @@ Every test goes through :func:`fis_interventions.stats.analyze_2x2` (Type III AN
 with item random intercepts, interaction contrast); where a design has more than one prompt, the LMM is
 also fitted with prompts as a crossed random factor (:func:`fis_interventions.stats.lmm_2x2`,
 ``extra_random``). The primary p-value of a test is that of the model matching the design (items and
-prompts crossed, else items only); BH q-values are computed over every test in the run (one family).
+prompts crossed, else items only); BH q-values are computed over every confirmatory test in the run (one
+family). Tests of a feature chosen by a screening on the very items it is tested on (a battery with
+``items: all``) are labelled "exploratory: selected and tested on the same items" and corrected in a family of
+their own, never counted as significant findings.
 """
 
 from __future__ import annotations
@@ -28,7 +31,34 @@ log = logging.getLogger(__name__)
 ALPHA = 0.05
 KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
 FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
-          "(no-op checks excluded: they are null checks of the splice)")
+          "(no-op checks excluded: they are null checks of the splice; exploratory tests excluded: features "
+          "selected and tested on the same items)")
+
+
+EXPLORATORY = "exploratory: selected and tested on the same items"
+CONFIRMATORY = "confirmatory: selected on other (discovery) items"
+NOT_SCREENED = "not selected by a screening"
+
+
+def selections(run: Run) -> dict[tuple[str, str], dict[str, Any]]:
+    """(point, feature label) -> ``{"design", "items"}``: the design and discovery items a feature chosen by a
+    screening was selected on (``selected_on`` in run.json, written by the battery)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in run.info.features:
+        sel = (f.model_extra or {}).get("selected_on")
+        if isinstance(sel, dict) and sel.get("design") is not None:
+            out[(f.point, str(f.feature))] = {"design": sel["design"], "items": set(map(str, sel["discovery_items"]))}
+    return out
+
+
+def selection(selected: dict, design: str, point: str, feature: str, items: set[str]) -> str:
+    """How a test's feature was chosen relative to the items it is tested on (see :data:`EXPLORATORY`)."""
+    sel = selected.get((point, feature))
+    if sel is None:
+        return NOT_SCREENED
+    if sel["design"] == design and sel["items"] & items:
+        return EXPLORATORY
+    return CONFIRMATORY
 
 
 def is_noop(intervention: str, value: float) -> bool:
@@ -135,6 +165,7 @@ def analyze_run(run: Run) -> Analysis:
     if contrasts.empty:
         raise FisError("the results have no contrast readouts (readout_kind 'contrast'): nothing to test",
                        source=run.folder / "results.sqlite", fix="define contrasts in the design's readout")
+    selected = selections(run)
     with _quiet_engine() as python_warnings:
         for design_name, dsub in contrasts.groupby("design", sort=False):
             design = run.info.designs[str(design_name)]
@@ -145,6 +176,8 @@ def analyze_run(run: Run) -> Analysis:
                 key["feature"], key["value"] = str(key["feature"]), float(key["value"])
                 crossed = sub["prompt_id"].nunique() > 1
                 row, detail, notes = _one_test(sub, key, a, b, levels, crossed)
+                row["selection"] = selection(selected, str(design_name), key["point"], key["feature"],
+                                             set(sub["item"].astype(str)))
                 rows.append(row)
                 for name, part in detail.items():
                     details[name] += part
@@ -156,12 +189,23 @@ def analyze_run(run: Run) -> Analysis:
     if not tests.empty:
         # The family is every real test of the run; no-op clamps (scale 1, add 0) are null checks of the
         # error-term splice whose p-values describe float noise, so they are kept out of the correction.
-        real = ~tests["null_check"].astype(bool)
+        # Tests of features selected on the same items they are tested on are circular (exploratory): they
+        # form their own family and are never counted as findings.
+        null = tests["null_check"].astype(bool)
+        explo = (tests["selection"] == EXPLORATORY) & ~null
+        real = ~null & ~explo
         tests = add_qvalues(tests.assign(_p=tests["p"].where(real)), p_col="_p", out="q").drop(columns="_p")
         for col in ("p_anova", "p_f2", "p_lmm"):
             masked = tests.assign(_p=tests[col].where(real))
             tests[col.replace("p_", "q_")] = add_qvalues(masked, p_col="_p", out="tmp")["tmp"]
-        tests["q_family"] = "every non-null-check test of the run"
+        tests["q_family"] = "every confirmatory (non-null-check, non-exploratory) test of the run"
+        if explo.any():
+            for p_col, q_col in (("p", "q"), ("p_anova", "q_anova"), ("p_f2", "q_f2"), ("p_lmm", "q_lmm")):
+                ex = add_qvalues(tests.assign(_p=tests[p_col].where(explo)), p_col="_p", out="tmp")
+                tests.loc[explo, q_col] = ex.loc[explo, "tmp"]
+                if q_col == "q":
+                    tests.loc[explo, "q_family_size"] = ex.loc[explo, "tmp_family_size"]
+            tests.loc[explo, "q_family"] = "exploratory tests only (features selected and tested on the same items)"
         tests["significant"] = (tests["q"] < ALPHA) & real
     log.info("analysed %d tests (%d engine warnings)", len(tests), len(warns))
     kl = res[res["readout_kind"] == "kl"]
@@ -181,7 +225,9 @@ def feature_verdicts(tests: pd.DataFrame) -> pd.DataFrame:
     for (design, point, feature, role), sub in real.groupby(["design", "point", "feature", "role"], sort=False):
         sig = sub[sub["significant"]]
         best = sig.loc[sig["partial_eta2"].idxmax()] if not sig.empty else None
-        out.append({"design": design, "point": point, "feature": feature, "role": role, "tests": len(sub),
+        out.append({"design": design, "point": point, "feature": feature, "role": role,
+                    "selection": str(sub["selection"].iloc[0]) if "selection" in sub else NOT_SCREENED,
+                    "tests": len(sub),
                     "significant": int(len(sig)), "min_q": float(np.nanmin(sub["q"])) if sub["q"].notna().any()
                     else None, "max_partial_eta2": None if best is None else float(best["partial_eta2"]),
                     "control_ok": None if role == "top" else bool(sig.empty)})

@@ -20,7 +20,7 @@ from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identi
                            replace_folder)
 from ..io import write_json
 from ..provenance import library_versions, provenance
-from .analysis import ALPHA, Analysis, analyze_run, feature_verdicts, is_noop
+from .analysis import ALPHA, EXPLORATORY, Analysis, analyze_run, feature_verdicts, is_noop
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
 from .runfolder import Run, load_run
@@ -73,6 +73,9 @@ def summary_lines(tests: pd.DataFrame, verdicts: pd.DataFrame) -> list[str]:
                     & (tests["feature"] == v["feature"]) & ~tests["null_check"] & tests["significant"]]
         head = (f"**{v['design']}: feature {v['feature']}** ({v['role']}, `{v['point']}`): "
                 f"{v['significant']} of {v['tests']} tests significant")
+        if v.get("selection") == EXPLORATORY:
+            head += (f" (**{EXPLORATORY}**: its tests are left out of the confirmatory FDR family and never "
+                     "count as significant)")
         if v["role"] != "top":
             if v["control_ok"]:
                 verdict = "as expected for a control"
@@ -141,10 +144,15 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
                  "the design (items and prompts crossed where there are several prompts, else items only; a "
                  "crossed fit that gives no p-value falls back to items only, and the warnings list it).")
     n = len(analysis.tests)
-    fam = int(analysis.tests["q_family_size"].max()) if n else 0
-    lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} tests with a p-value "
-                 f"({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm apply "
-                 "the same correction to the other p-values.")
+    conf = analysis.tests[analysis.tests["selection"] != EXPLORATORY] if n else analysis.tests
+    fam = int(conf["q_family_size"].max()) if len(conf) else 0
+    lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} confirmatory tests with a "
+                 f"p-value ({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm "
+                 "apply the same correction to the other p-values.")
+    lines.append("Feature selection: features chosen by `fis screen` were ranked on its discovery items; the "
+                 "battery tests them on the held-out confirmation items (column `selection` of tests.csv). "
+                 f"Tests on items that were also screened are labelled \"{EXPLORATORY}\": they form a BH family "
+                 "of their own and are never significant findings (selection on the same data biases p low).")
     lines.append("No-op clamps (scale 1, add 0) are null checks: their shifts must be float noise; they are kept "
                  "in the tests table but left out of the FDR family, since p-values of float noise mean nothing.")
     versions = info.provenance.get("versions") or {}
@@ -173,8 +181,15 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
     doc = Doc(f"Intervention report: {run.info.name}")
     doc.h(1, "Summary")
     n_null = int(tests["null_check"].sum()) if "null_check" in tests else 0
-    doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts: {len(tests) - n_null} BH-corrected "
-          f"together (q < {ALPHA}), and {n_null} no-op null checks of the splice kept out of the correction.")
+    n_explo = int((tests["selection"] == EXPLORATORY).sum() - (tests["null_check"] & (tests["selection"]
+                                                                                    == EXPLORATORY)).sum()
+                  ) if "selection" in tests else 0
+    doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts: {len(tests) - n_null - n_explo} "
+          f"confirmatory tests BH-corrected together (q < {ALPHA}), {n_null} no-op null checks of the splice kept "
+          "out of the correction"
+          + (f", and {n_explo} exploratory tests ({EXPLORATORY}: features chosen by a screening of the very "
+             "items they are tested on, so their p-values are biased low) corrected as a separate family and "
+             "not counted as findings" if n_explo else "") + ".")
     doc.ul(summary_lines(tests, verdicts))
     if not checks.empty:
         failed = checks[~checks["passed"]]
@@ -190,6 +205,10 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
         for (point, feature, role), ftests in dtests.groupby(["point", "feature", "role"], sort=False):
             keys = {"design": design_name, "point": point, "feature": feature}
             doc.h(2, f"{design_name}: feature {feature} ({role}, {point})")
+            if (ftests["selection"] == EXPLORATORY).any():
+                doc.p(f"**{EXPLORATORY}.** This feature was chosen by a screening that included the items it is "
+                      "tested on here: every test below is exploratory, its q comes from a separate family, "
+                      "and none counts as a finding.")
             stem = slug(f"{design_name}_{point}_{feature}")
             cells = analysis.cells
             fcells = cells[(cells["design"] == design_name) & (cells["point"] == point) & (cells["feature"] == feature)]
