@@ -29,7 +29,7 @@ from fis_interventions.splice import JointSplice
 
 HOOK = "blocks.1.hook_resid_post"
 SCALE = 0.5
-A, B, H0, H1, J = 5, 9, 3, 4, 7
+A, B, H0, H1, J = 5, 9, 3, 4, 7  # J = 7: the synthetic report run's linear_control feature
 CTX_LEN, N_CTX, PER_SHARD = 24, 160, 12  # 14 shards; held-out: every 10th context (16 contexts)
 
 
@@ -74,7 +74,7 @@ def planted(tmp_path_factory, tiny_bridge) -> dict:
     w_u = hf_model_of(tiny_bridge).lm_head.weight.detach()
     torch.manual_seed(1)
     joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
-    joint.attach_secondary(48, 4)
+    joint.attach_secondary(400, 4)  # wide enough for the synthetic report run's feature ids (7, 12, 345)
     with torch.no_grad():
         sae, nfm, sec = joint.sae, joint.nfm, joint.secondary
         sae.W_enc[:, A] = 3 * _unit(emb[T])
@@ -301,3 +301,60 @@ def test_bad_input_is_one_line_exit_2(planted, tiny_bridge, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def report_out(planted, tiny_bridge) -> Path:
+    from fis_interventions.reports import report, write_synthetic_run
+
+    run = write_synthetic_run(planted["root"] / "run", n_items=6, n_prompts=1, values=(1.0, 4.0), extras=False)
+    info = json.loads((run / "run.json").read_text())
+    info.update(checkpoint=str(planted["ckpt"]), model="tiny-random")
+    (run / "run.json").write_text(json.dumps(info))
+    return report(run, planted["root"] / "report", cards=True, card_top=4, bridge=tiny_bridge)
+
+
+def test_report_has_a_card_next_to_each_clamped_feature(report_out):
+    md = (report_out / "report.md").read_text(encoding="utf-8")
+    features = md.split("## Features")[1].split("## KL divergence")[0]
+    sections = features.split("### formality_emotion: feature ")[1:]
+    assert len(sections) == 3
+    for section in sections:
+        feature = section.split(" ")[0]
+        assert f"#### Card: feature {feature} (secondary.hook_latents)" in section
+        assert section.index("](figures/dose_") < section.index("#### Card:")  # next to its plots
+        assert "##### Output direction (logit lens)" in section and "##### Top-activating contexts" in section
+    seven = next(s for s in sections if s.startswith("7 "))
+    assert "⟦ beach⟧" in seven and "' music'" in seven and "What it integrates" in seven
+    assert sorted(p.name for p in (report_out / "cards").iterdir()) == sorted(
+        [f"secondary.hook_latents_{i}.{ext}" for i in (7, 12, 345) for ext in ("json", "md")] + ["index.md"])
+    page = (report_out / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+    assert page.count("Card: feature") == 3 and "⟦ beach⟧" in page
+
+
+def test_report_without_reachable_checkpoint_warns_or_fails_on_request(tmp_path):
+    from fis_interventions.errors import FisError
+    from fis_interventions.reports import report, write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "run", n_items=4, n_prompts=1, values=(1.0, 4.0), extras=False)
+    out = report(run, tmp_path / "rep")
+    warnings = (out / "report.md").read_text(encoding="utf-8").split("## Warnings")[1]
+    assert "no feature cards" in warnings and "checkpoint not found" in warnings
+    assert not (out / "cards").exists()
+    with pytest.raises(FisError, match="checkpoint not found"):
+        report(run, tmp_path / "rep2", cards=True)
+    assert not (tmp_path / "rep2").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep3"), "--cards"]) == 2
+
+
+@pytest.mark.browser
+def test_report_with_cards_renders_in_headless_chromium(report_out):
+    from fis_interventions.reports.browser import chromium_binary, probe_html
+
+    if chromium_binary() is None:
+        pytest.skip("the chromium binary is not installed (apt-get install chromium)")
+    result = probe_html(report_out / "report.html")
+    assert result["title"] == "fis-probe-ok", result
+    assert result["errors"] == []
+    assert len(result["images"]) == 6 and all(i["complete"] and i["naturalWidth"] > 100 for i in result["images"])

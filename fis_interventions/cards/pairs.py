@@ -77,7 +77,7 @@ def pair_contributions(joint: Any, point: str, index: int, code_val: torch.Tenso
     pre_mean = float(pre.mean()) if n else 0.0
     order = torch.argsort(sums, descending=True)[:n_pairs]
     pairs = []
-    for j in order.tolist():
+    for j in order[sums[order] > 0].tolist():  # the pairs that drive it up; a zero-coupling pair is no driver
         a, b = divmod(int(uniq[j]), joint.sae.d_sae)
         mean = float(sums[j]) / max(n, 1)
         row = {"latents": [a, b], "contribution": mean, "share": mean / pre_mean if pre_mean else None,

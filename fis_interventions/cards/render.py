@@ -81,7 +81,7 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
             doc.table(pd.DataFrame(rows), "Pairs ranked by mean contribution to the pre-activation; "
                                           "'promotes': top logit-lens tokens of each latent's decoder row.")
         else:
-            doc.p("No pair is active on the firing tokens.")
+            doc.p("No active pair adds to the pre-activation on the firing tokens.")
     return doc
 
 

@@ -13,6 +13,12 @@ from ..cli import app
 def report_command(
     run: Path = typer.Argument(..., help="Run folder written by the battery (run.json + results.sqlite)."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default: reports/<run name>)."),
+    cards: bool | None = typer.Option(None, "--cards/--no-cards", help="Feature cards for every clamped feature "
+                                      "(default: where the checkpoint and its harvest are found, else a warning; "
+                                      "--cards makes them required)."),
+    activations: Path | None = typer.Option(None, "--activations", help="Harvest folder for the cards (default: "
+                                            "the checkpoint's)."),
+    card_top: int = typer.Option(10, "--card-top", help="Top-activating contexts per card."),
 ) -> None:
     """Analyse every clamp of a battery run (ANOVA, by-item ANOVA, LMM, BH over the run) and write a report.
 
@@ -21,5 +27,5 @@ def report_command(
     """
     from ..reports import report
 
-    folder = report(run, out)
+    folder = report(run, out, cards=cards, activations=activations, card_top=card_top)
     typer.echo(f"wrote {folder / 'report.html'}")
