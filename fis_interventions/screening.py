@@ -28,7 +28,7 @@ from .errors import FisError
 
 DEFAULT_POINTS: tuple[str, ...] = ("sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents")
 AGGREGATES = ("mean", "last")
-OUTPUT_FILES = ("screening.csv", "screening.parquet", "screen.json", "top.json")
+OUTPUT_FILES = ("screening.csv", "screening.parquet", "screen.json", "top.json", "cards")
 ALPHA = 0.05
 Aggregate = Literal["mean", "last"]
 
@@ -45,6 +45,7 @@ class ScreenResult:
     summary: dict[str, Any] = field(default_factory=dict)
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     stimuli: pd.DataFrame | None = None
+    cards: list[dict[str, Any]] = field(default_factory=list)  # feature cards of the top features (``cards=N``)
 
 
 def stimulus_rows(design: Any) -> pd.DataFrame:
@@ -173,7 +174,8 @@ def top_features(table: pd.DataFrame, n: int = 10) -> list[dict[str, Any]]:
              "q_ab": float(r.q_ab)} for r in ok.itertuples()]
 
 
-def _write_outputs(out: Path, table: pd.DataFrame, summary: dict[str, Any], top: list[dict[str, Any]]) -> None:
+def _write_outputs(out: Path, table: pd.DataFrame, summary: dict[str, Any], top: list[dict[str, Any]],
+                   cards: list[dict[str, Any]] | None = None) -> None:
     from .io import atomic_dir, write_json
 
     out = Path(out)
@@ -189,17 +191,23 @@ def _write_outputs(out: Path, table: pd.DataFrame, summary: dict[str, Any], top:
         table.to_parquet(tmp / "screening.parquet", index=False)
         write_json(tmp / "screen.json", summary)
         write_json(tmp / "top.json", top)
+        if cards:
+            from .cards import write_cards
+
+            write_cards(cards, tmp / "cards")
 
 
 def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
-           top: int = 10) -> ScreenResult:
+           top: int = 10, cards: int = 0, cards_activations: Path | str | None = None) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``model`` defaults to the model the checkpoint was trained on; a different one is refused. ``points=None``
     screens the default points the checkpoint has (skipping the others with a warning); named points must
-    exist. ``bridge`` reuses an already loaded model (tests, notebooks).
+    exist. ``bridge`` reuses an already loaded model (tests, notebooks). ``cards=N`` adds feature cards for the
+    N best features (by interaction p, over all points) from the checkpoint's harvest (or ``cards_activations``),
+    written to ``out/cards/`` and kept in ``ScreenResult.cards``.
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -212,6 +220,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix="use mean or last")
     if top < 0:
         raise FisError(f"--top must be >= 0, got {top}", field="top", fix="use e.g. 10")
+    if cards < 0:
+        raise FisError(f"--cards must be >= 0, got {cards}", field="cards", fix="use e.g. 5")
     d = read_design(design)
     warnings = [f"design: {m}" for m in design_warnings(d)]
     meta = read_meta(Path(checkpoint))  # cheap checks before loading a model
@@ -230,6 +240,11 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"model {model!r} requested but the given bridge is {model_name(bridge)!r}", field="model")
     attached = attach(bridge, checkpoint)
     warnings += point_warnings
+    if cards:  # check the harvest before the screening runs: nothing is written if the cards cannot be made
+        from .activations import ActivationStore
+        from .cards.build import check_harvest, harvest_folder
+
+        check_harvest(ActivationStore(harvest_folder(attached.checkpoint, cards_activations)), attached.checkpoint)
 
     rows = stimulus_rows(d)
     a, b = list(d.factors)
@@ -260,6 +275,15 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
                                       for p in chosen},
         "top": top_list, "warnings": warnings, "provenance": provenance(config=config),
     }
+    card_list: list[dict[str, Any]] = []
+    if cards:
+        from .cards import FeatureKey, build_cards
+        from .cards.directions import CARD_POINTS
+
+        best = [t for t in top_features(table, len(table)) if t["point"] in CARD_POINTS][:cards]
+        card_list = build_cards(attached.checkpoint, [FeatureKey(t["point"], t["feature"]) for t in best],
+                                activations=cards_activations, bridge=bridge, progress=progress)
+        summary["cards"] = [f"cards/{c['point']}_{c['feature']}.md" for c in card_list]
     if out is not None:
-        _write_outputs(Path(out), table, summary, top_list)
-    return ScreenResult(table, top_list, warnings, summary, acts, rows)
+        _write_outputs(Path(out), table, summary, top_list, card_list)
+    return ScreenResult(table, top_list, warnings, summary, acts, rows, card_list)

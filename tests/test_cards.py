@@ -358,3 +358,30 @@ def test_report_with_cards_renders_in_headless_chromium(report_out):
     assert result["title"] == "fis-probe-ok", result
     assert result["errors"] == []
     assert len(result["images"]) == 6 and all(i["complete"] and i["naturalWidth"] > 100 for i in result["images"])
+
+
+def test_screen_cards_for_the_top_features(planted, tiny_bridge, tmp_path, monkeypatch, capsys):
+    from fis_interventions.errors import FisError
+    from fis_interventions.screening import screen
+
+    design = Path(__file__).resolve().parents[1] / "stimuli" / "negation_sentiment.yaml"
+    out = tmp_path / "screen"
+    res = screen(planted["ckpt"], design, bridge=tiny_bridge, out=out, points=["nfm.hook_hidden"], cards=2,
+                 progress=False)
+    best = [(t["point"], t["feature"]) for t in res.top[:2]]
+    assert [(c["point"], c["feature"]) for c in res.cards] == best
+    assert sorted(p.name for p in (out / "cards").iterdir()) == sorted(
+        ["index.md"] + [f"{p}_{f}.{ext}" for p, f in best for ext in ("md", "json")])
+    assert json.loads((out / "screen.json").read_text())["cards"] == [f"cards/{p}_{f}.md" for p, f in best]
+    # a harvest that cannot serve the cards is refused before anything is screened or written
+    other = _other_harvest(planted, tmp_path, hook="blocks.2.hook_resid_post", hook_canonical="blocks.2.hook_out")
+    with pytest.raises(FisError, match="harvest is of hook"):
+        screen(planted["ckpt"], design, bridge=tiny_bridge, out=tmp_path / "s2", cards=1, cards_activations=other,
+               progress=False)
+    assert not (tmp_path / "s2").exists()
+    import fis_interventions.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: tiny_bridge)
+    assert main(["screen", "--checkpoint", str(planted["ckpt"]), "--design", str(design), "--point",
+                 "secondary.hook_latents", "--cards", "1", "--top", "1"]) == 0
+    assert "card secondary.hook_latents" in capsys.readouterr().out

@@ -27,6 +27,10 @@ def screen_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",
     out: Annotated[Path | None, typer.Option("--out", help="output folder (screening.csv/.parquet, screen.json, "
                                              "top.json), written atomically")] = None,
+    cards: Annotated[int, typer.Option("--cards", help="feature cards for the N best features (top contexts from "
+                                       "the checkpoint's harvest, logit lens, driving pairs) in OUT/cards/")] = 0,
+    cards_activations: Annotated[Path | None, typer.Option("--cards-activations", help="harvest folder for the "
+                                                           "cards; default: the checkpoint's")] = None,
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
@@ -38,7 +42,8 @@ def screen_command(
 
     result = screen(checkpoint, design, model=model, points=point or None,
                     aggregate=aggregate,  # type: ignore[arg-type]  (checked by screen: one-line error)
-                    batch_size=batch_size, device=device, out=out, top=top)
+                    batch_size=batch_size, device=device, out=out, top=top, cards=cards,
+                    cards_activations=cards_activations)
     s = result.summary
     typer.echo(f"{s['design_name']}: {s['n_stimuli']} stimuli, aggregate={s['aggregate']}, hook {s['hook']}, "
                f"points {', '.join(f'{p} ({n})' for p, n in s['features_per_point'].items())}")
@@ -50,5 +55,10 @@ def screen_command(
                "(BH over all points)")
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
+    for card in result.cards:
+        promoted = ", ".join(repr(t["token"]) for t in card["output_direction"]["promoted"][:5])
+        ctx = card["top_contexts"][0]["text"] if card["top_contexts"] else "(never fires)"
+        typer.echo(f"card {card['point']} {card['feature']}: fires on {card['activation']['frequency']:.2%} of "
+                   f"tokens; top context: {ctx}; promotes {promoted}")
     if out is not None:
         typer.echo(f"wrote {out}")
