@@ -77,10 +77,16 @@ def read_split(path: Path, want: Callable[[torch.Tensor], torch.Tensor]) -> Shar
     return ShardRows(acts.float(), row_ctx, row_pos, tokens[mask], ctx[mask])
 
 
-def _sparse_pick(values: torch.Tensor, indices: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """[B, n] dense values of the ``wanted`` latents from top-k codes (0 where inactive), no [B, d_sae] tensor."""
-    hit = indices.unsqueeze(-1) == wanted.view(1, 1, -1)
-    return (values.unsqueeze(-1) * hit).sum(1)
+def _sparse_pick(values: torch.Tensor, indices: torch.Tensor, slot: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] dense values of the wanted latents from top-k codes (0 where inactive), in O(B * k).
+
+    ``slot`` maps a latent index to its column among the wanted ones, -1 for the others; no [B, d_sae] tensor
+    and no [B, k, n] comparison is formed."""
+    col = slot[indices]
+    hit = col >= 0
+    rows = torch.arange(len(values), device=values.device).unsqueeze(1).expand_as(col)
+    out = values.new_zeros(len(values), n)
+    return out.index_put_((rows[hit], col[hit]), values[hit], accumulate=True)
 
 
 class FeatureReader:
@@ -94,27 +100,33 @@ class FeatureReader:
     def __init__(self, joint: Any, keys: Sequence[FeatureKey]) -> None:
         self.joint = joint
         self.keys = list(keys)
-        self.integration = joint.nfm is not None
+        # the NFM runs only when an integration feature is asked for (its codes and gates feed the pair analysis)
+        self.integration = joint.nfm is not None and any(k.point != "sae.hook_latents" for k in self.keys)
         self.components = "sae+interaction" if self.integration else "sae"
         device = joint.sae.W_dec.device
-        self.groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for point in dict.fromkeys(k.point for k in self.keys):
             cols = [i for i, k in enumerate(self.keys) if k.point == point]
-            idx = [self.keys[i].index for i in cols]
-            self.groups[point] = (torch.tensor(cols, device=device), torch.tensor(idx, device=device))
+            idx = torch.tensor([self.keys[i].index for i in cols], device=device)
+            width = joint.sae.d_sae if point == "sae.hook_latents" else (
+                joint.secondary.d_sae if point == "secondary.hook_latents" else 0)
+            slot = torch.full((width,), -1, dtype=torch.long, device=device)
+            if width:
+                slot[idx] = torch.arange(len(idx), device=device)
+            self.groups[point] = (torch.tensor(cols, device=device), idx, slot)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``(values [B, F], out)`` for normalised inputs ``x``; ``out`` is the JointOutput."""
         out = self.joint(x, self.components)
         values = x.new_zeros(x.shape[0], len(self.keys), dtype=torch.float32)
-        for point, (cols, idx) in self.groups.items():
+        for point, (cols, idx, slot) in self.groups.items():
             if point == "sae.hook_latents":
-                v = _sparse_pick(out.latents.values, out.latents.indices, idx)
+                v = _sparse_pick(out.latents.values, out.latents.indices, slot, len(idx))
             elif point == "nfm.hook_hidden":
                 v = out.hidden[:, idx]
             else:
-                v = _sparse_pick(out.secondary_latents.values, out.secondary_latents.indices, idx)
+                v = _sparse_pick(out.secondary_latents.values, out.secondary_latents.indices, slot, len(idx))
             values[:, cols] = v.float()
         return values, out
 
