@@ -18,7 +18,9 @@ BAR_WIDTH = 30
 
 
 def _tok(text: Any) -> str:
-    return repr(str(text))
+    """A token in quotes with its whitespace visible (idempotent on the already-escaped context tokens)."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return f"'{text}'"
 
 
 def card_doc(card: dict[str, Any], level: int | None = None, title: str | None = None) -> Doc:
