@@ -188,6 +188,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
                        source=ckpt.path, field="model", fix=f"load {ckpt.model_name!r}")
     if ckpt.hook is not None:
         check_harvest(store, ckpt, resolve_hook(bridge, ckpt.hook).canonical)
+    joint = joint.to(next(bridge.original_model.parameters()).device)  # the pass runs where the model is
     res = stream_features(joint, normalizer, keys, store.shard_paths(), _split_rule(split, store.heldout_every),
                           top=top, batch_size=batch_size, progress=progress)
     if res.n_tokens == 0:
