@@ -261,7 +261,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
     config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
-              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top}
+              "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top, "cards": cards,
+              "cards_activations": None if cards_activations is None else str(cards_activations)}
     summary = {
         "checkpoint": str(attached.checkpoint.path), "model": model_name(bridge), "hook": attached.hook,
         "design": str(design), "design_name": d.name, "factors": levels, "points": chosen,
