@@ -95,8 +95,9 @@ def main() -> None:
         n = write_harvest(Path(tmp) / "harvest", args.tokens)
         ckpt = write_checkpoint(Path(tmp) / "ckpt", Path(tmp) / "harvest")
         size = sum(p.stat().st_size for p in (Path(tmp) / "harvest").iterdir()) / 2**20
-        print(f"synthetic harvest: {n} kept tokens, {size:.0f} MiB in "
-              f"{len(list((Path(tmp) / 'harvest').glob('shard_*')))} shards (written in {time.perf_counter() - t:.1f} s)")
+        n_shards = len(list((Path(tmp) / "harvest").glob("shard_*")))
+        print(f"synthetic harvest: {n} kept tokens, {size:.0f} MiB in {n_shards} shards "
+              f"(written in {time.perf_counter() - t:.1f} s)")
         t = time.perf_counter()
         bridge = load_model(MODEL, device="cpu")
         load_s = time.perf_counter() - t

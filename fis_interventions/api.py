@@ -26,5 +26,5 @@ from .screening import screen
 from .stats import stats
 from .training import refit, train
 
-__all__ = ["battery", "demo", "eval", "features", "harvest", "info", "merge", "refit", "report", "screen", "show", "stats", "train",
-           "validate"]
+__all__ = ["battery", "demo", "eval", "features", "harvest", "info", "merge", "refit", "report", "screen", "show",
+           "stats", "train", "validate"]
