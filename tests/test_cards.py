@@ -385,3 +385,10 @@ def test_screen_cards_for_the_top_features(planted, tiny_bridge, tmp_path, monke
     assert main(["screen", "--checkpoint", str(planted["ckpt"]), "--design", str(design), "--point",
                  "secondary.hook_latents", "--cards", "1", "--top", "1"]) == 0
     assert "card secondary.hook_latents" in capsys.readouterr().out
+
+
+def test_harvest_recorded_under_a_hook_alias_is_accepted(planted, tiny_bridge, tmp_path):
+    other = _other_harvest(planted, tmp_path, hook="blocks.1.hook_out")  # same hook, canonical name
+    cards = build_cards(planted["ckpt"], [FeatureKey("sae.hook_latents", A)], activations=other, top=2,
+                        bridge=tiny_bridge)
+    assert cards[0]["harvest"]["folder"] == str(other) and cards[0]["top_contexts"][0]["token"] == " beach"

@@ -60,13 +60,17 @@ def harvest_folder(ckpt: Any, activations: Path | str | None) -> Path:
 
 
 def check_harvest(store: Any, ckpt: Any, canonical: str | None = None) -> None:
-    """Refuse a harvest of another model, hook point or width than the checkpoint (one line)."""
+    """Refuse a harvest of another model, hook point or width than the checkpoint (one line).
+
+    The hook is compared only with ``canonical`` (the bridge's name for the checkpoint's hook), so that an
+    alias (``hook_resid_post`` / ``hook_out``) is not mistaken for another hook; without it only the model and
+    the width are checked."""
     m = store.manifest
     if ckpt.model_name is not None and m.get("model") != ckpt.model_name:
         raise FisError(f"harvest is of model {m.get('model')!r}, the checkpoint of {ckpt.model_name!r}",
                        source=store.folder, field="model", fix="pass a harvest of the checkpoint's model")
-    same_hook = m.get("hook") == ckpt.hook or (canonical is not None and m.get("hook_canonical") == canonical)
-    if ckpt.hook is not None and not same_hook:
+    same_hook = m.get("hook") == ckpt.hook or m.get("hook_canonical") == canonical
+    if canonical is not None and ckpt.hook is not None and not same_hook:
         raise FisError(f"harvest is of hook {m.get('hook')!r}, the checkpoint was trained at {ckpt.hook!r}",
                        source=store.folder, field="hook", fix="pass a harvest of the checkpoint's hook point")
     if int(m.get("d_model", -1)) != ckpt.d_in:
