@@ -23,6 +23,12 @@ def _tok(text: Any) -> str:
     return f"'{text}'"
 
 
+def _bar(count: int, peak: int) -> str:
+    """A fixed-width text bar (full cells then dots), readable in Markdown and in right-aligned HTML cells."""
+    n = round(BAR_WIDTH * count / peak) if count else 0
+    return "#" * n + "." * (BAR_WIDTH - n)
+
+
 def card_doc(card: dict[str, Any], level: int | None = None, title: str | None = None) -> Doc:
     """Blocks of one card. Standalone (``level=None``) the title is the document's and sections are level 1;
     inside a report the card opens with a heading at ``level`` and its sections are one deeper."""
@@ -40,7 +46,7 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
     hist = act["histogram"]
     if hist["counts"]:
         peak = max(hist["counts"])
-        rows = [{"from": lo, "to": hi, "tokens": c, "": "#" * (round(BAR_WIDTH * c / peak) if c else 0)}
+        rows = [{"from": lo, "to": hi, "tokens": c, "": _bar(c, peak)}
                 for lo, hi, c in zip(hist["edges"][:-1], hist["edges"][1:], hist["counts"])]
         doc.table(pd.DataFrame(rows), "Histogram of the non-zero activations (log-spaced bins, exact counts).")
     doc.h(level + 1, "Top-activating contexts")
