@@ -125,18 +125,19 @@ def _contexts(res: StreamResult, f: int, tokenizer: Any) -> list[dict[str, Any]]
     return out
 
 
-def _integration(joint: Any, key: FeatureKey, res: StreamResult, f: int, bridge: Any, normalizer: Any
-                 ) -> dict[str, Any] | None:
+def _integration(joint: Any, key: FeatureKey, res: StreamResult, f: int, bridge: Any, normalizer: Any,
+                 tags: dict[int, list[str]]) -> dict[str, Any] | None:
     if key.point not in INTEGRATION_POINTS or res.code_val is None:
         return None
     firing = res.top_val[f] > 0
     info = pair_contributions(joint, key.point, key.index, res.code_val[f][firing], res.code_idx[f][firing],
                               res.gates[f][firing], n_pairs=N_PAIRS)
     info.pop("preactivation")
-    latents = sorted({i for p in info["pairs"] for i in p["latents"]})
-    if latents:
+    latents = sorted({i for p in info["pairs"] for i in p["latents"]} - set(tags))
+    if latents:  # tags of each latent: its decoder row's top lens tokens (memo shared by all cards of a call)
         lens = logit_lens(bridge, residual_directions(joint, normalizer, "sae.hook_latents", latents))
-        tags = {i: [t["token"] for t in top_tokens(row, bridge.tokenizer, 3)[0]] for i, row in zip(latents, lens)}
+        tags.update({i: [t["token"] for t in top_tokens(row, bridge.tokenizer, 3)[0]] for i, row in zip(latents, lens)})
+    if info["pairs"]:
         for p in info["pairs"]:
             p["promotes"] = {str(i): tags[i] for i in p["latents"]}
     info["definition"] = PAIRS_DEFINITION[key.point]
@@ -199,6 +200,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
         raise FisError(f"the {split} split of the harvest has no tokens", source=folder, field="split",
                        fix="harvest more tokens or use --split all")
     cards = []
+    tags: dict[int, list[str]] = {}
     tokenizer = bridge.tokenizer
     split_text = {"heldout": f"held-out contexts (context_id % {store.heldout_every} == 0, never trained on)",
                   "train": f"training contexts (context_id % {store.heldout_every} != 0)",
@@ -228,7 +230,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
                                  "lens_definition": LENS_DEFINITION, "promoted": promoted, "suppressed": suppressed,
                                  "linear_part": _linear_part(joint, key.index) if key.point == "sae.hook_latents"
                                  else None},
-            "integration": _integration(joint, key, res, f, bridge, normalizer),
+            "integration": _integration(joint, key, res, f, bridge, normalizer, tags),
         })
     return cards
 

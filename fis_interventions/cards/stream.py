@@ -81,12 +81,11 @@ def _sparse_pick(values: torch.Tensor, indices: torch.Tensor, slot: torch.Tensor
     """[B, n] dense values of the wanted latents from top-k codes (0 where inactive), in O(B * k).
 
     ``slot`` maps a latent index to its column among the wanted ones, -1 for the others; no [B, d_sae] tensor
-    and no [B, k, n] comparison is formed."""
+    is formed. Top-k indices are distinct within a row, so each wanted column is written at most once; the
+    others all land in a spare column n, dropped."""
     col = slot[indices]
-    hit = col >= 0
-    rows = torch.arange(len(values), device=values.device).unsqueeze(1).expand_as(col)
-    out = values.new_zeros(len(values), n)
-    return out.index_put_((rows[hit], col[hit]), values[hit], accumulate=True)
+    col = torch.where(col >= 0, col, torch.full_like(col, n))
+    return values.new_zeros(len(values), n + 1).scatter_(1, col, values)[:, :n]
 
 
 class FeatureReader:
