@@ -392,3 +392,4 @@ def test_harvest_recorded_under_a_hook_alias_is_accepted(planted, tiny_bridge, t
     cards = build_cards(planted["ckpt"], [FeatureKey("sae.hook_latents", A)], activations=other, top=2,
                         bridge=tiny_bridge)
     assert cards[0]["harvest"]["folder"] == str(other) and cards[0]["top_contexts"][0]["token"] == " beach"
+    assert "not trained on" in cards[0]["harvest"]["split_rule"]  # another folder: no "never trained on" claim

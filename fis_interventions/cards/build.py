@@ -43,16 +43,22 @@ def parse_ids(text: str) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def recorded_harvest(ckpt: Any) -> Path | None:
+    """The harvest folder the checkpoint was trained on, as recorded in it (may no longer exist)."""
+    recorded = (ckpt.normalization or {}).get("activations") or (ckpt.train_config or {}).get("activations")
+    return Path(recorded) if recorded else None
+
+
 def harvest_folder(ckpt: Any, activations: Path | str | None) -> Path:
     """The harvest to read: the one given, else the one the checkpoint was trained on."""
     if activations is not None:
         folder = Path(activations)
     else:
-        recorded = (ckpt.normalization or {}).get("activations") or (ckpt.train_config or {}).get("activations")
-        if not recorded:
+        recorded = recorded_harvest(ckpt)
+        if recorded is None:
             raise FisError("the checkpoint does not record its harvest folder", source=ckpt.path,
                            field="activations", fix="pass --activations HARVEST_FOLDER")
-        folder = Path(recorded)
+        folder = recorded
     if not (folder / "manifest.json").is_file():
         raise FisError("harvest folder not found (no manifest.json)", source=folder, field="activations",
                        fix="pass --activations with the folder written by `fis harvest`")
@@ -202,7 +208,10 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
     cards = []
     tags: dict[int, list[str]] = {}
     tokenizer = bridge.tokenizer
-    split_text = {"heldout": f"held-out contexts (context_id % {store.heldout_every} == 0, never trained on)",
+    recorded = recorded_harvest(ckpt)
+    own = recorded is not None and recorded.resolve() == folder.resolve()
+    never = ", never trained on" if own else " of a harvest the checkpoint was not trained on"
+    split_text = {"heldout": f"held-out contexts (context_id % {store.heldout_every} == 0{never})",
                   "train": f"training contexts (context_id % {store.heldout_every} != 0)",
                   "all": "every context"}[split]
     for f, key in enumerate(keys):
