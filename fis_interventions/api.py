@@ -6,6 +6,7 @@
     api.eval(["runs/sae/checkpoint", "runs/joint/checkpoint"])  # fis eval
     api.validate("stimuli/formality_emotion.yaml")          # fis stimuli validate
     api.screen("runs/joint/checkpoint", "stimuli/formality_emotion.yaml", out="runs/screen")  # fis screen
+    api.features("runs/joint/checkpoint", "secondary.hook_latents", [60, 218], out="cards")  # fis features
     api.battery("battery.yaml")                              # fis battery
     api.stats(df, dv="shift", factors=["a", "b"], item="item")  # fis stats
     api.report("runs/battery")                               # fis report
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 from .activations import harvest
+from .cards import features
 from .demo import demo
 from .designs import show, validate
 from .evaluation import evaluate_many as eval  # noqa: A001 - same name as `fis eval`
@@ -24,5 +26,5 @@ from .screening import screen
 from .stats import stats
 from .training import refit, train
 
-__all__ = ["battery", "demo", "eval", "harvest", "info", "merge", "refit", "report", "screen", "show", "stats", "train",
-           "validate"]
+__all__ = ["battery", "demo", "eval", "features", "harvest", "info", "merge", "refit", "report", "screen", "show",
+           "stats", "train", "validate"]

@@ -53,6 +53,7 @@ class ScreenResult:
     summary: dict[str, Any] = field(default_factory=dict)
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     stimuli: pd.DataFrame | None = None
+    cards: list[dict[str, Any]] = field(default_factory=list)  # feature cards of the top features (``cards=N``)
 
 
 def stimulus_rows(design: Any) -> pd.DataFrame:
@@ -186,7 +187,7 @@ def top_features(table: pd.DataFrame, n: int = 10) -> list[dict[str, Any]]:
 
 
 def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dict[str, Any],
-                   top: list[dict[str, Any]], overwrite: bool) -> None:
+                   top: list[dict[str, Any]], overwrite: bool, cards: list[dict[str, Any]] | None = None) -> None:
     from .io import write_json
 
     with replace_folder(Path(out), fp, overwrite=overwrite) as tmp:
@@ -194,6 +195,10 @@ def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dic
         table.to_parquet(tmp / "screening.parquet", index=False)
         write_json(tmp / "screen.json", summary)
         write_json(tmp / "top.json", top)
+        if cards:
+            from .cards import write_cards
+
+            write_cards(cards, tmp / "cards")
 
 
 def screen_fingerprint(config: dict[str, Any], checkpoint: Path, design: Any) -> Fingerprint:
@@ -208,7 +213,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
            top: int = 10, discover: float | None = DEFAULT_FRACTION, split_seed: int = 0,
-           overwrite: bool = False) -> ScreenResult:
+           overwrite: bool = False, cards: int = 0, cards_activations: Path | str | None = None) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``discover``: the fraction of items screened (the discovery items, seeded by ``split_seed``; see
@@ -219,6 +224,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     screens the default points the checkpoint has (skipping the others with a warning); named points must
     exist. ``bridge`` reuses an already loaded model (tests, notebooks). ``out`` follows the fingerprint rule:
     a folder is replaced only if it holds a screening with the same settings, or with ``overwrite``.
+    ``cards=N`` adds feature cards for the N best features (by interaction p, over all points) from the
+    checkpoint's harvest (or ``cards_activations``), written to ``out/cards/`` and kept in ``ScreenResult.cards``.
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -233,6 +240,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"--top must be >= 0, got {top}", field="top", fix="use e.g. 10")
     if discover is not None:
         check_fraction(discover)
+    if cards < 0:
+        raise FisError(f"--cards must be >= 0, got {cards}", field="cards", fix="use e.g. 5")
     d = read_design(design)
     all_rows = stimulus_rows(d)
     split = (split_items(all_rows, discover, split_seed, d.shape, source=str(design)) if discover is not None
@@ -258,10 +267,17 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     warnings += point_warnings
     config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
               "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
-              "discover": discover, "split_seed": split_seed}
+              "discover": discover, "split_seed": split_seed, "cards": cards,
+              "cards_activations": None if cards_activations is None else str(cards_activations)}
     fp = screen_fingerprint(config, Path(checkpoint), d)
     if out is not None:  # refused before any work is done
         check_output(Path(out), fp, overwrite=overwrite)
+    if cards:  # check the harvest before the screening runs: nothing is written if the cards cannot be made
+        from .activations import ActivationStore
+        from .cards.build import check_harvest, harvest_folder
+
+        check_harvest(ActivationStore(harvest_folder(attached.checkpoint, cards_activations)), attached.checkpoint,
+                      attached.split.hook.canonical)
 
     rows = all_rows[all_rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
     a, b = list(d.factors)
@@ -298,7 +314,16 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
                                       for p in chosen},
         "top": top_list, "warnings": warnings, "provenance": provenance(config=config),
     }
+    card_list: list[dict[str, Any]] = []
+    if cards:
+        from .cards import FeatureKey, build_cards
+        from .cards.directions import CARD_POINTS
+
+        best = [t for t in top_features(table, len(table)) if t["point"] in CARD_POINTS][:cards]
+        card_list = build_cards(attached.checkpoint, [FeatureKey(t["point"], t["feature"]) for t in best],
+                                activations=cards_activations, bridge=bridge, progress=progress)
+        summary["cards"] = [f"cards/{c['point']}_{c['feature']}.md" for c in card_list]
     if out is not None:
         summary["fingerprint"] = fp.digest
-        _write_outputs(Path(out), fp, table, summary, top_list, overwrite)
-    return ScreenResult(table, top_list, warnings, summary, acts, rows)
+        _write_outputs(Path(out), fp, table, summary, top_list, overwrite, card_list)
+    return ScreenResult(table, top_list, warnings, summary, acts, rows, card_list)

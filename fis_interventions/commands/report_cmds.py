@@ -15,6 +15,12 @@ def report_command(
     out: Path | None = typer.Option(None, "--out", help="Report folder (default: reports/<run name>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report of other results in --out "
                                    "(only a folder that fis wrote is ever replaced)."),
+    cards: bool | None = typer.Option(None, "--cards/--no-cards", help="Feature cards for every clamped feature "
+                                      "(default: where the checkpoint and its harvest are found, else a warning; "
+                                      "--cards makes them required)."),
+    activations: Path | None = typer.Option(None, "--activations", help="Harvest folder for the cards (default: "
+                                            "the checkpoint's)."),
+    card_top: int = typer.Option(10, "--card-top", help="Top-activating contexts per card."),
 ) -> None:
     """Analyse every clamp of a battery run (ANOVA, by-item ANOVA, LMM, BH over the run) and write a report.
 
@@ -23,5 +29,5 @@ def report_command(
     """
     from ..reports import report
 
-    folder = report(run, out, overwrite=overwrite)
+    folder = report(run, out, overwrite=overwrite, cards=cards, activations=activations, card_top=card_top)
     typer.echo(f"wrote {folder / 'report.html'}")

@@ -35,6 +35,10 @@ def screen_command(
                                              "top.json), written atomically")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a screening with other settings in "
                                             "--out")] = False,
+    cards: Annotated[int, typer.Option("--cards", help="feature cards for the N best features (top contexts from "
+                                       "the checkpoint's harvest, logit lens, driving pairs) in OUT/cards/")] = 0,
+    cards_activations: Annotated[Path | None, typer.Option("--cards-activations", help="harvest folder for the "
+                                                           "cards; default: the checkpoint's")] = None,
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
@@ -50,7 +54,8 @@ def screen_command(
     result = screen(checkpoint, design, model=model, points=point or None,
                     aggregate=aggregate,  # type: ignore[arg-type]  (checked by screen: one-line error)
                     batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite,
-                    discover=None if all_items else discover, split_seed=split_seed)
+                    discover=None if all_items else discover, split_seed=split_seed, cards=cards,
+                    cards_activations=cards_activations)
     s = result.summary
     split = s["split"]
     if split["confirmation"]:
@@ -70,5 +75,10 @@ def screen_command(
                "(BH over all points)")
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
+    for card in result.cards:
+        promoted = ", ".join(repr(t["token"]) for t in card["output_direction"]["promoted"][:5])
+        ctx = card["top_contexts"][0]["text"] if card["top_contexts"] else "(never fires)"
+        typer.echo(f"card {card['point']} {card['feature']}: fires on {card['activation']['frequency']:.2%} of "
+                   f"tokens; top context: {ctx}; promotes {promoted}")
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -21,6 +21,7 @@ from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identi
 from ..io import write_json
 from ..provenance import library_versions, provenance
 from .analysis import ALPHA, EXPLORATORY, Analysis, analyze_run, feature_verdicts, is_noop
+from .cards import feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
 from .runfolder import Run, load_run
@@ -163,8 +164,9 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     return lines
 
 
-def build(run: Run, analysis: Analysis, out: Path) -> Doc:
-    """Write figures and tables into ``out`` and return the document that describes them."""
+def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], dict[str, Any]] | None = None) -> Doc:
+    """Write figures and tables into ``out`` and return the document that describes them; ``cards`` (from
+    :func:`~fis_interventions.reports.cards.report_cards`) go next to each feature's plots."""
     tables, figures = out / "tables", out / "figures"
     tables.mkdir()
     figures.mkdir()
@@ -198,7 +200,15 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
               + (" **FAILED for some clamps: the splice is not exact.**" if len(failed) else ""))
     doc.table(verdicts, "Per feature: tests (no-op checks excluded), significant after FDR, smallest q.")
 
+    from ..cards import card_doc  # lazy: cards render with this package's Doc (import cycle otherwise)
+
     doc.h(1, "Features")
+    if cards:
+        first = next(iter(cards.values()))
+        doc.p(f"Each feature comes with its card (what the feature is): top-activating contexts and activation "
+              f"histogram on the {first['harvest']['split_rule']} of `{first['harvest']['folder']}`, the tokens "
+              "its output direction promotes and suppresses (logit lens), and for integration features the SAE "
+              "latent pairs that drive it. The cards are also in `cards/` (Markdown and JSON).")
     for design_name, design in run.info.designs.items():
         a, b = design.names
         dtests = tests[tests["design"] == design_name]
@@ -219,6 +229,10 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
             p2 = dose_plot(ftests, title, figures / f"dose_{stem}.png")
             doc.fig(p2, f"figures/{p2.name}", f"A x B interaction contrast (primary model, 95% CI) across clamp "
                     f"values. Feature {feature}.")
+            for index in feature_indices(feature):
+                card = (cards or {}).get((point, index))
+                if card is not None:
+                    doc.blocks += card_doc(card, level=3, title=f"Card: feature {index} ({point})").blocks
             doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
                               "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p_lmm", "p_lmm_crossed",
                               "partial_eta2", "standardized", "q"]],
@@ -250,27 +264,40 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
     return doc
 
 
-def report_fingerprint(run: Run) -> Fingerprint:
-    """What decides a report: the battery run (its fingerprint), the rows it holds now, its extras, the package."""
+def report_fingerprint(run: Run, card_settings: dict[str, Any] | None = None) -> Fingerprint:
+    """What decides a report: the battery run (its fingerprint), the rows it holds now, its extras, the card
+    settings, the package."""
     rows = pd.util.hash_pandas_object(run.results, index=False).to_numpy().tobytes()
     extras = {name: file_digest(run.folder / name) for name in ("screening.csv", "eval.json")
               if (run.folder / name).is_file()}
     return Fingerprint("report", {"run": folder_identity(run.folder), "results": hashlib.sha256(rows).hexdigest(),
-                                  "n_rows": len(run.results), "extras": extras, "package": package_version()})
+                                  "n_rows": len(run.results), "extras": extras, "cards": card_settings or {},
+                                  "package": package_version()})
 
 
-def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False, cards: bool | None = None,
+           activations: str | Path | None = None, card_top: int = 10, bridge: Any = None) -> Path:
     """Python API of ``fis report``: analyse the run folder and write the report folder; returns its path.
 
     An existing report folder is replaced only if it holds our fingerprint: silently for the same run and
-    results, with ``overwrite`` when they changed; a folder we did not write is refused, never deleted."""
+    results, with ``overwrite`` when they changed; a folder we did not write is refused, never deleted.
+    ``cards``: None (default) adds a card per clamped feature where the checkpoint and its harvest (or
+    ``activations``) are reachable and warns otherwise; True requires them; False skips cards.
+    """
     loaded = load_run(run)
     target = Path(out) if out is not None else Path("reports") / slug(loaded.info.name)
     fp = report_fingerprint(loaded)
     check_output(target, fp, overwrite=overwrite)  # before the analysis, which takes a while
     analysis = analyze_run(loaded)
+    feature_cards, card_warnings = report_cards(loaded, cards, activations, bridge, card_top)
+    for w in card_warnings:
+        analysis.warnings.setdefault(w, []).append("(feature cards)")
     with replace_folder(target, fp, overwrite=overwrite) as tmp:
-        doc = build(loaded, analysis, tmp)
+        doc = build(loaded, analysis, tmp, feature_cards)
+        if feature_cards:
+            from ..cards import write_cards
+
+            write_cards(list(feature_cards.values()), tmp / "cards")
         (tmp / "report.md").write_text(to_markdown(doc), encoding="utf-8")
         (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
         write_json(tmp / "provenance.json", provenance(loaded.info.seed, {"run": str(Path(run).resolve()),

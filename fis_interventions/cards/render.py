@@ -1,0 +1,110 @@
+"""A card as document blocks: the same blocks become the card's Markdown and a section of the HTML report.
+
+Reuses the report's tiny document model (:class:`~fis_interventions.reports.render.Doc`), so a card reads
+the same in ``fis features`` output and in ``report.md``/``report.html``. The histogram is a table with text
+bars (no image needed, so the card stays one Markdown file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from ..reports.render import Doc, fmt, to_markdown
+
+BAR_WIDTH = 30
+
+
+def _tok(text: Any) -> str:
+    """A token in quotes with its whitespace visible (idempotent on the already-escaped context tokens)."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return f"'{text}'"
+
+
+def _bar(count: int, peak: int) -> str:
+    """A fixed-width text bar (full cells then dots), readable in Markdown and in right-aligned HTML cells."""
+    n = round(BAR_WIDTH * count / peak) if count else 0
+    return "#" * n + "." * (BAR_WIDTH - n)
+
+
+def card_doc(card: dict[str, Any], level: int | None = None, title: str | None = None) -> Doc:
+    """Blocks of one card. Standalone (``level=None``) the title is the document's and sections are level 1;
+    inside a report the card opens with a heading at ``level`` and its sections are one deeper."""
+    doc = Doc(title or f"Feature {card['feature']} at {card['point']}")
+    act, h = card["activation"], card["harvest"]
+    if level is None:
+        level = 0
+    else:
+        doc.h(level, title or f"Card: feature {card['feature']} at {card['point']}")
+    doc.p(f"Checkpoint `{card['checkpoint']}` (model `{card['model']}`, hook `{card['hook']}`); point "
+          f"`{card['point']}` (width {card['width']}). Harvest `{h['folder']}`: {h['split_rule']}, "
+          f"{h['contexts']} contexts, {h['tokens']} kept tokens.")
+    doc.p(f"Fires (value > 0) on {act['firing']} of {act['tokens']} tokens (frequency {fmt(act['frequency'])}); "
+          f"max {fmt(act['max'])}, mean when firing {fmt(act['mean_when_firing'])}.")
+    hist = act["histogram"]
+    if hist["counts"]:
+        peak = max(hist["counts"])
+        rows = [{"from": lo, "to": hi, "tokens": c, "": _bar(c, peak)}
+                for lo, hi, c in zip(hist["edges"][:-1], hist["edges"][1:], hist["counts"])]
+        doc.table(pd.DataFrame(rows), "Histogram of the non-zero activations (log-spaced bins, exact counts).")
+    doc.h(level + 1, "Top-activating contexts")
+    if card["top_contexts"]:
+        doc.table(pd.DataFrame([{"#": c["rank"], "activation": c["activation"], "token": _tok(c["token"]),
+                                 "context": c["text"]} for c in card["top_contexts"]]),
+                  card["context_definition"] + ".")
+    else:
+        doc.p("The feature never fires on this split.")
+    od = card["output_direction"]
+    doc.h(level + 1, "Output direction (logit lens)")
+    doc.p(f"How it reaches the residual stream: {od['derivation']} Norm of the direction per unit of activation "
+          f"(residual units): {fmt(od['norm'])}.")
+    doc.p(f"Definition: {od['lens_definition']}")
+    n = max(len(od["promoted"]), len(od["suppressed"]))
+    doc.table(pd.DataFrame([{"promoted": _tok(p["token"]), "logit +": p["logit"],
+                             "suppressed": _tok(s["token"]), "logit -": s["logit"]}
+                            for p, s in zip(od["promoted"][:n], od["suppressed"][:n])]),
+              "The tokens the direction promotes and suppresses most.")
+    if od.get("linear_part"):
+        lp = od["linear_part"]
+        doc.p(f"Linear part of the joint model for this latent: |W_lin[i]| / |W_dec[i]| = {fmt(lp['norm_ratio'])}, "
+              f"cosine with the decoder row {fmt(lp['cosine_with_decoder'])} ({lp['note']}).")
+    integ = card.get("integration")
+    if integ is not None:
+        doc.h(level + 1, "What it integrates: top contributing pairs of SAE latents")
+        doc.p(f"Definition: {integ['definition']} Tokens used: {integ['n_tokens']} "
+              f"({integ['tokens_used']}); mean pre-activation {fmt(integ['preactivation_mean'])}, of which "
+              f"the bias terms {fmt(integ['constant_mean'])}.")
+        if integ["pairs"]:
+            rows = []
+            for p in integ["pairs"]:
+                a, b = p["latents"]
+                tags = p.get("promotes", {})
+                rows.append({"latent a": a, "a promotes": ", ".join(map(_tok, tags.get(str(a), []))),
+                             "latent b": b, "b promotes": ", ".join(map(_tok, tags.get(str(b), []))),
+                             "contribution": p["contribution"], "share": p["share"],
+                             "present": f"{p['tokens_present']}/{p['tokens']}",
+                             **({"weight": p["weight"]} if "weight" in p else {})})
+            doc.table(pd.DataFrame(rows), "Pairs ranked by mean contribution to the pre-activation; "
+                                          "'promotes': top logit-lens tokens of each latent's decoder row.")
+        else:
+            doc.p("No active pair adds to the pre-activation on the firing tokens.")
+    return doc
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The standalone Markdown card."""
+    return to_markdown(card_doc(card))
+
+
+def index_markdown(cards: Sequence[dict[str, Any]]) -> str:
+    """One line per card: point, feature, frequency, top tokens promoted."""
+    doc = Doc("Feature cards")
+    rows = [{"card": f"{c['point']}_{c['feature']}.md", "point": c["point"], "feature": c["feature"],
+             "frequency": c["activation"]["frequency"], "max": c["activation"]["max"],
+             "top token": _tok(c["top_contexts"][0]["token"]) if c["top_contexts"] else "-",
+             "promotes": ", ".join(_tok(t["token"]) for t in c["output_direction"]["promoted"][:3])}
+            for c in cards]
+    doc.table(pd.DataFrame(rows))
+    return to_markdown(doc)

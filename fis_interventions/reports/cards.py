@@ -1,0 +1,55 @@
+"""Feature cards for a report: one card per clamped feature, built from the run's checkpoint and its harvest.
+
+Why here: the report is where a reader meets "feature 2268: 3 of 6 tests significant" and asks what feature
+2268 is. The cards come from :func:`fis_interventions.cards.build_cards` (one pass over the harvest for all
+features of the run). Cards need the checkpoint, its harvest and the model: with ``enabled=None`` (the
+default) a report of a run whose checkpoint or harvest is not reachable is still written, with a warning;
+``enabled=True`` makes that an error and ``False`` skips cards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import FisError
+from .runfolder import Run
+
+
+def feature_indices(label: Any) -> list[int]:
+    """``"12"`` -> [12]; a group edited together, ``"12,40"`` -> [12, 40]; anything else -> []."""
+    try:
+        return [int(t) for t in str(label).split(",")]
+    except ValueError:
+        return []
+
+
+def report_cards(run: Run, enabled: bool | None = None, activations: str | Path | None = None, bridge: Any = None,
+                 top: int = 10) -> tuple[dict[tuple[str, int], dict[str, Any]], list[str]]:
+    """``({(point, index): card}, warnings)`` for every feature clamped in the run."""
+    from ..cards import FeatureKey, build_cards
+    from ..cards.directions import CARD_POINTS
+
+    if enabled is False:
+        return {}, []
+    pairs = [(f.point, f.feature) for f in run.info.features]
+    if not pairs:
+        pairs = list(run.results[["point", "feature"]].drop_duplicates().itertuples(index=False, name=None))
+    keys = list(dict.fromkeys(FeatureKey(str(p), i) for p, label in pairs for i in feature_indices(label)
+                              if p in CARD_POINTS))
+    warnings = [f"no card for features at {p}: cards cover {', '.join(CARD_POINTS)}"
+                for p in dict.fromkeys(str(p) for p, _ in pairs) if p not in CARD_POINTS]
+    if not keys:
+        return {}, warnings
+    checkpoint = Path(run.info.checkpoint)
+    try:
+        if not checkpoint.exists():
+            raise FisError("checkpoint not found, so the report has no feature cards", source=checkpoint,
+                           field="checkpoint", fix="run the report from the folder the battery ran in, or pass "
+                           "--no-cards")
+        cards = build_cards(checkpoint, keys, activations=activations, top=top, bridge=bridge)
+    except FisError as err:
+        if enabled:
+            raise
+        return {}, [*warnings, f"no feature cards: {err}"]
+    return {(c["point"], c["feature"]): c for c in cards}, warnings
