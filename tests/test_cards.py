@@ -258,8 +258,19 @@ def test_markdown_and_cli_output(planted, tiny_bridge, tmp_path, monkeypatch, ca
     code = main(["features", str(planted["ckpt"]), "--point", "nfm.hook_hidden", "--ids", f"{H0},11",
                  "--top", "3", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["index.md", "nfm.hook_hidden_11.json", "nfm.hook_hidden_11.md",
-                                                     "nfm.hook_hidden_3.json", "nfm.hook_hidden_3.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "index.md", "nfm.hook_hidden_11.json",
+                                                     "nfm.hook_hidden_11.md", "nfm.hook_hidden_3.json",
+                                                     "nfm.hook_hidden_3.md"]
+    # other settings into the same folder: refused (one line, exit 2); --overwrite replaces what fis wrote
+    args = ["features", str(planted["ckpt"]), "--point", "nfm.hook_hidden", "--ids", f"{H0}", "--out", str(out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0 and not (out / "nfm.hook_hidden_11.md").exists()
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--top", "2", "--overwrite"]) == 2 and (out / "notes.txt").exists()
+    capsys.readouterr()
+    out = tmp_path / "cards2"
+    assert main(["features", str(planted["ckpt"]), "--point", "nfm.hook_hidden", "--ids", f"{H0},11",
+                 "--top", "3", "--out", str(out)]) == 0
     card = json.loads((out / "nfm.hook_hidden_3.json").read_text())
     assert card["format"] == "fis-feature-card/1" and len(card["top_contexts"]) == 3
     assert card["integration"]["pairs"][0]["latents"] == [A, B]
