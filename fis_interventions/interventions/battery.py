@@ -266,6 +266,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
+        "split_path": attached.split.path,
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "provenance": provenance(cfg.seed),
         "designs": {d.name: {"factors": {k: list(v) for k, v in d.factors.items()}, "file": str(p),
                              "n_items": int(r["item"].nunique()), "prompts": [t for _, t in d.readout.prompt_items()],
