@@ -88,7 +88,7 @@ class SplitModel:
             self.adapter = BridgeHookPath(bridge, self.hook)
             self.path = "generic"
             arch = type(self.hf).__name__
-            if arch not in _warned:
+            if family_for(self.hf) is None and arch not in _warned:
                 _warned.add(arch)
                 log.warning("%s has no fast split adapter: interventions run a full forward pass per condition "
                             "(correct, slower)", arch)
@@ -217,6 +217,8 @@ class JointSplice:
         return self.normalizer.apply(x_raw.to(next(self.joint.parameters()).dtype))
 
     def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
+        if components == "full" and self.joint.nfm is None:  # a plain SAE (e.g. from SAELens): all it has
+            components = "sae"
         return self.joint(self.inputs(x_raw), components, edit=edit).recon
 
     @torch.no_grad()
