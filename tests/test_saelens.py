@@ -177,3 +177,16 @@ def test_bad_saelens_folders_are_one_line_errors(gpt2, tmp_path, case, capsys):
     code = main(["screen", "--checkpoint", str(folder), "--design", str(ROOT / "stimuli" / "negation_sentiment.yaml"),
                  "--model", "tiny-random", "--out", str(out)])
     assert code == 2 and not out.exists()
+
+
+def test_pre_v6_saelens_cfg_layout_loads(tmp_path):
+    """SAELens < 6 (most pretrained releases): hook_point / activation_fn_str at the top level, no metadata."""
+    folder = tmp_path / "old"
+    shutil.copytree(DATA / "topk", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    old = {"d_in": 64, "d_sae": 128, "hook_point": "blocks.2.hook_resid_pre", "model_name": "gpt2",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": cfg["k"]}, "normalize_activations": False,
+           "apply_b_dec_to_input": True, "dtype": "float32"}
+    (folder / "cfg.json").write_text(json.dumps(old))
+    ckpt = load_checkpoint(folder)
+    assert ckpt.hook == HOOK and ckpt.model.sae.k == cfg["k"] and ckpt.meta["saelens_model_name"] == "gpt2"

@@ -35,6 +35,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 _INPUT_NORMS = ("none", "expected_average_only_in")
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write (metadata block); older ones are read too
 
 
 def is_saelens_folder(path: Path) -> bool:
@@ -65,14 +66,16 @@ def _read_cfg(file: Path) -> dict[str, Any]:
 def _field(cfg: dict[str, Any], name: str) -> Any:
     """SAELens >= 6 keeps model and hook names under ``metadata``; older folders at the top level."""
     meta = cfg.get("metadata") or {}
-    return meta.get(name) if meta.get(name) is not None else cfg.get(name)
+    if meta.get(name) is not None:
+        return meta.get(name)
+    return cfg.get(name) if cfg.get(name) is not None else cfg.get({"hook_name": "hook_point"}.get(name, name))
 
 
 def _architecture(cfg: dict[str, Any], file: Path) -> tuple[str, int | None]:
     arch = cfg.get("architecture")
     k = cfg.get("k")
     if arch is None:  # SAELens < 6: activation_fn_str "relu" / "topk" (with activation_fn_kwargs.k)
-        fn = cfg.get("activation_fn_str", "relu")
+        fn = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
         arch = {"relu": "standard", "topk": "topk"}.get(fn, fn)
         k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
     if arch not in ARCHITECTURES:
@@ -123,6 +126,8 @@ def load_saelens(path: Path, expect_hook: str | None = None, device: str | torch
         raise FisError("cfg.json needs integer d_in and d_sae", source=file, field="d_in",
                        fix="point to a SAELens SAE folder") from None
     norm = cfg.get("normalize_activations", "none") or "none"
+    if isinstance(norm, bool):  # SAELens < 6 wrote a flag
+        norm = "expected_average_only_in" if norm else "none"
     if norm not in _INPUT_NORMS:
         raise FisError(f"normalize_activations {norm!r} (a per-token or whitening input map) is not supported",
                        source=file, field="normalize_activations",
@@ -220,7 +225,8 @@ def export_saelens(checkpoint: Path | str, out: Path | str) -> Path:
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
            "metadata": {"model_name": ckpt.model_name, "hook_name": ckpt.hook,
-                        "exported_by": "fis-interventions", "source_checkpoint": str(ckpt.path)}}
+                        "sae_lens_version": SAELENS_FORMAT_VERSION, "exported_by": "fis-interventions",
+                        "source_checkpoint": str(ckpt.path)}}
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FisError("output folder already exists and is not empty", source=out, field="out",
