@@ -3,7 +3,7 @@
 What a battery pays per condition is the suffix from the hook (blocks L+1.., norm, unembedding at the readout
 position); without the split it would pay a full forward. Per family and size this prints the time of
 ``SplitModel.suffix`` from the middle layer (readout position only, and all positions), of the generic
-bridge-hook suffix, and of ``bridge(tokens)``, each the best of ``--repeats`` on the same batch, and the ratio
+bridge-hook suffix, and of ``bridge(tokens)``, each the best of ``--repeats`` rounds on the same batch (taking turns), and the ratio
 full / suffix. Target (issue 15): >= 1.6x for the fast adapters on the mid-size configs at the middle layer.
 
 Usage: python bench/split.py [--sizes tiny,mid] [--families llama,gpt2,...] [--batch 8] [--seq 64]
@@ -24,14 +24,18 @@ from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge
 SIZES = {"tiny": (4, 64), "mid": (12, 512)}
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def take_turns(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time of each function, run in turns (one of each per round) so that load from other jobs on a
+    shared machine hits every contender alike; one warm-up round first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -60,10 +64,11 @@ def main() -> None:
             resid, state = fast.prefix(tokens)
             _, gstate = generic.prefix(tokens)
             with torch.no_grad():
-                t_full = best(lambda: bridge(tokens), args.repeats)
-            t_one = best(lambda: fast.suffix(resid, state, readout), args.repeats)
-            t_all = best(lambda: fast.suffix(resid, state), args.repeats)
-            t_gen = best(lambda: generic.suffix(resid, gstate, readout), args.repeats)
+                t = take_turns({"full": lambda: bridge(tokens),
+                                "one": lambda: fast.suffix(resid, state, readout),
+                                "all": lambda: fast.suffix(resid, state),
+                                "generic": lambda: generic.suffix(resid, gstate, readout)}, args.repeats)
+            t_full, t_one, t_all, t_gen = t["full"], t["one"], t["all"], t["generic"]
             print(f"{family:9} {size:5} {hook:26} {1e3 * t_full:8.1f} {1e3 * t_one:9.1f} {1e3 * t_all:10.1f} "
                   f"{1e3 * t_gen:8.1f} {t_full / t_one:8.2f} {t_full / t_all:9.2f}", flush=True)
     print("ratio = full forward / fast suffix (>1 is faster); generic = the fallback's suffix (a full forward + hook)")

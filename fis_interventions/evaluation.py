@@ -346,7 +346,10 @@ def evaluate_many(checkpoints: list[Path], *, activations: Path | None = None, j
     evals = []
     for ckpt in checkpoints:
         if bridge is None:
-            bridge = load_model(load_checkpoint(Path(ckpt)).model_name or "smollm2-135m", device=device)
+            name = load_checkpoint(Path(ckpt)).model_name
+            if name is None and activations is not None:  # a SAELens SAE: the model the activations came from
+                name = ActivationStore(Path(activations)).manifest["model"]
+            bridge = load_model(name or "smollm2-135m", device=device)
         evals.append(evaluate(ckpt, activations, bridge=bridge, **kwargs))
     table = comparison_table(evals, seed=kwargs.get("seed", 0))
     if json_out is not None:
