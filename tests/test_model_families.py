@@ -22,6 +22,7 @@ from fis_interventions.splice import JointSplice, SplitModel, pad_right
 from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge, save_family_folder
 
 HOOK = "blocks.1.hook_resid_post"
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there, friend.", "A much longer sentence goes here now, with a clause or two.", "Hi"]
 CASES = [(f, "auto") for f in FAMILY_NAMES] + [("gpt2", "generic")]
 IDS = [f if p == "auto" else f"{f}-generic" for f, p in CASES]
@@ -107,23 +108,46 @@ def test_noop_edit_is_clean_and_edits_agree_with_generic_path(bridges, family, p
 
 @pytest.mark.parametrize(("family", "path"), CASES, ids=IDS)
 def test_pipeline_end_to_end_from_a_local_folder(tokenizer, tmp_path, monkeypatch, family, path):
-    """harvest -> train -> eval -> screen -> battery -> report on a local HF folder of the family."""
-    from fis_interventions import demo as demo_mod
+    """harvest -> train -> eval -> screen -> battery -> report from a local HF folder, two items of a design."""
+    import yaml
+
+    from fis_interventions import api
     from fis_interventions.interventions import read_results
 
     if path == "generic":
         monkeypatch.setenv("FIS_SPLIT_PATH", "generic")
-    monkeypatch.setitem(demo_mod.SIZES["quick"], "max_items", 2)  # a two-item design
-    model = save_family_folder(family, tokenizer, tmp_path / "model")
-    res = demo_mod.demo(out=tmp_path / "run", quick=True, model=str(model), report_dir=tmp_path / "report",
-                        echo=lambda _: None, progress=False)
-    assert res["report"].exists()
-    df = read_results(res["battery"])
+    from fis_interventions.interventions import BatteryConfig
+    from fis_interventions.models import load_model
+
+    model = str(save_family_folder(family, tokenizer, tmp_path / "model"))
+    bridge = load_model(model, device="cpu")  # loaded once from the folder, shared by the stages
+    acts = tmp_path / "acts"
+    api.harvest(bridge=bridge, model=model, hook=HOOK, out=acts, tokens=1200, context_length=32, progress=False)
+    train_cfg = dict(activations=str(acts), d_sae=128, k=8, mode="joint", emb_dim=8, hidden=8, batch_size=128,
+                     tokens=128 * 6, lr=1e-3, warmup_steps=2, eval_every=3, checkpoint_every=3,
+                     heldout_fraction=0.1, secondary={"d_sae": 32, "k": 4, "steps": 3})
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_cfg))
+    ckpt = api.train(tmp_path / "train.yaml", tmp_path / "joint", progress=False).checkpoint
+    table, _ = api.eval([ckpt], bridge=bridge, max_contexts=2, progress=False, organisation=False)
+    assert any(r["components"] == "full" for r in table["table"])
+    design = ROOT / "stimuli" / "negation_sentiment.yaml"
+    api.screen(ckpt, design, bridge=bridge, out=tmp_path / "screen", progress=False)
+    battery_cfg = dict(name="fam", model=model, checkpoint=str(ckpt), designs=[str(design)], max_items=2,
+                       features=[{"from_screening": str(tmp_path / "screen"), "point": "secondary.hook_latents",
+                                  "top": 1, "role": "top"},
+                                 {"point": "sae.hook_latents", "index": 0, "role": "control"}],
+                       interventions=[{"kind": "scale", "values": [1.0]}, {"kind": "set", "values": [20.0]}],
+                       batch_size=16,
+                       out=str(tmp_path / "battery"), device="cpu")
+    store = api.battery(BatteryConfig.model_validate(battery_cfg), bridge=bridge, progress=False)
+    report = api.report(tmp_path / "battery", out=tmp_path / "report")
+    assert (Path(report) / "report.html").exists()
+    df = read_results(store)
     assert df["item"].nunique() == 2
-    noop = df[(df.intervention == "scale") & (df.value == 1.0)]
+    noop = df[df.intervention == "scale"]
     assert len(noop) > 0 and (noop["shift"] == 0).all()
-    moved = df[(df.intervention == "scale") & (df.value == 4.0) & (df.readout_kind == "kl")]
-    assert moved["shift"].max() > 0
-    meta = json.loads((Path(res["battery"]).parent / "run.json").read_text())
+    moved = df[(df.intervention == "set") & (df.readout_kind == "kl")]
+    assert moved.groupby("point")["shift"].max().min() > 0  # a clamp moves the readout at both points
+    meta = json.loads((tmp_path / "battery" / "run.json").read_text())
     assert meta["split_path"] == ("generic" if path == "generic" else f"fast:{family}")
-    assert meta["model"] == str(model.resolve())
+    assert meta["model"] == str((tmp_path / "model").resolve())
