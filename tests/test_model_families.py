@@ -151,3 +151,35 @@ def test_pipeline_end_to_end_from_a_local_folder(tokenizer, tmp_path, monkeypatc
     meta = json.loads((tmp_path / "battery" / "run.json").read_text())
     assert meta["split_path"] == ("generic" if path == "generic" else f"fast:{family}")
     assert meta["model"] == str((tmp_path / "model").resolve())
+
+
+def test_architecture_without_adapter_takes_the_generic_path(tokenizer):
+    """Qwen3 has no adapter: SplitModel picks the bridge-hook path by itself and still equals the bridge."""
+    import transformers as tf
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = tf.Qwen3Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, head_dim=16, vocab_size=len(tokenizer),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    bridge = TransformerBridge.boot_transformers("qwen3", hf_model=hf, tokenizer=tokenizer, device="cpu",
+                                                 dtype=torch.float32)
+    split = SplitModel(bridge, HOOK)
+    assert split.path == "generic"
+    tokens, mask = pad_right(_seqs(tokenizer), tokenizer.pad_token_id)
+    resid, state = split.prefix(tokens, mask)
+    last = mask.sum(1, keepdim=True) - 1
+    batched = split.suffix(resid, state, positions=last)[:, 0]
+    with torch.no_grad():
+        for i, seq in enumerate(_seqs(tokenizer)):
+            assert (batched[i] - bridge(torch.tensor([seq]))[0, -1]).abs().max().item() <= ATOL
+
+
+def test_model_info_names_the_split_path(tokenizer, tmp_path):
+    from fis_interventions.models import model_info
+
+    folder = save_family_folder("gpt_neox", tokenizer, tmp_path / "neox")
+    info = model_info(str(folder), device="cpu")
+    assert info["architecture"] == "GPTNeoXForCausalLM" and info["split_path"].startswith("fast:gpt_neox")
