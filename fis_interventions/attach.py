@@ -52,8 +52,10 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
         raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {name!r}", source=ckpt.path,
                        field="model", fix=f"load model {ckpt.model_name!r} or use a checkpoint trained on {name!r}")
     if ckpt.d_in != int(bridge.cfg.d_model):
-        raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}", source=ckpt.path,
-                       field="model", fix="use the model the checkpoint was trained on")
+        saelens = ckpt.meta.get("format") == "saelens"
+        raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}",
+                       source=ckpt.path / "cfg.json" if saelens else ckpt.path, field="d_in" if saelens else "model",
+                       fix="use the model the checkpoint was trained on")
     if not ckpt.hook:
         raise FisError("checkpoint does not record its hook point", source=ckpt.path, field="hook",
                        fix="train it with `fis train` on harvested activations")
