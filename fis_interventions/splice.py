@@ -217,7 +217,7 @@ class JointSplice:
         return self.normalizer.apply(x_raw.to(next(self.joint.parameters()).dtype))
 
     def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
-        if components == "full" and self.joint.nfm is None:  # a plain SAE (e.g. from SAELens): all it has
+        if components == "full" and getattr(self.joint, "nfm", ...) is None:  # a plain SAE (SAELens): all it has
             components = "sae"
         return self.joint(self.inputs(x_raw), components, edit=edit).recon
 
