@@ -10,6 +10,7 @@
     api.battery("battery.yaml")                              # fis battery
     api.stats(df, dv="shift", factors=["a", "b"], item="item")  # fis stats
     api.report("runs/battery")                               # fis report
+    api.export("runs/sae/checkpoint", "runs/sae-saelens")    # fis export --format saelens
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .evaluation import evaluate_many as eval  # noqa: A001 - same name as `fis 
 from .interventions import battery, merge_shards as merge
 from .models import model_info as info
 from .reports import report
+from .sae.saelens import export
 from .screening import screen
 from .stats import stats
 from .training import refit, train
 
-__all__ = ["battery", "demo", "eval", "features", "harvest", "info", "merge", "refit", "report", "screen", "show",
-           "stats", "train", "validate"]
+__all__ = ["battery", "demo", "eval", "export", "features", "harvest", "info", "merge", "refit", "report", "screen",
+           "show", "stats", "train", "validate"]

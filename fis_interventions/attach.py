@@ -52,11 +52,22 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
         raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {name!r}", source=ckpt.path,
                        field="model", fix=f"load model {ckpt.model_name!r} or use a checkpoint trained on {name!r}")
     if ckpt.d_in != int(bridge.cfg.d_model):
-        raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}", source=ckpt.path,
-                       field="model", fix="use the model the checkpoint was trained on")
+        saelens = ckpt.meta.get("format") == "saelens"
+        raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}",
+                       source=ckpt.path / "cfg.json" if saelens else ckpt.path, field="d_in" if saelens else "model",
+                       fix="use the model the checkpoint was trained on")
     if not ckpt.hook:
         raise FisError("checkpoint does not record its hook point", source=ckpt.path, field="hook",
                        fix="train it with `fis train` on harvested activations")
+    if ckpt.meta.get("format") == "saelens":
+        # a SAELens SAE saw raw activations and comes with no harvest: our exclusion rule for this tokenizer
+        # (special tokens; no massive-activation threshold, since no statistics were gathered)
+        rule = ExclusionRule.for_tokenizer(bridge.tokenizer, norm_multiple=None)
+        ckpt.normalization = {**(ckpt.normalization or {}), "exclusion": rule.to_dict()}
+        if ckpt.hook not in bridge.hook_dict or int(bridge.cfg.n_layers) <= int(ckpt.hook.split(".")[1]):
+            raise FisError(f"model {name} has no hook {ckpt.meta.get('saelens_hook_name')!r}",
+                           source=ckpt.path / "cfg.json", field="metadata.hook_name",
+                           fix="load the model the SAE was trained on")
     normalizer, rule = checkpoint_preprocessing(ckpt.normalization, ckpt.path)
     split = SplitModel(bridge, ckpt.hook)
     return Attached(ckpt, split, JointSplice(ckpt.model, normalizer, rule))

@@ -145,3 +145,20 @@ def barrier() -> None:
     if active():
         dist.barrier()
 
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); without one, under torchrun (RANK / WORLD_SIZE set) the rank picks the shard.
+
+    Used by `fis harvest --shard` (the battery has the same rule in ``interventions.battery.parse_shard``).
+    """
+    if shard is None:
+        world = env_world()
+        return world.rank, world.world_size
+    try:
+        i, n = (int(p) for p in shard.split("/"))
+    except ValueError:
+        raise FisError(f"bad shard '{shard}'", field="--shard", fix="write it as i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise FisError(f"shard index {i} is not in 0..{n - 1}", field="--shard", fix="write it as i/n with i < n")
+    return i, n

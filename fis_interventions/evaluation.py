@@ -112,13 +112,18 @@ def spliced_metrics(attached: Attached, contexts: torch.Tensor, batch_size: int 
     return out, per_context
 
 
+def _canonical_hook(hook: str | None) -> str | None:
+    """``blocks.L.hook_resid_post`` and its alias ``blocks.L.hook_out`` name the same value."""
+    return hook.replace("hook_resid_post", "hook_out") if hook else hook
+
+
 @torch.no_grad()
 def _reconstruction(attached: Attached, store: ActivationStore, batch_size: int, max_tokens: int
                     ) -> tuple[dict[str, dict[str, float]], float, int]:
     joint = attached.joint
-    dtype = next(joint.parameters()).dtype
     device = next(joint.parameters()).device
-    x = store.activations("heldout")[:max_tokens].to(device, dtype)
+    # raw activations through the checkpoint's own normalisation (the harvest's, or none for a SAELens SAE)
+    x = attached.splice.inputs(store.activations("heldout", normalized=False)[:max_tokens].to(device))
     if len(x) == 0:
         raise FisError("the held-out split is empty", source=store.folder, fix="harvest more tokens")
     batches = list(torch.split(x, batch_size))
@@ -142,11 +147,13 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         raise FisError("no activation folder given or recorded in the checkpoint", source=ckpt.path,
                        field="activations", fix="pass --activations FOLDER")
     store = ActivationStore(Path(acts), heldout_fraction=train_cfg.get("heldout_fraction", 0.1))
-    if store.manifest["hook"] != ckpt.hook or store.manifest["model"] != ckpt.model_name:
+    other_model = ckpt.model_name is not None and store.manifest["model"] != ckpt.model_name  # None: a SAELens SAE
+    if _canonical_hook(store.manifest["hook"]) != _canonical_hook(ckpt.hook) or other_model:
         raise FisError(f"activations are from {store.manifest['model']} at {store.manifest['hook']}, the checkpoint "
                        f"from {ckpt.model_name} at {ckpt.hook}", source=acts, field="activations",
                        fix="evaluate on activations harvested at the checkpoint's hook")
-    bridge = bridge if bridge is not None else load_model(model or ckpt.model_name, device=device)
+    bridge = bridge if bridge is not None else load_model(model or ckpt.model_name or store.manifest["model"],
+                                                          device=device)
     attached = attach(bridge, ckpt)
     recon, dead, n_heldout = _reconstruction(attached, store, 1024, max_tokens)
     contexts = store.contexts("heldout")[:max_contexts]
@@ -339,7 +346,10 @@ def evaluate_many(checkpoints: list[Path], *, activations: Path | None = None, j
     evals = []
     for ckpt in checkpoints:
         if bridge is None:
-            bridge = load_model(load_checkpoint(Path(ckpt)).model_name or "smollm2-135m", device=device)
+            name = load_checkpoint(Path(ckpt)).model_name
+            if name is None and activations is not None:  # a SAELens SAE: the model the activations came from
+                name = ActivationStore(Path(activations)).manifest["model"]
+            bridge = load_model(name or "smollm2-135m", device=device)
         evals.append(evaluate(ckpt, activations, bridge=bridge, **kwargs))
     table = comparison_table(evals, seed=kwargs.get("seed", 0))
     if json_out is not None:

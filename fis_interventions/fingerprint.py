@@ -214,7 +214,8 @@ def folder_identity(folder: Path) -> str:
 
 
 def checkpoint_identity(path: Path) -> str:
-    """sha256 of a checkpoint's weights and its architecture/normalisation (not its provenance or timings)."""
+    """sha256 of a checkpoint's weights and its architecture/normalisation (not its provenance or timings); a
+    SAELens SAE folder is identified by its weights and its cfg the same way."""
     from .sae.checkpoint import read_meta, resolve
 
     path = resolve(Path(path))
@@ -222,6 +223,8 @@ def checkpoint_identity(path: Path) -> str:
     h = hashlib.sha256()
     h.update(canonical_json({k: meta.get(k) for k in ("format", "model_name", "hook", "d_in", "architecture",
                                                       "normalization")}).encode())
-    h.update(file_digest(path / "weights.safetensors").encode())
+    for weights in sorted(path.glob("*.safetensors")):  # ours: weights.safetensors; SAELens: sae_weights...
+        h.update(weights.name.encode())
+        h.update(file_digest(weights).encode())
     return h.hexdigest()
 

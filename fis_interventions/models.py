@@ -260,6 +260,7 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
         "n_params": n_params, "device": str(resolve_device(device)), "dtype": dtype,
         "default_hook": default_hook(bridge),
+        "split_path": _split_path_line(bridge.original_model),
         "hook_points_per_block": block0,
         "hook_points_other": sorted(n for n in bridge.hook_dict if not n.startswith("blocks.")),
         "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "bos": tok.bos_token,
@@ -267,6 +268,15 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                       "pad": tok.pad_token, "special_tokens": list(tok.all_special_tokens),
                       "prepends_bos": True},
     }
+
+
+def _split_path_line(hf_model: Any) -> str:
+    """Whether interventions get the fast split forward (a family adapter) or the generic fallback."""
+    from .model_adapters import split_path_name
+
+    path = split_path_name(hf_model)
+    return (f"{path} (prefix once, suffix per condition)" if path != "generic"
+            else "generic (no family adapter: a full forward pass per condition, correct but slower)")
 
 
 def greedy_continuation(bridge: TransformerBridge, prompt: str, max_new_tokens: int = 8) -> str:

@@ -2,88 +2,100 @@
 
 Why: an intervention battery runs many edited conditions on the same stimuli. The prefix (embedding and
 blocks 0..L) is the same for all of them, so we compute it once; only the suffix (blocks L+1.., final norm,
-unembedding) runs per condition, and the unembedding (49k vocabulary on SmolLM2) only at the readout
-positions. TransformerBridge's ``start_at_layer`` gives the right logits but still pays for the prefix, so we
-run the wrapped Hugging Face decoder blocks directly, with the rotary embeddings, causal/padding mask and
-position ids they need. Tests check prefix == the bridge's hook value and prefix+suffix == the full forward.
+unembedding) runs per condition, and the unembedding only at the readout positions. TransformerBridge's
+``start_at_layer`` gives the right logits but still pays for the prefix, so for the families registered in
+:mod:`fis_interventions.model_adapters` (Llama/Mistral/SmolLM, Qwen2, Gemma-2, Phi-3, GPT-2, GPT-NeoX) we run
+the wrapped Hugging Face blocks directly, with the masks, position ids and position embeddings they need.
 
-Supported: decoder-only HF models laid out as ``model.model.{embed_tokens, layers, norm, rotary_emb}`` plus
-``model.lm_head`` (Llama, Mistral, Qwen2, SmolLM, Gemma-style families), split at ``blocks.L.hook_resid_post``
-(alias ``blocks.L.hook_out``). Anything else is a clear error naming what is unsupported.
+Any other architecture the bridge can boot takes the generic path (:class:`BridgeHookPath`): the prefix is
+the bridge's forward stopped after block L, the suffix a full bridge forward per call whose hook at the split
+point returns the given residual. Correct for every model, slower; warned once per process and reported as
+``split_path`` in ``run.json``. Tests check prefix == the bridge's hook value and prefix+suffix == the full
+forward for every family and for the generic path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from .errors import FisError
+from .model_adapters import FamilyAdapter, family_for
 from .models import HookSpec, hf_model_of, resolve_hook
 
 _BLOCK_OUTPUT = "hook_out"
+FORCE_GENERIC_ENV = "FIS_SPLIT_PATH"  # "generic": take the bridge-hook path even for registered families
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _repeat(value: Any, n: int, broadcast_ok: bool = True) -> Any:
+    """Tile every tensor in ``value`` (tensor, tuple, dict or None) ``n`` times along the batch dimension.
+
+    A tensor with batch size 1 broadcasts against any batch and is left as it is when ``broadcast_ok``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or (broadcast_ok and value.shape[0] == 1):
+            return value
+        return value.repeat(n, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_repeat(v, n, broadcast_ok) for v in value)
+    if isinstance(value, dict):
+        return {k: _repeat(v, n, broadcast_ok) for k, v in value.items()}
+    return value
 
 
 @dataclass
 class PrefixState:
-    """What the suffix needs besides the residual: masks and rotary embeddings for this batch."""
+    """What the suffix needs besides the residual: the batch's tokens, masks and position embeddings."""
 
+    tokens: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T] 1 = real token
     position_ids: torch.Tensor  # [B, T]
-    causal_mask: Any
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, Any]  # per mask kind (full / sliding window); empty on the generic path
+    position_embeddings: Any = None  # rotary (cos, sin) or None
 
     def repeat(self, n: int) -> PrefixState:
         """The same state for ``n`` stacked copies of the batch (conditions batched together)."""
-        cos, sin = self.position_embeddings
-        mask = self.causal_mask
-        if isinstance(mask, torch.Tensor):
-            mask = mask.repeat(n, *([1] * (mask.dim() - 1)))
-        return PrefixState(self.attention_mask.repeat(n, 1), self.position_ids.repeat(n, 1), mask,
-                           (cos.repeat(n, *([1] * (cos.dim() - 1))), sin.repeat(n, *([1] * (sin.dim() - 1)))))
+        per_token = ("tokens", "attention_mask", "position_ids")
+        return replace(self, **{f.name: _repeat(getattr(self, f.name), n, f.name not in per_token)
+                                for f in fields(self)})
 
 
 class SplitModel:
     """``prefix(tokens) -> residual at the hook``; ``suffix(residual) -> logits`` (optionally at positions)."""
 
-    def __init__(self, bridge: Any, hook: str | HookSpec) -> None:
+    def __init__(self, bridge: Any, hook: str | HookSpec, path: str = "auto") -> None:
         self.bridge = bridge
         self.hook = hook if isinstance(hook, HookSpec) else resolve_hook(bridge, hook)
         if not self.hook.canonical.endswith(_BLOCK_OUTPUT):
             raise FisError(f"interventions split the model at a block output; '{self.hook.name}' is inside a block",
                            field="hook", fix="use blocks.L.hook_resid_post")
-        hf = hf_model_of(bridge)
-        inner = getattr(hf, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(hf, "lm_head"):
-            raise FisError(f"architecture {type(hf).__name__} is not supported by the split forward",
-                           field="model", fix="use a Llama/Mistral/Qwen2-family decoder model")
-        self.hf = hf
-        self.inner = inner
-        self.config = hf.config
+        self.hf = hf_model_of(bridge)
+        self.config = self.hf.config
+        if path == "auto" and os.environ.get(FORCE_GENERIC_ENV) == "generic":
+            path = "generic"
+        family = family_for(self.hf) if path != "generic" else None
+        self.adapter: FamilyAdapter | BridgeHookPath
+        if family is not None:
+            self.adapter = FamilyAdapter(self.hf, family)
+            self.path = f"fast:{family.name}"
+        else:
+            self.adapter = BridgeHookPath(bridge, self.hook)
+            self.path = "generic"
+            arch = type(self.hf).__name__
+            if family_for(self.hf) is None and arch not in _warned:
+                _warned.add(arch)
+                log.warning("%s has no fast split adapter: interventions run a full forward pass per condition "
+                            "(correct, slower)", arch)
 
     @property
     def device(self) -> torch.device:
-        return self.inner.embed_tokens.weight.device
-
-    def _state(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> PrefixState:
-        from transformers.masking_utils import create_causal_mask
-
-        # right padding keeps positions 0..n-1 for real tokens; pads get positions too but are masked out
-        position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
-        causal = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                    past_key_values=None, position_ids=position_ids)
-        pos_emb = self.inner.rotary_emb(embeds, position_ids=position_ids)
-        return PrefixState(attention_mask, position_ids, causal, pos_emb)
-
-    def _blocks(self, hidden: torch.Tensor, state: PrefixState, layers: range) -> torch.Tensor:
-        for i in layers:
-            out = self.inner.layers[i](hidden, attention_mask=state.causal_mask,
-                                       position_embeddings=state.position_embeddings,
-                                       position_ids=state.position_ids, past_key_values=None, use_cache=False)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        return self.adapter.device
 
     @torch.no_grad()
     def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -93,22 +105,73 @@ class SplitModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
         attention_mask = attention_mask.to(self.device)
-        embeds = self.inner.embed_tokens(tokens)
-        state = self._state(embeds, attention_mask)
-        return self._blocks(embeds, state, range(self.hook.layer + 1)), state
+        # right padding keeps positions 0..n-1 for real tokens; pads get positions too but are masked out
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+        if isinstance(self.adapter, BridgeHookPath):
+            state = PrefixState(tokens, attention_mask, position_ids, {})
+            return self.adapter.prefix(state), state
+        ad = self.adapter
+        hidden = ad.embed(tokens, position_ids)
+        state = PrefixState(tokens, attention_mask, position_ids, ad.masks(hidden, attention_mask, position_ids),
+                            ad.position_embeddings(hidden, position_ids))
+        return self._blocks(hidden, state, range(self.hook.layer + 1)), state
+
+    def _blocks(self, hidden: torch.Tensor, state: PrefixState, layers: range) -> torch.Tensor:
+        ad = self.adapter
+        assert isinstance(ad, FamilyAdapter)
+        for i in layers:
+            hidden = ad.block(i, hidden, state.masks, state.position_ids, state.position_embeddings)
+        return hidden
 
     @torch.no_grad()
     def suffix(self, resid: torch.Tensor, state: PrefixState, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from a residual at the hook: [B, T, V], or [B, P, V] at ``positions`` [B, P] only."""
-        hidden = self._blocks(resid, state, range(self.hook.layer + 1, self.config.num_hidden_layers))
+        if isinstance(self.adapter, BridgeHookPath):
+            logits = self.adapter.suffix(resid, state)
+            if positions is not None:
+                logits = logits.gather(1, positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            return logits
+        hidden = self._blocks(resid, state, range(self.hook.layer + 1, self.adapter.n_layers))
         if positions is not None:
             hidden = hidden.gather(1, positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.hf.lm_head(self.inner.norm(hidden))
+        return self.adapter.finish(hidden)
 
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full forward through prefix and suffix (for tests and unedited runs)."""
         resid, state = self.prefix(tokens, attention_mask)
         return self.suffix(resid, state)
+
+
+class BridgeHookPath:
+    """The generic split for any architecture the bridge boots, built on the bridge's own hooks.
+
+    The prefix is the bridge's forward stopped after block L with the hook value cached; the suffix is a full
+    bridge forward whose hook at the split point returns the given residual (so blocks 0..L run again: the
+    cost of not knowing the family's internals). Right padding needs no mask for the real positions of a
+    causal model, but the mask is passed on so that the model sees what it would see in the prefix.
+    """
+
+    def __init__(self, bridge: Any, hook: HookSpec) -> None:
+        self.bridge = bridge
+        self.hook = hook
+
+    @property
+    def device(self) -> torch.device:
+        return next(hf_model_of(self.bridge).parameters()).device
+
+    def prefix(self, state: PrefixState) -> torch.Tensor:
+        name = self.hook.canonical
+        _, cache = self.bridge.run_with_cache(state.tokens, names_filter=lambda n: n == name,
+                                              stop_at_layer=self.hook.stop_at_layer,
+                                              attention_mask=state.attention_mask)
+        return cache[name]
+
+    def suffix(self, resid: torch.Tensor, state: PrefixState) -> torch.Tensor:
+        def put(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            return resid.to(value.dtype)
+
+        return self.bridge.run_with_hooks(state.tokens, fwd_hooks=[(self.hook.canonical, put)],
+                                          attention_mask=state.attention_mask)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +217,8 @@ class JointSplice:
         return self.normalizer.apply(x_raw.to(next(self.joint.parameters()).dtype))
 
     def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
+        if components == "full" and getattr(self.joint, "nfm", ...) is None:  # a plain SAE (SAELens): all it has
+            components = "sae"
         return self.joint(self.inputs(x_raw), components, edit=edit).recon
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ def _store_for(cfg: TrainConfig, out: Path, progress: bool) -> ActivationStore:
     else:
         folder = out / "activations"
         harvest(model=cfg.model, hook=cfg.hook, corpus=[cfg.corpus], out=folder, tokens=cfg.tokens,
-                device=cfg.device, progress=progress)
+                device=cfg.device, progress=progress, shard="0/1")  # every rank reads the whole folder
     return ActivationStore(folder, heldout_fraction=max(cfg.heldout_fraction, 0.01))
 
 

@@ -64,17 +64,58 @@ def harvest_fingerprint(cfg: HarvestConfig, model: str, hook: str) -> Fingerprin
     return Fingerprint("harvest", {**settings, "model": model, "hook": hook, "package": package_version()})
 
 
+def shard_pass(bridge: Any, hook: Any, rule: ExclusionRule, stats: Any, excluded: dict[str, int],
+               shard_tokens: torch.Tensor, batch_size: int, store_dtype: torch.dtype, bar: Any = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One shard's kept activations, keep mask and position count; updates ``stats`` and ``excluded``.
+
+    The exclusion rule is calibrated on the first batch it sees if it is not calibrated yet.
+    """
+    device = next(bridge.original_model.parameters()).device
+    acts_parts, keep_parts, positions = [], [], 0
+    for b in range(0, len(shard_tokens), batch_size):
+        batch = shard_tokens[b:b + batch_size].to(device)
+        acts = capture_hook(bridge, batch, hook.canonical, hook.stop_at_layer)
+        if rule.median_norm is None:
+            rule.calibrate(batch, acts)
+        keep = rule.keep_mask(batch, acts)
+        special = rule.special_mask(batch)
+        excluded["special"] += int(special.sum())
+        excluded["massive"] += int((~keep & ~special).sum())
+        kept = acts[keep].to("cpu", torch.float32)
+        stats.update(kept)
+        acts_parts.append(kept.to(store_dtype))
+        keep_parts.append(keep.cpu())
+        positions += int(keep.numel())
+        if bar is not None:
+            bar.update(len(batch))
+    return torch.cat(acts_parts), torch.cat(keep_parts), positions
+
+
 def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridge: Any = None,
-            overwrite: bool = False, **overrides: Any) -> dict[str, Any]:
+            overwrite: bool = False, shard: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Harvest activations into ``config.out``; resume from the last complete shard; return the manifest.
 
     ``out`` follows the fingerprint rule: the same settings resume (a larger ``tokens`` extends), other
-    settings are refused unless ``overwrite`` replaces the earlier harvest."""
+    settings are refused unless ``overwrite`` replaces the earlier harvest. ``shard="i/n"`` (or RANK /
+    WORLD_SIZE under ``torchrun``) harvests only this rank's slice of the contexts into the same folder (see
+    :mod:`.sharded`; the same fingerprint rule, without ``overwrite``).
+    """
     cfg = config.model_copy(update=overrides) if config else HarvestConfig(**overrides)
+    from ..distributed import parse_shard
+
+    shard_i, shard_n = parse_shard(shard)
+    if shard_n > 1:
+        from .sharded import harvest_slice
+
+        if overwrite:
+            raise FisError("--overwrite cannot be combined with --shard (ranks would delete each other's work)",
+                           field="--overwrite", fix="clear the folder with one `fis harvest --overwrite` first, "
+                           "or use a new --out")
+        return harvest_slice(cfg, shard_i, shard_n, bridge=bridge, progress=progress)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     tokenizer = bridge.tokenizer
-    device = next(bridge.original_model.parameters()).device
     store_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.store_dtype)
     if store_dtype is None:
         raise FisError(f"unknown store_dtype '{cfg.store_dtype}'", field="store_dtype",
@@ -93,7 +134,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     out = Path(cfg.out)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
     fresh["fingerprint"] = fp.digest
-    state = claim(out, fp, owned=(MANIFEST, "shard_*.safetensors"), overwrite=overwrite)
+    state = claim(out, fp, owned=(MANIFEST, "manifest.rank-*.json", "shard_*.safetensors"), overwrite=overwrite)
     if state == "resume" and (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):
@@ -113,26 +154,12 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     harvested_now = 0
     for shard_start in range(done_contexts, len(contexts), cfg.contexts_per_shard):
         shard_tokens = contexts[shard_start:shard_start + cfg.contexts_per_shard]
-        acts_parts, keep_parts = [], []
-        for b in range(0, len(shard_tokens), cfg.batch_size):
-            batch = shard_tokens[b:b + cfg.batch_size].to(device)
-            acts = capture_hook(bridge, batch, hook.canonical, hook.stop_at_layer)
-            if rule.median_norm is None:
-                rule.calibrate(batch, acts)
-            keep = rule.keep_mask(batch, acts)
-            special = rule.special_mask(batch)
-            manifest["excluded"]["special"] += int(special.sum())
-            manifest["excluded"]["massive"] += int((~keep & ~special).sum())
-            kept = acts[keep].to("cpu", torch.float32)
-            stats.update(kept)
-            acts_parts.append(kept.to(store_dtype))
-            keep_parts.append(keep.cpu())
-            bar.update(len(batch))
-            harvested_now += int(keep.numel())
-            bar.set_postfix(tok_s=f"{harvested_now / (time.perf_counter() - start):.0f}")
-        acts_all = torch.cat(acts_parts)
+        acts_all, keep_all, n_pos = shard_pass(bridge, hook, rule, stats, manifest["excluded"], shard_tokens,
+                                               cfg.batch_size, store_dtype, bar)
+        harvested_now += n_pos
+        bar.set_postfix(tok_s=f"{harvested_now / (time.perf_counter() - start):.0f}")
         ids = torch.arange(shard_start, shard_start + len(shard_tokens))
-        write_shard(out, shard_index, acts_all, shard_tokens, torch.cat(keep_parts), ids)
+        write_shard(out, shard_index, acts_all, shard_tokens, keep_all, ids)
         manifest["shards"].append({"file": shard_name(shard_index), "n_contexts": len(shard_tokens),
                                    "n_tokens": int(acts_all.shape[0])})
         manifest["token_count"] += int(acts_all.shape[0])

@@ -11,3 +11,4 @@ from . import report_cmds  # noqa: F401
 from . import battery_cmds  # noqa: F401
 from . import train_cmds  # noqa: F401
 from . import features_cmds  # noqa: F401
+from . import export_cmds  # noqa: F401

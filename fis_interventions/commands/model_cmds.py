@@ -50,6 +50,8 @@ def harvest_cmd(
     normalization: str = "expected_norm",
     norm_multiple: Annotated[float, typer.Option(help="exclude positions with norm > this x median (0: off)")] = 10.0,
     overwrite: Annotated[bool, typer.Option(help="replace a harvest with other settings in --out")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: harvest this process's slice into the same --out "
+                                                 "(default: RANK/WORLD_SIZE under torchrun)")] = None,
     progress: bool = True,
 ) -> None:
     """Harvest activations at a hook point into resumable shards with a manifest (same settings resume)."""
@@ -61,7 +63,11 @@ def harvest_cmd(
                                        contexts_per_shard=contexts_per_shard, dtype=dtype, store_dtype=store_dtype,
                                        device=device, normalization=normalization,
                                        norm_multiple=norm_multiple or None), source="fis harvest")
-    manifest = harvest(cfg, progress=progress, overwrite=overwrite)
+    manifest = harvest(cfg, progress=progress, overwrite=overwrite, shard=shard)
+    if not manifest.get("complete") or "rank" in manifest:
+        typer.echo(f"harvested slice {manifest['rank']}/{manifest['shard_of']}: {manifest['token_count']} tokens "
+                   f"into {out}; manifest.json is written when the last slice finishes")
+        return
     typer.echo(f"harvested {manifest['token_count']} tokens at {manifest['hook']} of {manifest['model']} into {out} "
                f"(excluded: {manifest['excluded']['special']} special, {manifest['excluded']['massive']} massive)")
 

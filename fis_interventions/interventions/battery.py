@@ -283,6 +283,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
+        "split_path": attached.split.path,
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "fingerprint": fp.digest,
         "provenance": provenance(cfg.seed),
         "designs": {d.name: {**selection[d.name], "items_used": list(dict.fromkeys(r["item"].astype(str))),

@@ -26,6 +26,7 @@ from ..io import atomic_dir, write_json
 from ..provenance import provenance
 from .config import TrainConfig
 from .model import JointArch, JointSAE
+from .saelens import is_saelens_folder, load_saelens
 
 FORMAT = "fis-joint-sae/1"
 
@@ -85,6 +86,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     path = resolve(path)
     if not path.is_dir():
         raise FisError("checkpoint folder not found", source=path, fix="check the path")
+    if is_saelens_folder(path):
+        ckpt = load_saelens(path)
+        return {**ckpt.meta, "model_name": None, "hook": ckpt.hook, "d_in": ckpt.d_in}
     cfg_file = path / "cfg.json"
     if not cfg_file.exists() or not (path / "weights.safetensors").exists():
         raise FisError("not a checkpoint folder (needs cfg.json and weights.safetensors)", source=path,
@@ -100,8 +104,14 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: str | None = None,
                     device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint; refuse one trained on another model or hook point (flaw 1) in one line."""
+    """Load a checkpoint; refuse one trained on another model or hook point (flaw 1) in one line.
+
+    A SAELens SAE folder loads too (frozen, see :mod:`.saelens`); its model name is SAELens' own (often a hub
+    name), so only its hook and, when attached, its d_in are checked.
+    """
     path = resolve(path)
+    if path.is_dir() and is_saelens_folder(path):
+        return load_saelens(path, expect_hook=expect_hook, device=device)
     meta = read_meta(path)
     for key, expected, label in (("model_name", expect_model, "model"), ("hook", expect_hook, "hook point")):
         if expected is not None and meta.get(key) != expected:

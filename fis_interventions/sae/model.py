@@ -36,14 +36,24 @@ class NFMArch(StrictModel):
     top_m: PositiveInt | None = None
 
 
+SAEActivation = Literal["topk", "relu", "jumprelu"]
+
+
 class SAEArch(StrictModel):
-    """Shape of a TopK SAE (also used for the secondary SAE on the NFM hidden layer)."""
+    """Shape of a TopK SAE (also used for the secondary SAE on the NFM hidden layer).
+
+    ``activation`` and ``apply_b_dec_to_input`` exist for SAEs brought from SAELens (loaded frozen, never
+    trained here): ``relu`` (SAELens ``standard``) and ``jumprelu`` keep every latent above zero / its threshold,
+    so their L0 varies per token and ``k`` is only an upper bound (``d_sae``).
+    """
 
     d_in: PositiveInt
     d_sae: PositiveInt
     k: PositiveInt
     aux_k: PositiveInt | None = None
     normalize_decoder: bool = True
+    activation: SAEActivation = "topk"
+    apply_b_dec_to_input: bool = True
 
 
 class JointArch(StrictModel):
@@ -112,18 +122,22 @@ class TopKSAE(HookedModule):
     """
 
     def __init__(self, d_in: int, d_sae: int, k: int, normalize_decoder: bool = True,
-                 aux_k: int | None = None) -> None:
+                 aux_k: int | None = None, activation: SAEActivation = "topk",
+                 apply_b_dec_to_input: bool = True) -> None:
         super().__init__()
         if k > d_sae:
             raise FisError(f"k={k} is larger than d_sae={d_sae}", field="k", fix="use k <= d_sae")
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
         self.normalize_decoder, self.aux_k = normalize_decoder, aux_k
+        self.activation, self.apply_b_dec_to_input = activation, apply_b_dec_to_input
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w.clone())
         self.W_enc = nn.Parameter(w.T.clone().contiguous())  # tied init, as in Gao et al. / sparsify
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
         self.hook_pre = HookPoint()
         self.hook_latents = HookPoint()
         self.hook_recon = HookPoint()
@@ -132,7 +146,8 @@ class TopKSAE(HookedModule):
     @property
     def arch(self) -> SAEArch:
         return SAEArch(d_in=self.d_in, d_sae=self.d_sae, k=self.k, aux_k=self.aux_k,
-                       normalize_decoder=self.normalize_decoder)
+                       normalize_decoder=self.normalize_decoder, activation=self.activation,
+                       apply_b_dec_to_input=self.apply_b_dec_to_input)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations. ``b_dec @ W_enc`` is subtracted separately: equal to encoding ``x - b_dec``
@@ -140,13 +155,27 @@ class TopKSAE(HookedModule):
         return self.hook_pre(self.raw_pre_acts(x))
 
     def raw_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.apply_b_dec_to_input:
+            return x @ self.W_enc + self.b_enc
         return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def topk(self, pre: torch.Tensor) -> SparseLatents:
         """Top-k then ReLU: the same values as ReLU then top-k (ReLU is monotone) without a dense ReLU pass;
         only the indices of zero-valued padding can differ. ``sorted=True`` is measured ~2x faster on CPU."""
+        if self.activation != "topk":
+            return self._threshold_latents(pre)
         values, indices = pre.topk(self.k, dim=-1, sorted=True)
         return SparseLatents(torch.relu(values), indices, self.d_sae)
+
+    def _threshold_latents(self, pre: torch.Tensor) -> SparseLatents:
+        """ReLU / JumpReLU (SAELens' ``standard`` / ``jumprelu``): every latent above zero (its threshold),
+        packed into as many columns as the busiest row needs; the other rows are zero-padded."""
+        acts = torch.relu(pre)
+        if self.activation == "jumprelu":
+            acts = acts * (pre > self.threshold).to(acts.dtype)
+        width = max(int((acts != 0).sum(-1).max()), 1) if acts.numel() else 1
+        values, indices = acts.topk(width, dim=-1, sorted=True)
+        return SparseLatents(values, indices, self.d_sae)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
         """Pre-activations and (possibly edited) top-k latents."""
@@ -157,7 +186,7 @@ class TopKSAE(HookedModule):
 
     def _sparse_backward(self, x: torch.Tensor) -> bool:
         """Training fast path on CPU: same values, gradients by sparse products (no hooks may be active)."""
-        return (fast_backward(x) and self.W_enc.requires_grad
+        return (fast_backward(x) and self.W_enc.requires_grad and self.activation == "topk"
                 and not (self.hook_pre.active or self.hook_latents.active))
 
     def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents]:
@@ -293,7 +322,7 @@ class JointSAE(HookedModule):
         super().__init__()
         self.cfg = cfg
         s = cfg.sae
-        self.sae = TopKSAE(s.d_in, s.d_sae, s.k, s.normalize_decoder, s.aux_k)
+        self.sae = TopKSAE(s.d_in, s.d_sae, s.k, s.normalize_decoder, s.aux_k, s.activation, s.apply_b_dec_to_input)
         self.nfm = None
         if cfg.nfm is not None:
             n = cfg.nfm

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
         seed_everything(cfg.seed)
         model = JointSAE(_arch(cfg, d_in, model_name, hook)).to(device, dtype)
         if cfg.sae_checkpoint is not None:
-            _load_frozen_sae(model, cfg, d_in, model_name, hook)
+            _load_frozen_sae(model, cfg, d_in, model_name, hook, normalization)
         step = 0
     else:
         step = state["step"]
@@ -298,12 +298,17 @@ def _arch(cfg: TrainConfig, d_in: int, model_name: str | None, hook: str | None)
 
 
 def _load_frozen_sae(model: JointSAE, cfg: TrainConfig, d_in: int, model_name: str | None,
-                     hook: str | None) -> None:
+                     hook: str | None, normalization: dict[str, Any] | None = None) -> None:
+    from .saelens import fold_input_scale
+
     frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=model_name, expect_hook=hook)
     if frozen.d_in != d_in:
         raise FisError(f"sae_checkpoint has d_in={frozen.d_in}, the activations have {d_in}",
                        field="sae_checkpoint", fix="train the SAE on the same hook point")
-    model.sae.load_state_dict(frozen.model.sae.state_dict())
+    state = frozen.model.sae.state_dict()
+    if frozen.meta.get("format") == "saelens":  # it reads raw activations; ours arrive normalised
+        state = fold_input_scale(state, normalization, frozen.path)
+    model.sae.load_state_dict(state)
 
 
 def _locate(plan: list[tuple[str, int]], step: int) -> tuple[str, int, int]:

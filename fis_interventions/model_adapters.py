@@ -1,0 +1,136 @@
+"""How to run one model family's forward pass in pieces: one small adapter per family, in one registry.
+
+Why: the split forward (:mod:`fis_interventions.splice`) runs the wrapped Hugging Face blocks directly, so that
+the prefix is computed once and only the suffix runs per intervention condition. Families differ in exactly
+three places, and an adapter says only those:
+
+- **embed**: token embedding, plus learned absolute positions (GPT-2); Gemma's sqrt(d_model) scale lives in
+  its embedding module (``Gemma2ScaledWordEmbedding``), so calling that module applies it;
+- **call a block**: which keyword arguments the block takes (mask, position ids, rotary position embeddings)
+  and which attention mask each layer needs (full or sliding window, from ``config.layer_types``); GPT-NeoX's
+  parallel attention lives inside its layer, so calling the layer is enough;
+- **finish**: final norm, unembedding and, where the config sets it, Gemma-2's final logit soft-capping.
+
+Every architecture not in :data:`FAMILIES` goes through :class:`fis_interventions.splice.BridgeHookPath`:
+full forward passes through the bridge with a hook that writes the residual (correct, slower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ROTARY = ("attention_mask", "position_ids", "position_embeddings")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts (attribute names) and what its blocks are called with."""
+
+    name: str
+    architectures: tuple[str, ...]  # HF class names (``config.architectures`` / ``type(model).__name__``)
+    base: str  # the decoder inside the causal-LM wrapper
+    embed: str  # token embedding, inside ``base``
+    layers: str
+    norm: str
+    head: str = "lm_head"  # on the causal-LM wrapper
+    pos_embed: str | None = None  # learned absolute position embedding (GPT-2)
+    rotary: str | None = "rotary_emb"
+    block_kwargs: tuple[str, ...] = ROTARY
+    notes: str = ""
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), "model", "embed_tokens", "layers", "norm",
+           notes="rotary, RMSNorm (also Mistral, SmolLM)"),
+    Family("qwen2", ("Qwen2ForCausalLM",), "model", "embed_tokens", "layers", "norm",
+           notes="rotary, optional sliding-window layers"),
+    Family("gemma2", ("Gemma2ForCausalLM",), "model", "embed_tokens", "layers", "norm",
+           notes="rotary, sqrt(d_model) embedding scale, alternating sliding/full attention, logit soft-capping"),
+    Family("phi3", ("Phi3ForCausalLM",), "model", "embed_tokens", "layers", "norm",
+           notes="rotary, fused qkv, optional sliding window"),
+    Family("gpt2", ("GPT2LMHeadModel",), "transformer", "wte", "h", "ln_f", pos_embed="wpe", rotary=None,
+           block_kwargs=("attention_mask",), notes="learned absolute positions, LayerNorm"),
+    Family("gpt_neox", ("GPTNeoXForCausalLM",), "gpt_neox", "embed_in", "layers", "final_layer_norm",
+           notes="rotary, parallel attention + MLP (Pythia)"),
+)
+_BY_ARCH = {arch: fam for fam in FAMILIES for arch in fam.architectures}
+
+
+def family_for(hf_model: Any) -> Family | None:
+    """The registered family of an HF causal LM, or None (then the generic bridge-hook path is used)."""
+    fam = _BY_ARCH.get(type(hf_model).__name__)
+    if fam is None:
+        return None
+    parts = [(hf_model, fam.base), (hf_model, fam.head)]
+    base = getattr(hf_model, fam.base, None)
+    parts += [(base, n) for n in (fam.embed, fam.layers, fam.norm, fam.pos_embed, fam.rotary) if n]
+    return fam if all(obj is not None and hasattr(obj, n) for obj, n in parts) else None
+
+
+def _mask_kind(config: Any, layer: int) -> str:
+    """Which mask a layer attends with: the config's ``layer_types`` if present, else the global sliding window."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return str(types[layer])
+    return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+
+
+class FamilyAdapter:
+    """Embed / call a block / finish for one registered family, on one HF model."""
+
+    def __init__(self, hf_model: Any, family: Family) -> None:
+        self.hf = hf_model
+        self.family = family
+        self.config = hf_model.config
+        self.base = getattr(hf_model, family.base)
+        self.layers = getattr(self.base, family.layers)
+        self.n_layers = len(self.layers)
+        self.kinds = [_mask_kind(self.config, i) for i in range(self.n_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.base, self.family.embed).weight.device
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = getattr(self.base, self.family.embed)(tokens)
+        if self.family.pos_embed:
+            hidden = hidden + getattr(self.base, self.family.pos_embed)(position_ids).to(hidden.device)
+        return hidden
+
+    def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+              ) -> dict[str, Any]:
+        """The attention masks the layers need, built exactly as the HF model builds them."""
+        from transformers import masking_utils
+
+        makers = {"full_attention": masking_utils.create_causal_mask,
+                  "sliding_attention": masking_utils.create_sliding_window_causal_mask}
+        return {kind: makers[kind](self.config, embeds, attention_mask, None, position_ids=position_ids)
+                for kind in sorted(set(self.kinds))}
+
+    def position_embeddings(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        if not self.family.rotary:
+            return None
+        return getattr(self.base, self.family.rotary)(embeds, position_ids=position_ids)
+
+    def block(self, i: int, hidden: torch.Tensor, masks: dict[str, Any], position_ids: torch.Tensor,
+              position_embeddings: Any) -> torch.Tensor:
+        given = {"attention_mask": masks[self.kinds[i]], "position_ids": position_ids,
+                 "position_embeddings": position_embeddings}
+        out = self.layers[i](hidden, use_cache=False, **{k: given[k] for k in self.family.block_kwargs})
+        return out[0] if isinstance(out, tuple) else out
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = getattr(self.hf, self.family.head)(getattr(self.base, self.family.norm)(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def split_path_name(hf_model: Any) -> str:
+    """``fast:<family>`` or ``generic`` (what `fis model info` and ``run.json`` report)."""
+    fam = family_for(hf_model)
+    return f"fast:{fam.name}" if fam else "generic"
