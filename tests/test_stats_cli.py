@@ -23,7 +23,7 @@ def _golden_present():
 
 def test_full_run_writes_json(tmp_path, capsys):
     out = tmp_path / "res" / "stats.json"
-    assert main(BASE + ["--item", "item", "--json", str(out)]) == 0
+    assert main(BASE + ["--item", "item", "--random", "intercept", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Type III ANOVA" in text and "By-item" in text and "LMM" in text and "warnings: none" in text
     assert "formality:emotion" in text
@@ -40,7 +40,7 @@ def test_full_run_writes_json(tmp_path, capsys):
 
 def test_ml_and_levels(tmp_path):
     out = tmp_path / "ml.json"
-    code = main(BASE + ["--item", "item", "--ml", "--levels", "formality=informal,formal", "--json", str(out)])
+    code = main(BASE + ["--item", "item", "--ml", "--random", "intercept", "--levels", "formality=informal,formal", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["lmm"]["method"] == "ML"

@@ -31,6 +31,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records
+from .mixed import MixedFit, fit_mixed
+from .profile import RandomFactor
+from .structure import MIN_RANDOM_LEVELS, SLOTS, Structure, initial_structure, simplify
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,13 @@ class LmmResult:
     n: int = 0
     n_groups: int = 0
     cov_fixed: np.ndarray | None = field(default=None, repr=False)
+    structure: str | None = None
+    requested: str | None = None
+    random_effects: list[dict[str, Any]] = field(default_factory=list)
+    simplification: list[str] = field(default_factory=list)
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    singular: bool = False
+    prompts: str | None = None
     _contrast: Callable[[np.ndarray], tuple[float, float, float | None]] | None = field(default=None,
                                                                                          repr=False)
 
@@ -166,7 +176,13 @@ class LmmResult:
                 "fixed": records(self.fixed), "item_var": finite_or_none(self.item_var),
                 "resid_var": finite_or_none(self.resid_var), "loglik": finite_or_none(self.loglik),
                 "other_var": {k: finite_or_none(v) for k, v in self.other_var.items()},
-                "n": self.n, "n_groups": self.n_groups, "warnings": list(self.warnings)}
+                "n": self.n, "n_groups": self.n_groups, "random": self.requested, "structure": self.structure,
+                "random_effects": [{k: finite_or_none(v) for k, v in r.items()} for r in self.random_effects],
+                "simplification": list(self.simplification), "singular": bool(self.singular),
+                "prompts": self.prompts,
+                "optimizers": {k: {kk: finite_or_none(vv) for kk, vv in v.items()}
+                               for k, v in self.optimizers.items()},
+                "warnings": list(self.warnings)}
 
 
 def _t_summary(est: float, se: float, df: float | None, level: float = 0.95) -> list[float | None]:
@@ -290,8 +306,66 @@ def lmm_fit(df: pd.DataFrame, formula_fixed: str, group: str, method: str = "REM
                      _contrast=contrast)
 
 
-def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None = None) -> LmmResult:
-    """``y ~ A*B + (1|item)`` on a prepared design, with terms renamed to Intercept, a, b, a:b."""
+def _design_matrix(data: pd.DataFrame, structure: Structure) -> tuple[np.ndarray, list[str]]:
+    """``[1, xa, xb, xab]`` plus sum-coded prompt columns when prompts are a fixed factor."""
+    X = [np.ones(len(data)), data["xa"].to_numpy(), data["xb"].to_numpy(), data["xab"].to_numpy()]
+    names = ["Intercept", "xa", "xb", "xab"]
+    if structure.prompts == "fixed":
+        codes, levels = pd.factorize(data["extra"], sort=True)
+        last = len(levels) - 1
+        for j in range(last):
+            X.append(np.where(codes == j, 1.0, np.where(codes == last, -1.0, 0.0)))
+            names.append(f"{structure.prompt_label}[{levels[j]}]")
+    return np.column_stack(X), names
+
+
+def _factors(data: pd.DataFrame, structure: Structure) -> list[RandomFactor]:
+    out = []
+    for spec in structure.factors:
+        codes = pd.factorize(data[spec.group], sort=True)[0]
+        Z = np.column_stack([np.ones(len(data)) if t == "1" else data[t].to_numpy() for t in spec.terms])
+        out.append(RandomFactor(spec.label, codes, Z, list(spec.terms), spec.kind))
+    return sorted(out, key=lambda f: -f.n_levels)  # the many-level factor is eliminated blockwise
+
+
+def _varcorr(factors: list[RandomFactor], fit: MixedFit, names: dict[str, str]) -> list[dict[str, Any]]:
+    """Every variance and covariance, listed like R's ``as.data.frame(VarCorr(m))``."""
+    rows: list[dict[str, Any]] = []
+    sigma2 = fit.sigma2
+    for f, C, comp in zip(factors, fit.random_cov, fit.components):
+        if comp is not None:  # variance components: one variance per nested factor, as lme4 lists them
+            for t, v in zip(f.terms, comp):
+                group = f.name if t == "1" else f"{f.name}:{names[t]}"
+                rows.append({"group": group, "term1": "(Intercept)", "term2": None, "vcov": float(v),
+                             "sdcor": float(np.sqrt(v))})
+            continue
+        for j, t in enumerate(f.terms):
+            rows.append({"group": f.name, "term1": names[t], "term2": None, "vcov": float(C[j, j]),
+                         "sdcor": float(np.sqrt(max(C[j, j], 0.0)))})
+        if f.kind == "correlated":
+            for j in range(f.k):
+                for i in range(j + 1, f.k):
+                    denom = np.sqrt(C[i, i] * C[j, j])
+                    rows.append({"group": f.name, "term1": names[f.terms[j]], "term2": names[f.terms[i]],
+                                 "vcov": float(C[i, j]), "sdcor": float(C[i, j] / denom) if denom > 0 else None})
+    rows.append({"group": "Residual", "term1": None, "term2": None, "vcov": sigma2,
+                 "sdcor": float(np.sqrt(sigma2))})
+    return rows
+
+
+def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool) -> MixedFit:
+    X, _ = _design_matrix(data, structure)
+    return fit_mixed(data["y"].to_numpy(), X, _factors(data, structure), reml=reml)
+
+
+def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None = None,
+               random: str = "uncorrelated") -> LmmResult:
+    """``y ~ A*B`` with the random effects of ``random`` (see :mod:`.structure`), reported like lmerTest.
+
+    ``extra_random`` names the prompt column (prepared into the design as ``extra``): a fixed factor below
+    5 levels, else crossed random effects. A singular fit is simplified by the rule in :mod:`.structure`;
+    the structure fitted, each simplification step and every variance/covariance are in the result.
+    """
     names = {"Intercept": "Intercept", "xa": design.a, "xb": design.b, "xab": f"{design.a}:{design.b}"}
     terms = list(names.values())
     method = method.upper()
@@ -308,23 +382,71 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                                              "(zero residual variance)"], len(data))
     if extra_random is not None and "extra" not in data:
         raise ValueError("prepare the design with extra_random to fit a crossed factor")
-    result = lmm_fit(data, "y ~ xa + xb + xab", "item", method=method,
-                     extra_random=None if extra_random is None else "extra")
-    result.fixed["term"] = result.fixed["term"].map(names)
-    if extra_random is not None:
-        result.other_var = {extra_random: v for v in result.other_var.values()}
-    return result
+    n_groups = int(data["item"].nunique())
+    if n_groups < 2:
+        return _empty_result(method, terms, [f"LMM not fitted: {n_groups} level(s) of the item column (need 2)"],
+                             len(data), n_groups)
+    structure = initial_structure(data, random, design.item, extra_random)
+    requested = structure.formula(design.a, design.b)
+    notes: list[str] = []
+    reml = method == "REML"
+    try:
+        fit = _fit_structure(data, structure, reml)
+        while fit.singular:
+            step = simplify(structure, fit.zero_terms)
+            if step is None:
+                break
+            structure, _ = step
+            fit = _fit_structure(data, structure, reml)
+    except (np.linalg.LinAlgError, ValueError) as err:
+        return _empty_result(method, terms, [f"LMM not fitted: {err}"], len(data), n_groups)
+    if structure.steps:
+        notes.append(f"singular fit simplified: {'; '.join(structure.steps)}")
+    if fit.singular:
+        zero = ", ".join(f"{g}" for g, _ in fit.zero_terms)
+        notes.append(f"singular fit: a random intercept variance ({zero}) is estimated as zero (held fixed "
+                     "at zero for the Satterthwaite df)")
+    notes += fit.warnings
+    if structure.prompts == "fixed":
+        notes.append(f"{structure.n_prompts} prompts (< {MIN_RANDOM_LEVELS}): prompt entered as a fixed factor")
+    p = len(fit.beta)
+
+    def contrast(L: np.ndarray) -> tuple[float, float, float | None]:
+        L = np.concatenate([L, np.zeros(p - len(L))])
+        var = float(L @ fit.cov_beta @ L)
+        return float(L @ fit.beta), float(np.sqrt(max(var, 0.0))), fit.contrast_df(L)
+
+    rows = []
+    for i, term in enumerate(terms):
+        est, se, dfv = contrast(np.eye(4)[i])
+        rows.append(dict(zip(FIXED_COLUMNS, [term, *_t_summary(est, se, dfv)])))
+    fixed = pd.DataFrame(rows, columns=FIXED_COLUMNS)
+    for col in FIXED_COLUMNS[1:]:
+        fixed[col] = pd.to_numeric(fixed[col].astype(object).where(fixed[col].notna(), np.nan))
+    factors = _factors(data, structure)
+    varcorr = _varcorr(factors, fit, {"1": "(Intercept)", **{k: names[k] for k in SLOTS[1:]}})
+    intercepts = {r["group"]: r["vcov"] for r in varcorr if r["term1"] == "(Intercept)" and r["term2"] is None}
+    other = {extra_random: intercepts.get(extra_random)} if structure.prompts == "random" else {}
+    return LmmResult(method=method, converged=True, optimizer=fit.optimizer, fixed=fixed,
+                     item_var=intercepts.get(design.item), resid_var=fit.sigma2, loglik=fit.loglik,
+                     warnings=notes, other_var=other, n=len(data), n_groups=n_groups,
+                     cov_fixed=fit.cov_beta[:4, :4], structure=structure.formula(design.a, design.b),
+                     requested=requested, random_effects=varcorr, simplification=list(structure.steps),
+                     optimizers=fit.optimizers, singular=fit.singular, prompts=structure.prompts,
+                     _contrast=contrast)
 
 
 def lmm_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str, levels: Levels | None = None,
-            method: str = "REML", extra_random: str | None = None) -> LmmResult:
-    """``dv ~ a*b + (1|item)`` [``+ (1|extra_random)``] with -0.5/+0.5 codes, reported like lmerTest.
+            method: str = "REML", extra_random: str | None = None, random: str = "uncorrelated") -> LmmResult:
+    """``dv ~ a*b + (1 + a + b + a:b || item)`` (maximal, by default) with -0.5/+0.5 codes, like lmerTest.
 
     Terms: ``Intercept`` (grand mean of cell means), ``a``, ``b`` (differences between levels) and ``a:b``
-    (difference of differences), named after the columns.
+    (difference of differences), named after the columns. ``random``: ``intercept``, ``uncorrelated``,
+    ``correlated`` (or ``varcomp``, lme4's nested-factor form of ``uncorrelated``); ``extra_random``: the
+    prompt column (fixed below 5 levels, crossed random from 5).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=extra_random)
-    result = lmm_design(design, method=method, extra_random=extra_random)
+    result = lmm_design(design, method=method, extra_random=extra_random, random=random)
     result.warnings = design.warnings + result.warnings
     for note in result.warnings:
         log.warning(note)
