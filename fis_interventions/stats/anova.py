@@ -16,13 +16,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from ..errors import FisWarning
-from .design import Design2x2, Levels, prepare_2x2
+from .design import Design2x2, Levels, prepare_2x2, rounding_ss
 
 log = logging.getLogger(__name__)
-
-# An effect sum of squares below this fraction of the total SS is rounding noise (an exact null's beta is
-# ~1e-16 of the data, so its SS ~1e-32 of the total); genuine effects that small are not measurable anyway.
-ZERO_SS = 1e-20
 
 COLUMNS = ["term", "ss", "df1", "df2", "F", "p", "partial_eta2"]
 
@@ -57,16 +53,17 @@ def anova_design(design: Design2x2) -> tuple[pd.DataFrame, list[str]]:
     df_res = float(a3.loc["Residual", "df"])
     rows = []
     total = float(np.sum((data["y"] - data["y"].mean()) ** 2))
+    noise = rounding_ss(data["y"].to_numpy())
     for name, col in zip(term_names(design), ["xa", "xb", "xab"]):
         ss = max(float(a3.loc[col, "sum_sq"]), 0.0)
         row: dict[str, Any] = {"term": name, "ss": ss, "df1": float(a3.loc[col, "df"]), "df2": df_res,
                                "F": float(a3.loc[col, "F"]), "p": float(a3.loc[col, "PR(>F)"]),
                                "partial_eta2": ss / (ss + ss_res) if ss + ss_res > 0 else np.nan}
-        if ss <= ZERO_SS * total:  # rounding noise of an exactly null effect: report the exact zero
+        if ss <= noise:  # rounding noise of an exactly null effect: report the exact zero
             row.update(ss=0.0, F=0.0, p=1.0, partial_eta2=0.0)
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    if total == 0.0 or ss_res <= 1e-12 * max(total, np.finfo(float).tiny):
+    if total == 0.0 or ss_res <= rounding_ss(data["y"].to_numpy()):
         table[["F", "p"]] = np.nan
         if total == 0.0:
             table["ss"] = 0.0  # exact; the solver leaves ~1e-31 of rounding noise

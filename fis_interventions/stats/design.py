@@ -152,6 +152,16 @@ def prepare_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     return design
 
 
+def rounding_ss(y: np.ndarray) -> float:
+    """A sum of squares of ``y``-sized residuals at or below this is rounding noise (64 ulp per value).
+
+    Relative to the data's magnitude, not to its total SS: with a fixed effect 1e7 times the noise the
+    residual SS is 1e-14 of the total and still perfectly measurable.
+    """
+    y = np.asarray(y, dtype=float)
+    return float(len(y) * (64 * np.finfo(float).eps * np.max(np.abs(y), initial=0.0)) ** 2)
+
+
 def finite_or_none(x: Any) -> Any:
     """JSON-safe number: NaN and infinities become None, numpy scalars become Python ones."""
     if x is None:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records
+from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records, rounding_ss
 from .mixed import MixedFit, fit_mixed
 from .profile import RandomFactor
 from .structure import MIN_RANDOM_LEVELS, SLOTS, Structure, initial_structure, simplify
@@ -377,7 +377,7 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
     if float(np.ptp(data["y"].to_numpy())) == 0.0:
         return _empty_result(method, terms, ["LMM not fitted: the measure has zero variance"], len(data))
     within = data["y"] - data.groupby(["A", "B"], observed=True)["y"].transform("mean")
-    if float(np.sum(within**2)) <= 1e-12 * float(np.sum((data["y"] - data["y"].mean()) ** 2)):
+    if float(np.sum(within**2)) <= rounding_ss(data["y"].to_numpy()):
         return _empty_result(method, terms, ["LMM not fitted: the measure is constant within each cell "
                                              "(zero residual variance)"], len(data))
     if extra_random is not None and "extra" not in data:
