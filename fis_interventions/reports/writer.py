@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..io import atomic_dir, write_json
 from ..provenance import library_versions, provenance
+from ..stats.structure import MIN_RANDOM_LEVELS
 from .analysis import ALPHA, Analysis, analyze_run, feature_verdicts, is_noop
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
@@ -110,6 +111,24 @@ def _feature_tables(analysis: Analysis, keys: dict[str, Any], a: str, b: str
     return anova, lmm
 
 
+def random_effects_lines(tests: pd.DataFrame) -> list[str]:
+    """Which random-effects structures were fitted, in how many tests, and every simplification applied."""
+    if tests.empty or "random_structure" not in tests:
+        return []
+    counts = tests["random_structure"].fillna("(no model fitted)").value_counts()
+    lines = ["Random effects fitted: " + "; ".join(f"`shift ~ {k}` in {v} test(s)" for k, v in counts.items())
+             + "."]
+    simplified = tests["simplified"].dropna()
+    if len(simplified):
+        steps = simplified.value_counts()
+        lines.append(f"Singular fits simplified in {len(simplified)} test(s) by the fixed rule (drop the "
+                     "correlations, then zero-variance slopes in the order A:B, B, A; intercepts kept): "
+                     + "; ".join(f"{k} ({v})" for k, v in steps.items()) + ".")
+    else:
+        lines.append("No fit was singular: no random effect was dropped.")
+    return lines
+
+
 def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     info = run.info
     res = run.results
@@ -129,14 +148,16 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     lines.append("Coding: deviation codes, -0.5 for the first level and +0.5 for the second, so the interaction "
                  "coefficient is the difference of differences (m22 - m12) - (m21 - m11).")
     lines.append("Tests per design x feature x intervention x value x contrast readout: Type III two-way ANOVA "
-                 "over all observations (F1, statsmodels; treats item x prompt observations as independent), "
-                 "by-item repeated-measures ANOVA on item x cell means (F2, pingouin), and a linear mixed model "
-                 "`shift ~ A*B + (1|item)` fitted by REML with Satterthwaite df (lmerTest-compatible); where "
-                 "a design has more than one prompt, also `shift ~ A*B + (1|item) + (1|prompt)` with crossed "
-                 "random intercepts.")
-    lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of the LMM matching "
-                 "the design (items and prompts crossed where there are several prompts, else items only; a "
-                 "crossed fit that gives no p-value falls back to items only, and the warnings list it).")
+                 "over all observations (F1, statsmodels; treats item x prompt observations as independent, so "
+                 "descriptive only), by-item repeated-measures ANOVA on item x cell means (F2, descriptive), "
+                 "and the primary test: a linear mixed model with maximal uncorrelated by-item random effects "
+                 "(intercept and the A, B and A:B slopes the design identifies; Barr et al. 2013), prompts as a "
+                 f"fixed factor below {MIN_RANDOM_LEVELS} prompts and as crossed random effects (with their "
+                 "slopes) from 5, fitted by REML with Satterthwaite df (lme4/lmerTest-compatible).")
+    lines += random_effects_lines(analysis.tests)
+    lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of that mixed model; "
+                 "its random-effects structure per test is the column random_structure, every variance and "
+                 "covariance is in tables/random_effects.csv.")
     n = len(analysis.tests)
     fam = int(analysis.tests["q_family_size"].max()) if n else 0
     lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} tests with a p-value "
@@ -161,7 +182,8 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
     verdicts = feature_verdicts(tests)
     checks = null_checks(run, analysis)
     for name, frame in [("tests", tests), ("anova", analysis.anova), ("rm_anova", analysis.rm_anova),
-                        ("lmm", analysis.lmm), ("cells", analysis.cells), ("kl", analysis.kl),
+                        ("lmm", analysis.lmm), ("random_effects", analysis.random), ("cells", analysis.cells),
+                        ("kl", analysis.kl),
                         ("features", verdicts), ("null_checks", checks), ("eval", run.eval_table),
                         ("screening", run.screening)]:
         if frame is not None and not frame.empty:
@@ -198,12 +220,12 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
             doc.fig(p2, f"figures/{p2.name}", f"A x B interaction contrast (primary model, 95% CI) across clamp "
                     f"values. Feature {feature}.")
             doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
-                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p_lmm", "p_lmm_crossed",
+                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p",
                               "partial_eta2", "standardized", "q"]],
                       "Interaction tests (estimate and CI from the primary model; q: BH over the whole run).")
             anova, lmm = _feature_tables(analysis, keys, a, b)
             doc.table(anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated measures.")
-            doc.table(lmm, "LMM fixed effects (REML, Satterthwaite df); model items or items+prompts.")
+            doc.table(lmm, "LMM fixed effects of the primary model (REML, Satterthwaite df).")
 
     if not analysis.kl.empty:
         doc.h(1, "KL divergence of the clamps")
