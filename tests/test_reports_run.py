@@ -170,3 +170,11 @@ def test_methods_name_the_fitted_random_effects(made: dict[str, Path], tests_tab
     assert all("prompt (fixed, 2 levels)" in s and s.endswith("item)") for s in structures)
     assert "Random effects fitted: `shift ~ " in md and structures[0] in md
     assert ("Singular fits simplified in" in md) == tests_table["simplified"].notna().any()
+
+
+def test_how_many_items_line_for_significant_effects(made: dict[str, Path], tests_table: pd.DataFrame) -> None:
+    md = (made["out"] / "report.md").read_text(encoding="utf-8")
+    sig = tests_table[tests_table["significant"]]
+    assert len(sig) and sig["items_for_80"].notna().all()
+    assert tests_table.loc[tests_table["p"].isna() | (tests_table["p"] >= 0.1), "items_for_80"].isna().all()
+    assert f"80% power with {int(sig['items_for_80'].iloc[0])} items" in md

@@ -26,6 +26,8 @@ from .runfolder import Run
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
+NEAR = 0.10  # primary p below this gets a "how many items" line (significant or near-significant)
+POWER_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
 FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
           "(no-op checks excluded: they are null checks of the splice)")
@@ -115,8 +117,26 @@ def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: di
     primary = {k: inter[k] for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
     row.update(primary_model="lmm_items_prompts" if crossed else "lmm_items", estimate=primary["estimate"],
                se=primary["se"], df=primary["df"], ci_low=primary["ci_low"], ci_high=primary["ci_high"],
-               p=primary["p"])
+               p=primary["p"], items_for_80=_items_for_80(res, row["n_prompts"], primary["p"]))
     return row, detail, notes
+
+
+def _items_for_80(res: dict[str, Any], prompts: int, p: float | None) -> int | None:
+    """Items needed for 80% power to detect this test's own interaction (its variance components, same
+    prompts and replication), by :func:`fis_interventions.stats.power.power_curve` (1000 simulations, seed
+    0); only for significant or near-significant tests (p < NEAR) with fewer than 5 prompts."""
+    from dataclasses import replace
+
+    from ..stats.power import items_needed, power_curve, spec_from_stats
+
+    if p is None or p >= NEAR or prompts >= 5:
+        return None
+    try:
+        spec = spec_from_stats(res)
+    except FisError:
+        return None
+    spec = replace(spec, prompts=prompts, reps=max(1, spec.reps // prompts))
+    return items_needed(power_curve(spec, POWER_GRID, n_sims=1000, seed=0), 0.8)
 
 
 def analyze_run(run: Run) -> Analysis:

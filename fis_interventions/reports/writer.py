@@ -18,7 +18,7 @@ import pandas as pd
 from ..io import atomic_dir, write_json
 from ..provenance import library_versions, provenance
 from ..stats.structure import MIN_RANDOM_LEVELS
-from .analysis import ALPHA, Analysis, analyze_run, feature_verdicts, is_noop
+from .analysis import ALPHA, NEAR, Analysis, analyze_run, feature_verdicts, is_noop
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
 from .runfolder import Run, load_run
@@ -56,7 +56,25 @@ def null_checks(run: Run, analysis: Analysis) -> pd.DataFrame:
 
 def _interval(row: pd.Series) -> str:
     return (f"{fmt(row['estimate'])} [95% CI {fmt(row['ci_low'])}, {fmt(row['ci_high'])}], partial eta2 "
-            f"{fmt(row['partial_eta2'])}, standardized {fmt(row['standardized'])}, q = {fmt(row['q'])}")
+            f"{fmt(row['partial_eta2'])}, standardized {fmt(row['standardized'])}, q = {fmt(row['q'])}"
+            + _items_line(row))
+
+
+def _items_line(row: pd.Series) -> str:
+    """How many items give 80% power for this effect (simulated from the test's own variance components)."""
+    n = row.get("items_for_80")
+    if n is None or (isinstance(n, float) and np.isnan(n)):
+        return ""
+    return f"; 80% power with {int(n)} items (this test's variance components, {int(row['n_items'])} now)"
+
+
+def power_lines(tests: pd.DataFrame) -> list[str]:
+    """The "how many items" line of every near-significant (p < NEAR) test that is not significant."""
+    if "items_for_80" not in tests:
+        return []
+    near = tests[~tests["null_check"] & ~tests["significant"] & (tests["p"] < NEAR)]
+    return [f"near-significant ({row['design']}: feature {row['feature']}, {_clamp(row)}, p = {fmt(row['p'])})"
+            + (_items_line(row) or ": 80% power needs more than 1024 items") for _, row in near.iterrows()]
 
 
 def _clamp(row: pd.Series) -> str:
@@ -194,7 +212,7 @@ def build(run: Run, analysis: Analysis, out: Path) -> Doc:
     n_null = int(tests["null_check"].sum()) if "null_check" in tests else 0
     doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts: {len(tests) - n_null} BH-corrected "
           f"together (q < {ALPHA}), and {n_null} no-op null checks of the splice kept out of the correction.")
-    doc.ul(summary_lines(tests, verdicts))
+    doc.ul(summary_lines(tests, verdicts) + power_lines(tests))
     if not checks.empty:
         failed = checks[~checks["passed"]]
         doc.p(f"Null checks (no-op clamps): {len(checks) - len(failed)} of {len(checks)} passed (every shift "
