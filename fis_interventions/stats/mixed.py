@@ -73,9 +73,10 @@ def _optimise(dev: ProfiledDeviance) -> tuple[np.ndarray, float, str, dict[str, 
     if best is None:
         raise np.linalg.LinAlgError("no optimiser reached a finite deviance")
     x, f, name = best
-    px, pf, _ = _run(*OPTIMIZERS[0], dev, x)  # polish the winner from its own optimum
-    if pf < f:
-        x, f = px, pf
+    if name != OPTIMIZERS[0][0]:
+        px, pf, _ = _run(*OPTIMIZERS[0], dev, x)  # polish the winner (derivative-free) with L-BFGS-B
+        if pf < f:
+            x, f = px, pf
     finite = [v["deviance"] for v in tried.values() if v["deviance"] is not None]
     if max(finite) - f > 2 * AGREE:
         worse = ", ".join(f"{k} {-v['deviance'] / 2:.6f}" for k, v in tried.items() if v["deviance"] is not None)
