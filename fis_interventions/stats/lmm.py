@@ -1,21 +1,16 @@
-"""Linear mixed models with lme4-compatible numbers: statsmodels fits, we report what lmer/lmerTest report.
+"""Linear mixed models reported as lme4/lmerTest report them.
 
-statsmodels' ``MixedLM`` finds the (RE)ML estimates; its log-likelihood already uses lme4's constants. Two
-things differ from ``summary(lmerTest::lmer(...))`` and are computed here, by hand, from the fitted variance
-components (see :class:`GaussianLik`):
+The 2x2 models (:func:`lmm_2x2`, :func:`lmm_design`) use our profiled deviance (:mod:`.profile`, fitted by
+:mod:`.mixed`) with the random-effects structure chosen and simplified by :mod:`.structure`: maximal
+uncorrelated by default, correlated or intercept-only on request, prompts fixed or crossed. :func:`lmm_fit`
+fits any random-intercept model with statsmodels' ``MixedLM`` and corrects what differs from lmerTest:
 
 * **Standard errors.** lme4 reports ``sigma^2 (X' V^-1 X)^-1`` at the estimates, i.e. the GLS covariance.
   statsmodels' ``bse_fe`` comes from the inverse Hessian of its likelihood in its own parameterisation,
   which drifts from the GLS covariance (about 1e-5 relative on balanced data, more on unbalanced data).
-* **Satterthwaite df** (lmerTest). For a contrast ``L``: ``df = 2 (L C L')^2 / (g' A g)`` with ``C`` the
-  covariance of the fixed effects as a function of the variance parameters ``theta``, ``g`` the gradient
-  of ``L C L'`` in ``theta`` and ``A = 2 H^-1`` the asymptotic covariance of ``theta`` (``H``: Hessian of
-  the deviance ``-2 log L``). ``g`` and ``H`` are central finite differences, as in lmerTest (which uses
-  ``numDeriv``). The df does not depend on how ``theta`` is parameterised at the optimum, so we
-  differentiate in the variances themselves.
-
-Variance components at zero (a singular fit) are held fixed at zero in the Satterthwaite computation,
-with a warning.
+* **Satterthwaite df** (lmerTest): ``df = 2 (L C L')^2 / (g' A g)`` with ``g`` the gradient of ``L C L'`` in
+  the variance parameters and ``A = 2 H^-1`` from the Hessian of the deviance (central differences; the df
+  does not depend on the parameterisation at the optimum). Variances at zero are held fixed, with a warning.
 """
 
 from __future__ import annotations
@@ -154,6 +149,7 @@ class LmmResult:
     cov_fixed: np.ndarray | None = field(default=None, repr=False)
     structure: str | None = None
     requested: str | None = None
+    random: str | None = None
     random_effects: list[dict[str, Any]] = field(default_factory=list)
     simplification: list[str] = field(default_factory=list)
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -176,7 +172,8 @@ class LmmResult:
                 "fixed": records(self.fixed), "item_var": finite_or_none(self.item_var),
                 "resid_var": finite_or_none(self.resid_var), "loglik": finite_or_none(self.loglik),
                 "other_var": {k: finite_or_none(v) for k, v in self.other_var.items()},
-                "n": self.n, "n_groups": self.n_groups, "random": self.requested, "structure": self.structure,
+                "n": self.n, "n_groups": self.n_groups, "random": self.random, "requested": self.requested,
+                "structure": self.structure,
                 "random_effects": [{k: finite_or_none(v) for k, v in r.items()} for r in self.random_effects],
                 "simplification": list(self.simplification), "singular": bool(self.singular),
                 "prompts": self.prompts,
@@ -431,7 +428,7 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                      item_var=intercepts.get(design.item), resid_var=fit.sigma2, loglik=fit.loglik,
                      warnings=notes, other_var=other, n=len(data), n_groups=n_groups,
                      cov_fixed=fit.cov_beta[:4, :4], structure=structure.formula(design.a, design.b),
-                     requested=requested, random_effects=varcorr, simplification=list(structure.steps),
+                     requested=requested, random=random, random_effects=varcorr, simplification=list(structure.steps),
                      optimizers=fit.optimizers, singular=fit.singular, prompts=structure.prompts,
                      _contrast=contrast)
 
