@@ -125,6 +125,9 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
             raise FisError(f"without a pilot, --{missing[0].replace('_', '-')} is required", field=f"--{missing[0]}",
                            fix="pass a pilot (run folder or fis stats JSON) or the effect and variances")
         spec = PowerSpec(**overrides)
+    if engine == "fit" or (engine == "auto" and spec.prompts >= 5):
+        log.warning("%d prompts are crossed random effects: no closed form, %d full REML fits (about 1 s each)",
+                    spec.prompts, sims * len(items))
     started = time.perf_counter()
     curve = power_curve(spec, items, n_sims=sims, seed=seed, alpha=alpha, engine=engine)
     seconds = time.perf_counter() - started
