@@ -172,7 +172,7 @@ def analyze_run(run: Run) -> Analysis:
         # error-term splice whose p-values describe float noise, so they are kept out of the correction.
         real = ~tests["null_check"].astype(bool)
         tests = add_qvalues(tests.assign(_p=tests["p"].where(real)), p_col="_p", out="q").drop(columns="_p")
-        for col in ("p_anova", "p_f2", "p_lmm"):
+        for col in ("p_f2",):  # F1 is descriptive (no q); p_lmm is the primary p, whose q is `q`
             masked = tests.assign(_p=tests[col].where(real))
             tests[col.replace("p_", "q_")] = add_qvalues(masked, p_col="_p", out="tmp")["tmp"]
         tests["q_family"] = "every non-null-check test of the run"

@@ -179,8 +179,8 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     n = len(analysis.tests)
     fam = int(analysis.tests["q_family_size"].max()) if n else 0
     lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} tests with a p-value "
-                 f"({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm apply "
-                 "the same correction to the other p-values.")
+                 f"({n} in all): {analysis.family}; significance at q < {ALPHA}. q_f2 applies the same "
+                 "correction to the by-item F2 p-values, for comparison; F1 gets no q (descriptive only).")
     lines.append("No-op clamps (scale 1, add 0) are null checks: their shifts must be float noise; they are kept "
                  "in the tests table but left out of the FDR family, since p-values of float noise mean nothing.")
     versions = info.provenance.get("versions") or {}
