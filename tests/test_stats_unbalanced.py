@@ -42,7 +42,7 @@ def unbalanced(seed: int = 3, n_items: int = 24, n_prompts: int = 0) -> pd.DataF
 
 
 def dense_parts(data: pd.DataFrame, variances: list[float], resid: float, factors: list[str]):
-    """Dense V = sum_k v_k Z_k Z_k' + resid I and lme4's GLS quantities (independent of GaussianLik)."""
+    """Dense V = sum_k v_k Z_k Z_k' + resid I and lme4's GLS quantities (independent of the fitting engine)."""
     xa = np.where(data["formality"] == "formal", -0.5, 0.5)
     xb = np.where(data["emotion"] == "neutral", -0.5, 0.5)
     X = np.column_stack([np.ones(len(data)), xa, xb, xa * xb])

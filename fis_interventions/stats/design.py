@@ -112,8 +112,9 @@ def prepare_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     values = y.to_numpy()
     infinite = np.isinf(values)
     if infinite.any():
-        row = int(np.flatnonzero(infinite)[0])
-        raise FisError(f"measure column '{dv}' has {int(infinite.sum())} infinite values (first at row {row})",
+        row = df.index[int(np.flatnonzero(infinite)[0])]
+        raise FisError(f"measure column '{dv}' has {int(infinite.sum())} infinite values (first at row index "
+                       f"{row})",
                        field=dv, fix="drop or replace the infinite values (missing values may be left empty)")
     big = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
     if big > MAX_ABS:
