@@ -9,6 +9,7 @@
     api.features("runs/joint/checkpoint", "secondary.hook_latents", [60, 218], out="cards")  # fis features
     api.battery("battery.yaml")                              # fis battery
     api.stats(df, dv="shift", factors=["a", "b"], item="item")  # fis stats
+    api.power("runs/battery", out="runs/power", select={"feature": 12, "readout": "formal_vs_casual"})  # fis power
     api.report("runs/battery")                               # fis report
     api.export("runs/sae/checkpoint", "runs/sae-saelens")    # fis export --format saelens
 """
@@ -22,11 +23,12 @@ from .designs import show, validate
 from .evaluation import evaluate_many as eval  # noqa: A001 - same name as `fis eval`
 from .interventions import battery, merge_shards as merge
 from .models import model_info as info
+from .planning import power
 from .reports import report
 from .sae.saelens import export
 from .screening import screen
 from .stats import stats
 from .training import refit, train
 
-__all__ = ["battery", "demo", "eval", "export", "features", "harvest", "info", "merge", "refit", "report", "screen",
-           "show", "stats", "train", "validate"]
+__all__ = ["battery", "demo", "eval", "export", "features", "harvest", "info", "merge", "power", "refit", "report",
+           "screen", "show", "stats", "train", "validate"]

@@ -93,7 +93,9 @@ def test_detail_tables(made: dict[str, Path]) -> None:
     anova = pd.read_csv(tables / "anova.csv")
     assert len(anova) == 12 * 3 and set(anova["term"]) == {"formality", "emotion", "formality:emotion"}
     lmm = pd.read_csv(tables / "lmm.csv")
-    assert set(lmm["model"]) == {"items", "items+prompts"} and len(lmm) == 12 * 4 * 2
+    assert set(lmm["model"]) == {"items+prompts"} and len(lmm) == 12 * 4  # the primary model only
+    random = pd.read_csv(tables / "random_effects.csv")
+    assert set(random["group"]) >= {"item", "Residual"} and (random.loc[random["term2"].isna(), "vcov"] >= 0).all()
     cells = pd.read_csv(tables / "cells.csv")
     assert len(cells) == 12 * 4
     checks = pd.read_csv(tables / "null_checks.csv")
@@ -159,3 +161,20 @@ def test_report_renders_in_headless_chromium(made: dict[str, Path], tmp_path: Pa
     broken = probe_html(bad)
     assert any("undefinedFunction" in e for e in broken["errors"])
     assert broken["images"][0]["naturalWidth"] == 0
+
+
+def test_methods_name_the_fitted_random_effects(made: dict[str, Path], tests_table: pd.DataFrame) -> None:
+    md = (made["out"] / "report.md").read_text(encoding="utf-8")
+    structures = tests_table["random_structure"].dropna().unique()
+    assert len(structures) >= 1
+    assert all("prompt (fixed, 2 levels)" in s and s.endswith("item)") for s in structures)
+    assert "Random effects fitted: `shift ~ " in md and structures[0] in md
+    assert ("Singular fits simplified in" in md) == tests_table["simplified"].notna().any()
+
+
+def test_how_many_items_line_for_significant_effects(made: dict[str, Path], tests_table: pd.DataFrame) -> None:
+    md = (made["out"] / "report.md").read_text(encoding="utf-8")
+    sig = tests_table[tests_table["significant"]]
+    assert len(sig) and sig["items_for_80"].notna().all()
+    assert tests_table.loc[tests_table["p"].isna() | (tests_table["p"] >= 0.1), "items_for_80"].isna().all()
+    assert f"80% power with {int(sig['items_for_80'].iloc[0])} items" in md

@@ -23,7 +23,7 @@ def _golden_present():
 
 def test_full_run_writes_json(tmp_path, capsys):
     out = tmp_path / "res" / "stats.json"
-    assert main(BASE + ["--item", "item", "--json", str(out)]) == 0
+    assert main(BASE + ["--item", "item", "--random", "intercept", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Type III ANOVA" in text and "By-item" in text and "LMM" in text and "warnings: none" in text
     assert "formality:emotion" in text
@@ -40,7 +40,8 @@ def test_full_run_writes_json(tmp_path, capsys):
 
 def test_ml_and_levels(tmp_path):
     out = tmp_path / "ml.json"
-    code = main(BASE + ["--item", "item", "--ml", "--levels", "formality=informal,formal", "--json", str(out)])
+    code = main(BASE + ["--item", "item", "--ml", "--random", "intercept", "--levels", "formality=informal,formal",
+                        "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["lmm"]["method"] == "ML"
@@ -91,3 +92,24 @@ def test_help_mentions_r(capsys):
     assert main(["stats", "--help"]) == 0
     text = capsys.readouterr().out
     assert "lmerTest" in text and "--levels" in text and "--reml" in text
+
+
+def test_default_is_maximal_and_json_lists_every_variance(tmp_path, capsys):
+    out = tmp_path / "slopes.json"
+    data = GOLDEN / "factorial_slopes.csv"
+    assert main(["stats", str(data), "--dv", "logit_shift", "--factor", "formality", "--factor", "emotion",
+                 "--item", "item", "--levels", "formality=formal,informal", "--levels", "emotion=neutral,emotional",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(1 + formality + emotion + formality:emotion || item)" in text and "random effects" in text
+    lmm = json.loads(out.read_text())["lmm"]
+    assert lmm["random"] == "uncorrelated" and lmm["structure"].endswith("|| item)")
+    assert len(lmm["random_effects"]) == 5 and lmm["simplification"] == [] and lmm["singular"] is False
+    assert set(lmm["optimizers"]) == {"L-BFGS-B", "COBYQA"}
+    assert lmm["fixed"][3]["df"] == pytest.approx(38.4939452886, rel=1e-3)
+
+
+def test_bad_random_option_exits_2(capsys):
+    assert main(BASE + ["--item", "item", "--random", "maximal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--random" in err and len(err.splitlines()) == 1

@@ -42,7 +42,7 @@ def unbalanced(seed: int = 3, n_items: int = 24, n_prompts: int = 0) -> pd.DataF
 
 
 def dense_parts(data: pd.DataFrame, variances: list[float], resid: float, factors: list[str]):
-    """Dense V = sum_k v_k Z_k Z_k' + resid I and lme4's GLS quantities (independent of GaussianLik)."""
+    """Dense V = sum_k v_k Z_k Z_k' + resid I and lme4's GLS quantities (independent of the fitting engine)."""
     xa = np.where(data["formality"] == "formal", -0.5, 0.5)
     xb = np.where(data["emotion"] == "neutral", -0.5, 0.5)
     X = np.column_stack([np.ones(len(data)), xa, xb, xa * xb])
@@ -70,7 +70,7 @@ def data() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fit(data):
-    return lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS)
+    return lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS, random="intercept")
 
 
 def test_fixture_is_unbalanced(data):
@@ -185,7 +185,8 @@ def test_rm_anova_drops_incomplete_items_and_equals_t_squared(data):
 
 def test_crossed_prompt_factor():
     data = unbalanced(seed=5, n_items=20, n_prompts=6)
-    fit = lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS, extra_random="prompt")
+    fit = lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS, extra_random="prompt",
+                  random="intercept")
     assert fit.converged and set(fit.other_var) == {"prompt"}
     ref = dense_parts(data, [fit.item_var, fit.other_var["prompt"]], fit.resid_var, ["item", "prompt"])
     np.testing.assert_allclose(fit.fixed["estimate"], ref["beta"], rtol=1e-6)
@@ -198,7 +199,7 @@ def test_crossed_prompt_factor():
         v = [fit.item_var * bump[0], fit.other_var["prompt"] * bump[1]]
         assert dense_parts(data, v, fit.resid_var * bump[2], ["item", "prompt"])["reml"] < ref["reml"]
     # ignoring the prompt factor leaves its variance in the residual
-    plain = lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS)
+    plain = lmm_2x2(data, "y", "formality", "emotion", "item", levels=LEVELS, random="intercept")
     assert plain.resid_var > fit.resid_var
     with warnings.catch_warnings():
         warnings.simplefilter("error")

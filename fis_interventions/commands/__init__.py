@@ -6,6 +6,7 @@ Each command only parses arguments and calls the Python API function of the same
 from . import model_cmds  # noqa: F401
 from . import stimuli_cmds  # noqa: F401
 from . import stats_cmds  # noqa: F401
+from . import power_cmds  # noqa: F401
 from . import screen_cmds  # noqa: F401
 from . import report_cmds  # noqa: F401
 from . import battery_cmds  # noqa: F401

@@ -24,6 +24,13 @@ def parse_levels(specs: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
+def check_output_file(path: Path | None, option: str) -> None:
+    """Refuse an output path that is a folder before any work is done (nothing half-written)."""
+    if path is not None and path.is_dir():
+        raise FisError("is a folder, expected a file name", source=path, field=option,
+                       fix=f"pass a file path such as {path / 'out.json'}")
+
+
 def _fmt(x: Any) -> str:
     if x is None:
         return "-"
@@ -55,11 +62,17 @@ def format_report(result: dict[str, Any]) -> str:
                   format_table(result["rm_anova"], ["term", "ss", "df1", "df2", "F", "p", "partial_eta2"])]
     lmm = result.get("lmm")
     if lmm is not None:
-        lines += ["", f"LMM {result['dv']} ~ {a}*{b} + (1|{result['item']}), {lmm['method']}, "
-                      f"converged={_fmt(lmm['converged'])}, optimizer={_fmt(lmm['optimizer'])}",
-                  format_table(lmm["fixed"], ["term", "estimate", "se", "df", "t", "p", "ci_low", "ci_high"]),
-                  f"item variance {_fmt(lmm['item_var'])}, residual variance {_fmt(lmm['resid_var'])}, "
-                  f"logLik {_fmt(lmm['loglik'])}"]
+        structure = lmm.get("structure") or f"{a}*{b} + (1 | {result['item']})"
+        lines += ["", f"LMM {result['dv']} ~ {structure}, {lmm['method']}, "
+                      f"converged={_fmt(lmm['converged'])}, optimizer={_fmt(lmm['optimizer'])}, "
+                      f"Satterthwaite df"]
+        if lmm.get("simplification"):
+            lines.append(f"  requested {lmm['random']}: {'; '.join(lmm['simplification'])} (singular fit)")
+        lines += [format_table(lmm["fixed"], ["term", "estimate", "se", "df", "t", "p", "ci_low", "ci_high"])]
+        if lmm.get("random_effects"):
+            lines += ["random effects", format_table(lmm["random_effects"], ["group", "term1", "term2", "vcov",
+                                                                            "sdcor"])]
+        lines.append(f"logLik {_fmt(lmm['loglik'])}")
     contrast = result["contrast"]
     inter = contrast["interaction"]
     lines += ["", f"Interaction (difference of differences, {inter['source']}): {_fmt(inter['estimate'])} "
@@ -80,6 +93,11 @@ def stats_command(
     levels: list[str] | None = typer.Option(None, "--levels",
                                             help="Level order FACTOR=FIRST,SECOND (first is coded -0.5)."),
     reml: bool = typer.Option(True, "--reml/--ml", help="Fit the LMM by REML (default) or ML."),
+    random: str = typer.Option("uncorrelated", "--random",
+                               help="LMM random effects: intercept, uncorrelated (maximal, default) or "
+                                    "correlated; a singular fit is simplified by a fixed rule."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt column: a fixed factor below 5 levels, "
+                                                             "crossed random effects from 5."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results (and provenance) here."),
 ) -> None:
     """Two-way (2x2) statistics of one measure: Type III ANOVA, by-item ANOVA, LMM, interaction, cell means.
@@ -91,10 +109,12 @@ def stats_command(
     from ..stats import stats
 
     method = "REML" if reml else "ML"
-    result = stats(data, dv, factor, item=item, levels=parse_levels(levels), method=method)
+    check_output_file(json_out, "--json")
+    result = stats(data, dv, factor, item=item, levels=parse_levels(levels), method=method, random=random,
+                   prompt=prompt)
     typer.echo(format_report(result))
     if json_out is not None:
         config = {"data": str(data), "dv": dv, "factors": list(factor), "item": item,
-                  "levels": parse_levels(levels), "method": method}
+                  "levels": parse_levels(levels), "method": method, "random": random, "prompt": prompt}
         write_json(json_out, {**result, "provenance": provenance(config=config)})
         typer.echo(f"\nwrote {json_out}")

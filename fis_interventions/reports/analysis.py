@@ -1,13 +1,12 @@
 """The report's statistics: one 2x2 analysis per design x feature x intervention x value x contrast readout.
 
-Every test goes through :func:`fis_interventions.stats.analyze_2x2` (Type III ANOVA, by-item RM-ANOVA, LMM
-with item random intercepts, interaction contrast); where a design has more than one prompt, the LMM is
-also fitted with prompts as a crossed random factor (:func:`fis_interventions.stats.lmm_2x2`,
-``extra_random``). The primary p-value of a test is that of the model matching the design (items and
-prompts crossed, else items only); BH q-values are computed over every confirmatory test in the run (one
-family). Tests of a feature chosen by a screening on the very items it is tested on (a battery with
-``items: all``) are labelled "exploratory: selected and tested on the same items" and corrected in a family of
-their own, never counted as significant findings.
+Every test goes through :func:`fis_interventions.stats.analyze_2x2` (Type III ANOVA, by-item RM-ANOVA,
+interaction contrast, and the primary test: the LMM with maximal uncorrelated by-item random effects, prompts
+as a fixed factor below 5 prompts and crossed random effects from 5, a singular fit simplified by the rule
+of :mod:`fis_interventions.stats.structure`). BH q-values are computed over every confirmatory test in the
+run (one family); F1 and F2 are descriptive columns. Tests of a feature chosen by a screening on the very
+items it is tested on (a battery with ``items: all``) are labelled "exploratory: selected and tested on the
+same items" and corrected in a family of their own, never counted as significant findings.
 """
 
 from __future__ import annotations
@@ -23,12 +22,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import FisError
-from ..stats import add_qvalues, analyze_2x2, lmm_2x2
+from ..stats import add_qvalues, analyze_2x2
 from .runfolder import Run
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
+NEAR = 0.10  # primary p below this gets a "how many items" line (significant or near-significant)
+POWER_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
 FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
           "(no-op checks excluded: they are null checks of the splice; exploratory tests excluded: features "
@@ -77,6 +78,7 @@ class Analysis:
     cells: pd.DataFrame
     kl: pd.DataFrame
     warnings: dict[str, list[str]] = field(default_factory=dict)  # warning -> tests it came from
+    random: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variance / covariance per test
     family: str = FAMILY
 
 
@@ -115,13 +117,16 @@ def _term_rows(table: list[dict[str, Any]] | None, key: dict[str, Any], a: str, 
 def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: dict[str, list[str]],
               crossed: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], list[str]]:
     data = sub.rename(columns={"a": a, "b": b})
-    res = analyze_2x2(data, "shift", a, b, item="item", levels=levels)
+    res = analyze_2x2(data, "shift", a, b, item="item", levels=levels, prompt="prompt_id" if crossed else None)
     notes = list(res["warnings"])
     inter_term = f"{a}:{b}"
     anova = {r["term"]: r for r in res["anova"]}
     rm = {r["term"]: r for r in (res["rm_anova"] or [])}
-    lmm_fixed = {r["term"]: r for r in (res["lmm"] or {}).get("fixed", [])}
+    lmm = res["lmm"] or {}
+    lmm_fixed = {r["term"]: r for r in lmm.get("fixed", [])}
     inter = res["contrast"]["interaction"]
+    model = "items+prompts" if crossed else "items"
+    structure = (lmm.get("structure") or "").replace(a, "A").replace(b, "B").replace("prompt_id", "prompt")
     row: dict[str, Any] = {
         **key, "null_check": is_noop(key["intervention"], key["value"]), "factor_a": a, "factor_b": b,
         "n": res["n"], "n_items": res["n_items"], "n_prompts": int(sub["prompt_id"].nunique()),
@@ -131,35 +136,43 @@ def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: di
         "F_f2": rm.get(inter_term, {}).get("F"), "p_f2": rm.get(inter_term, {}).get("p"),
         "p_lmm": lmm_fixed.get(inter_term, {}).get("p"),
         "standardized": res["contrast"]["effect_sizes"]["standardized_interaction"],
-        "p_lmm_crossed": None}
+        "random_structure": structure or None, "prompts": lmm.get("prompts"),
+        "simplified": "; ".join(lmm.get("simplification") or []) or None}
     detail = {"anova": _term_rows(res["anova"], key, a, b), "rm_anova": _term_rows(res["rm_anova"], key, a, b),
-              "lmm": _term_rows((res["lmm"] or {}).get("fixed"), key, a, b, model="items"),
+              "lmm": _term_rows(lmm.get("fixed"), key, a, b, model=model),
+              "random": [{**key, **r} for r in lmm.get("random_effects") or []],
               "cells": [{**key, "A": c[a], "B": c[b], **{k: v for k, v in c.items() if k not in (a, b)}}
                         for c in res["contrast"]["cells"]]}
     primary = {k: inter[k] for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
-    model = "lmm_items"
-    if crossed:
-        fit = lmm_2x2(data, "shift", a, b, item="item", levels=levels, extra_random="prompt_id")
-        notes += [f"crossed LMM: {w}" for w in fit.warnings]
-        fixed = fit.to_dict()["fixed"]
-        detail["lmm"] += _term_rows(fixed, key, a, b, model="items+prompts")
-        c = {r["term"]: r for r in fixed}.get(inter_term, {})
-        row["p_lmm_crossed"] = c.get("p")
-        if c.get("p") is not None:
-            primary = {k: c.get(k) for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
-            model = "lmm_items_prompts"
-        else:
-            notes.append("primary test falls back to the LMM with items only: the crossed LMM gave no p-value")
-    row.update(primary_model=model, estimate=primary["estimate"], se=primary["se"], df=primary["df"],
-               ci_low=primary["ci_low"], ci_high=primary["ci_high"], p=primary["p"])
+    row.update(primary_model="lmm_items_prompts" if crossed else "lmm_items", estimate=primary["estimate"],
+               se=primary["se"], df=primary["df"], ci_low=primary["ci_low"], ci_high=primary["ci_high"],
+               p=primary["p"], items_for_80=_items_for_80(res, row["n_prompts"], primary["p"]))
     return row, detail, notes
+
+
+def _items_for_80(res: dict[str, Any], prompts: int, p: float | None) -> int | None:
+    """Items needed for 80% power to detect this test's own interaction (its variance components, same
+    prompts and replication), by :func:`fis_interventions.stats.power.power_curve` (1000 simulations, seed
+    0); only for significant or near-significant tests (p < NEAR) with fewer than 5 prompts."""
+    from dataclasses import replace
+
+    from ..stats.power import items_needed, power_curve, spec_from_stats
+
+    if p is None or p >= NEAR or prompts >= 5:
+        return None
+    try:
+        spec = spec_from_stats(res)
+    except FisError:
+        return None
+    spec = replace(spec, prompts=prompts, reps=max(1, spec.reps // prompts))
+    return items_needed(power_curve(spec, POWER_GRID, n_sims=1000, seed=0), 0.8)
 
 
 def analyze_run(run: Run) -> Analysis:
     """Run every test of a run folder and correct across all of them (BH, one family)."""
     res = run.results
     rows: list[dict[str, Any]] = []
-    details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "cells": []}
+    details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "random": [], "cells": []}
     warns: dict[str, list[str]] = {}
     contrasts = res[res["readout_kind"] == "contrast"]
     if contrasts.empty:
@@ -195,12 +208,12 @@ def analyze_run(run: Run) -> Analysis:
         explo = (tests["selection"] == EXPLORATORY) & ~null
         real = ~null & ~explo
         tests = add_qvalues(tests.assign(_p=tests["p"].where(real)), p_col="_p", out="q").drop(columns="_p")
-        for col in ("p_anova", "p_f2", "p_lmm"):
+        for col in ("p_f2",):  # F1 is descriptive (no q); p_lmm is the primary p, whose q is `q`
             masked = tests.assign(_p=tests[col].where(real))
             tests[col.replace("p_", "q_")] = add_qvalues(masked, p_col="_p", out="tmp")["tmp"]
         tests["q_family"] = "every confirmatory (non-null-check, non-exploratory) test of the run"
         if explo.any():
-            for p_col, q_col in (("p", "q"), ("p_anova", "q_anova"), ("p_f2", "q_f2"), ("p_lmm", "q_lmm")):
+            for p_col, q_col in (("p", "q"), ("p_f2", "q_f2")):
                 ex = add_qvalues(tests.assign(_p=tests[p_col].where(explo)), p_col="_p", out="tmp")
                 tests.loc[explo, q_col] = ex.loc[explo, "tmp"]
                 if q_col == "q":
@@ -213,7 +226,7 @@ def analyze_run(run: Run) -> Analysis:
                 .agg(mean_kl="mean", max_kl="max", n="size").reset_index() if not kl.empty else pd.DataFrame())
     return Analysis(tests=tests, anova=pd.DataFrame(details["anova"]), rm_anova=pd.DataFrame(details["rm_anova"]),
                     lmm=pd.DataFrame(details["lmm"]), cells=pd.DataFrame(details["cells"]), kl=kl_table,
-                    warnings=warns)
+                    warnings=warns, random=pd.DataFrame(details["random"]))
 
 
 def feature_verdicts(tests: pd.DataFrame) -> pd.DataFrame:

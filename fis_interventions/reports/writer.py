@@ -20,7 +20,8 @@ from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identi
                            replace_folder)
 from ..io import write_json
 from ..provenance import library_versions, provenance
-from .analysis import ALPHA, EXPLORATORY, Analysis, analyze_run, feature_verdicts, is_noop
+from ..stats.structure import MIN_RANDOM_LEVELS
+from .analysis import ALPHA, EXPLORATORY, NEAR, Analysis, analyze_run, feature_verdicts, is_noop
 from .cards import feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
@@ -59,7 +60,25 @@ def null_checks(run: Run, analysis: Analysis) -> pd.DataFrame:
 
 def _interval(row: pd.Series) -> str:
     return (f"{fmt(row['estimate'])} [95% CI {fmt(row['ci_low'])}, {fmt(row['ci_high'])}], partial eta2 "
-            f"{fmt(row['partial_eta2'])}, standardized {fmt(row['standardized'])}, q = {fmt(row['q'])}")
+            f"{fmt(row['partial_eta2'])}, standardized {fmt(row['standardized'])}, q = {fmt(row['q'])}"
+            + _items_line(row))
+
+
+def _items_line(row: pd.Series) -> str:
+    """How many items give 80% power for this effect (simulated from the test's own variance components)."""
+    n = row.get("items_for_80")
+    if n is None or (isinstance(n, float) and np.isnan(n)):
+        return ""
+    return f"; 80% power with {int(n)} items (this test's variance components, {int(row['n_items'])} now)"
+
+
+def power_lines(tests: pd.DataFrame) -> list[str]:
+    """The "how many items" line of every near-significant (p < NEAR) test that is not significant."""
+    if "items_for_80" not in tests:
+        return []
+    near = tests[~tests["null_check"] & ~tests["significant"] & (tests["p"] < NEAR)]
+    return [f"near-significant ({row['design']}: feature {row['feature']}, {_clamp(row)}, p = {fmt(row['p'])})"
+            + (_items_line(row) or ": 80% power needs more than 1024 items") for _, row in near.iterrows()]
 
 
 def _clamp(row: pd.Series) -> str:
@@ -117,6 +136,24 @@ def _feature_tables(analysis: Analysis, keys: dict[str, Any], a: str, b: str
     return anova, lmm
 
 
+def random_effects_lines(tests: pd.DataFrame) -> list[str]:
+    """Which random-effects structures were fitted, in how many tests, and every simplification applied."""
+    if tests.empty or "random_structure" not in tests:
+        return []
+    counts = tests["random_structure"].fillna("(no model fitted)").value_counts()
+    lines = ["Random effects fitted: " + "; ".join(f"`shift ~ {k}` in {v} test(s)" for k, v in counts.items())
+             + "."]
+    simplified = tests["simplified"].dropna()
+    if len(simplified):
+        steps = simplified.value_counts()
+        lines.append(f"Singular fits simplified in {len(simplified)} test(s) by the fixed rule (drop the "
+                     "correlations, then zero-variance slopes in the order A:B, B, A; intercepts kept): "
+                     + "; ".join(f"{k} ({v})" for k, v in steps.items()) + ".")
+    else:
+        lines.append("No fit was singular: no random effect was dropped.")
+    return lines
+
+
 def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     info = run.info
     res = run.results
@@ -136,20 +173,22 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
     lines.append("Coding: deviation codes, -0.5 for the first level and +0.5 for the second, so the interaction "
                  "coefficient is the difference of differences (m22 - m12) - (m21 - m11).")
     lines.append("Tests per design x feature x intervention x value x contrast readout: Type III two-way ANOVA "
-                 "over all observations (F1, statsmodels; treats item x prompt observations as independent), "
-                 "by-item repeated-measures ANOVA on item x cell means (F2, pingouin), and a linear mixed model "
-                 "`shift ~ A*B + (1|item)` fitted by REML with Satterthwaite df (lmerTest-compatible); where "
-                 "a design has more than one prompt, also `shift ~ A*B + (1|item) + (1|prompt)` with crossed "
-                 "random intercepts.")
-    lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of the LMM matching "
-                 "the design (items and prompts crossed where there are several prompts, else items only; a "
-                 "crossed fit that gives no p-value falls back to items only, and the warnings list it).")
+                 "over all observations (F1, statsmodels; treats item x prompt observations as independent, so "
+                 "descriptive only), by-item repeated-measures ANOVA on item x cell means (F2, descriptive), "
+                 "and the primary test: a linear mixed model with maximal uncorrelated by-item random effects "
+                 "(intercept and the A, B and A:B slopes the design identifies; Barr et al. 2013), prompts as a "
+                 f"fixed factor below {MIN_RANDOM_LEVELS} prompts and as crossed random effects (with their "
+                 "slopes) from 5, fitted by REML with Satterthwaite df (lme4/lmerTest-compatible).")
+    lines += random_effects_lines(analysis.tests)
+    lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of that mixed model; "
+                 "its random-effects structure per test is the column random_structure, every variance and "
+                 "covariance is in tables/random_effects.csv.")
     n = len(analysis.tests)
     conf = analysis.tests[analysis.tests["selection"] != EXPLORATORY] if n else analysis.tests
     fam = int(conf["q_family_size"].max()) if len(conf) else 0
     lines.append(f"Multiple comparisons: Benjamini-Hochberg over one family of {fam} confirmatory tests with a "
-                 f"p-value ({n} in all): {analysis.family}; significance at q < {ALPHA}. q_anova, q_f2, q_lmm "
-                 "apply the same correction to the other p-values.")
+                 f"p-value ({n} in all): {analysis.family}; significance at q < {ALPHA}. q_f2 applies the same "
+                 "correction to the by-item F2 p-values, for comparison; F1 gets no q (descriptive only).")
     lines.append("Feature selection: features chosen by `fis screen` were ranked on its discovery items; the "
                  "battery tests them on the held-out confirmation items (column `selection` of tests.csv). "
                  f"Tests on items that were also screened are labelled \"{EXPLORATORY}\": they form a BH family "
@@ -174,7 +213,8 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     verdicts = feature_verdicts(tests)
     checks = null_checks(run, analysis)
     for name, frame in [("tests", tests), ("anova", analysis.anova), ("rm_anova", analysis.rm_anova),
-                        ("lmm", analysis.lmm), ("cells", analysis.cells), ("kl", analysis.kl),
+                        ("lmm", analysis.lmm), ("random_effects", analysis.random), ("cells", analysis.cells),
+                        ("kl", analysis.kl),
                         ("features", verdicts), ("null_checks", checks), ("eval", run.eval_table),
                         ("screening", run.screening)]:
         if frame is not None and not frame.empty:
@@ -192,7 +232,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
           + (f", and {n_explo} exploratory tests ({EXPLORATORY}: features chosen by a screening of the very "
              "items they are tested on, so their p-values are biased low) corrected as a separate family and "
              "not counted as findings" if n_explo else "") + ".")
-    doc.ul(summary_lines(tests, verdicts))
+    doc.ul(summary_lines(tests, verdicts) + power_lines(tests))
     if not checks.empty:
         failed = checks[~checks["passed"]]
         doc.p(f"Null checks (no-op clamps): {len(checks) - len(failed)} of {len(checks)} passed (every shift "
@@ -234,12 +274,12 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
                 if card is not None:
                     doc.blocks += card_doc(card, level=3, title=f"Card: feature {index} ({point})").blocks
             doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
-                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p_lmm", "p_lmm_crossed",
+                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p",
                               "partial_eta2", "standardized", "q"]],
                       "Interaction tests (estimate and CI from the primary model; q: BH over the whole run).")
             anova, lmm = _feature_tables(analysis, keys, a, b)
             doc.table(anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated measures.")
-            doc.table(lmm, "LMM fixed effects (REML, Satterthwaite df); model items or items+prompts.")
+            doc.table(lmm, "LMM fixed effects of the primary model (REML, Satterthwaite df).")
 
     if not analysis.kl.empty:
         doc.h(1, "KL divergence of the clamps")

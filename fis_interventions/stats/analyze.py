@@ -14,19 +14,22 @@ from .anova import anova_design, rm_anova_design
 from .contrast import contrast_design
 from .design import Levels, finite_or_none, prepare_2x2, records
 from .lmm import lmm_design
+from .structure import RANDOM_CHOICES
 
 log = logging.getLogger(__name__)
 
 
 def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = None,
-                levels: Levels | None = None, method: str = "REML") -> dict[str, Any]:
+                levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
+                prompt: str | None = None) -> dict[str, Any]:
     """Type III ANOVA, by-item RM-ANOVA, LMM, interaction contrast and cell means, as plain JSON data.
 
     Keys: ``anova``, ``rm_anova`` and ``lmm`` (None without ``item``), ``contrast`` (interaction, cells,
     effect sizes), ``levels``, ``n``, ``n_items``, ``warnings``. Nothing is NaN: what cannot be computed is
-    None, and ``warnings`` says why.
+    None, and ``warnings`` says why. The LMM has the random effects of ``random`` (default: maximal,
+    uncorrelated; see :mod:`.structure`) and, with ``prompt``, prompts as a fixed (< 5) or crossed factor.
     """
-    design = prepare_2x2(df, dv, a, b, item=item, levels=levels)
+    design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=prompt if item else None)
     warnings = list(design.warnings)
     anova, notes = anova_design(design)
     warnings += notes
@@ -38,7 +41,7 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
         warnings += info["warnings"]
         out["rm_anova"] = records(rm)
         out["n_items_complete"] = info["n_items_complete"]
-        lmm = lmm_design(design, method=method)
+        lmm = lmm_design(design, method=method, random=random, extra_random=prompt)
         warnings += lmm.warnings
         out["lmm"] = lmm.to_dict()
     contrast = contrast_design(design, lmm, anova)
@@ -79,7 +82,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def stats(data: pd.DataFrame | str | Path, dv: str, factors: Sequence[str], item: str | None = None,
-          levels: Levels | None = None, method: str = "REML") -> dict[str, Any]:
+          levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
+          prompt: str | None = None) -> dict[str, Any]:
     """Python API of ``fis stats``: read ``data`` (DataFrame or CSV/Parquet path) and run :func:`analyze_2x2`."""
     source = None
     if not isinstance(data, pd.DataFrame):
@@ -92,8 +96,14 @@ def stats(data: pd.DataFrame | str | Path, dv: str, factors: Sequence[str], item
     method = method.upper()
     if method not in ("REML", "ML"):
         raise FisError(f"method must be REML or ML, got {method!r}", source=source)
+    if random not in RANDOM_CHOICES[:3]:
+        raise FisError(f"--random must be intercept, uncorrelated or correlated, got {random!r}",
+                       source=source, field="--random", fix="pass --random uncorrelated (the default)")
+    if prompt is not None and item is None:
+        raise FisError("--prompt needs --item", source=source, field="--prompt", fix="pass --item as well")
     try:
-        return analyze_2x2(data, dv, factors[0], factors[1], item=item, levels=levels, method=method)
+        return analyze_2x2(data, dv, factors[0], factors[1], item=item, levels=levels, method=method,
+                           random=random, prompt=prompt)
     except FisError as err:
         if source is None or err.source is not None:
             raise

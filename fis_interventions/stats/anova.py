@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from ..errors import FisWarning
-from .design import Design2x2, Levels, prepare_2x2
+from .design import Design2x2, Levels, prepare_2x2, rounding_ss
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,18 @@ def anova_design(design: Design2x2) -> tuple[pd.DataFrame, list[str]]:
     ss_res = float(a3.loc["Residual", "sum_sq"])
     df_res = float(a3.loc["Residual", "df"])
     rows = []
+    total = float(np.sum((data["y"] - data["y"].mean()) ** 2))
+    noise = rounding_ss(data["y"].to_numpy())
     for name, col in zip(term_names(design), ["xa", "xb", "xab"]):
-        ss = float(a3.loc[col, "sum_sq"])
+        ss = max(float(a3.loc[col, "sum_sq"]), 0.0)
         row: dict[str, Any] = {"term": name, "ss": ss, "df1": float(a3.loc[col, "df"]), "df2": df_res,
                                "F": float(a3.loc[col, "F"]), "p": float(a3.loc[col, "PR(>F)"]),
                                "partial_eta2": ss / (ss + ss_res) if ss + ss_res > 0 else np.nan}
+        if ss <= noise:  # rounding noise of an exactly null effect: report the exact zero
+            row.update(ss=0.0, F=0.0, p=1.0, partial_eta2=0.0)
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    total = float(np.sum((data["y"] - data["y"].mean()) ** 2))
-    if total == 0.0 or ss_res <= 1e-12 * max(total, np.finfo(float).tiny):
+    if total == 0.0 or ss_res <= rounding_ss(data["y"].to_numpy()):
         table[["F", "p"]] = np.nan
         if total == 0.0:
             table["ss"] = 0.0  # exact; the solver leaves ~1e-31 of rounding noise
@@ -83,44 +87,64 @@ def anova_2x2(df: pd.DataFrame, dv: str, a: str, b: str, levels: Levels | None =
 
 
 def rm_anova_design(design: Design2x2) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """By-item (F2) repeated-measures ANOVA on item x cell means; items missing a cell are dropped."""
-    import pingouin as pg
+    """By-item (F2) repeated-measures ANOVA on item x cell means; items missing a cell are dropped.
 
+    Closed form (hand-written; equals afex/pingouin, tested): in a 2x2 within-item design each effect has one
+    contrast per item, ``d_i``, and ``SS = c m mean(d)^2``, ``SS_error = c sum (d_i - mean(d))^2`` (``c`` = 1
+    for main effects as level differences, 1/4 for the difference of differences), so ``F = t^2`` of the
+    one-sample t test of ``d``. Sums of squares are squares: never negative. Contrasts within rounding of zero
+    (64 ulp of the largest item-cell mean) are exactly zero: an exact null gives ``F = 0``, ``p = 1`` and
+    ``partial_eta2 = 0`` (even when its error term is zero too); a non-zero effect over a zero error term
+    gives no F (with a warning).
+    """
     if design.item is None:
         raise ValueError("rm_anova needs an item column")
     data = design.data
-    means = data.groupby(["item", "A", "B"], observed=False)["y"].mean().reset_index()
-    per_item = means.groupby("item", observed=True)["y"].apply(lambda s: s.notna().sum())
-    complete = per_item[per_item == 4].index
+    means = data.groupby(["item", "A", "B"], observed=False)["y"].mean().unstack(["A", "B"])
+    cols = [(la, lb) for la in design.levels[design.a] for lb in design.levels[design.b]]
+    means = means.reindex(columns=pd.MultiIndex.from_tuples(cols))
+    complete = means.dropna()
     n_items = int(data["item"].nunique())
     dropped = n_items - len(complete)
     info: dict[str, Any] = {"n_items": n_items, "n_items_complete": int(len(complete)),
                             "n_items_dropped": int(dropped), "warnings": []}
     if dropped:
         info["warnings"].append(f"by-item ANOVA: dropped {dropped} of {n_items} items that miss a cell")
-    if len(complete) < 2:
-        info["warnings"].append(f"by-item ANOVA not computed: {len(complete)} complete items (need 2)")
+    m = len(complete)
+    if m < 2:
+        info["warnings"].append(f"by-item ANOVA not computed: {m} complete items (need 2)")
         return _empty_table(design), info
-    means = means[means["item"].isin(complete)].copy()
-    means["A"] = means["A"].astype(str)
-    means["B"] = means["B"].astype(str)
-    if float(np.ptp(means["y"].to_numpy())) == 0.0:
+    cm = complete.to_numpy(dtype=float)
+    if float(np.ptp(cm)) == 0.0:
         info["warnings"].append("by-item ANOVA not computed: the item means have zero variance")
         return _empty_table(design), info
-    with pywarnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        pywarnings.simplefilter("ignore", RuntimeWarning)
-        aov = pg.rm_anova(data=means, dv="y", within=["A", "B"], subject="item", effsize="np2",
-                          correction=False)
-    source = {"A": design.a, "B": design.b, "A * B": f"{design.a}:{design.b}"}
+    m11, m12, m21, m22 = cm.T
+    tol = 64 * np.finfo(float).eps * float(np.max(np.abs(cm - cm.mean())))
     rows = []
-    for _, r in aov.iterrows():
-        f = float(r["F"])
-        rows.append({"term": source[r["Source"]], "ss": float(r["SS"]), "df1": float(r["ddof1"]),
-                     "df2": float(r["ddof2"]), "F": f if np.isfinite(f) else np.nan,
-                     "p": float(r["p_unc"]) if np.isfinite(f) else np.nan,
-                     "partial_eta2": float(r["np2"]) if np.isfinite(f) else np.nan})
+    undefined = False
+    for name, d, c in [(design.a, (m21 + m22 - m11 - m12) / 2, 1.0), (design.b, (m12 + m22 - m11 - m21) / 2, 1.0),
+                       (f"{design.a}:{design.b}", m22 - m12 - m21 + m11, 0.25)]:
+        d = np.where(np.abs(d) <= tol, 0.0, d)
+        mean = float(d.mean())
+        if abs(mean) <= tol:
+            mean = 0.0
+        ss = c * m * mean**2
+        dev = d - mean
+        ss_err = c * float(dev @ dev)
+        if ss_err <= c * m * tol**2:
+            ss_err = 0.0
+        row: dict[str, Any] = {"term": name, "ss": ss, "df1": 1.0, "df2": float(m - 1), "F": np.nan, "p": np.nan,
+                               "partial_eta2": ss / (ss + ss_err) if ss + ss_err > 0 else np.nan}
+        if ss == 0.0:  # an exact null: no evidence whatever the error term
+            row.update(F=0.0, p=1.0, partial_eta2=0.0)
+        elif ss_err > 0:
+            row["F"] = ss / (ss_err / (m - 1))
+            row["p"] = float(sps.f.sf(row["F"], 1, m - 1))
+        else:
+            undefined = True
+        rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    if table["F"].isna().any():
+    if undefined:
         info["warnings"].append("by-item ANOVA: an error term has zero variance, so some F are undefined")
     return table, info
 

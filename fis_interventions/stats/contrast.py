@@ -89,8 +89,9 @@ def interaction_contrast(df: pd.DataFrame, dv: str, a: str, b: str, item: str | 
                          levels: Levels | None = None, method: str = "REML") -> dict[str, Any]:
     """Difference of differences with 95% CI, estimated cell means with 95% CIs, and effect sizes.
 
-    From ``dv ~ a*b + (1|item)`` when ``item`` is given, else from OLS. ``standardized_interaction`` is the
-    estimate divided by ``sqrt(item_var + resid_var)`` (OLS: by the residual SD).
+    From the primary LMM (maximal uncorrelated random effects) when ``item`` is given, else from OLS.
+    ``standardized_interaction`` is the estimate divided by ``sqrt(item_var + resid_var)`` (OLS: by the
+    residual SD).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels)
     lmm = lmm_design(design, method=method) if item is not None else None

@@ -20,6 +20,9 @@ from ..errors import FisError
 
 Levels = Mapping[str, Sequence[Any]]
 
+# Largest |measure| accepted: sums of squares of n such values must stay finite (1e100^2 * n << 1.8e308).
+MAX_ABS = 1e100
+
 
 @dataclass
 class Design2x2:
@@ -106,11 +109,22 @@ def prepare_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
 
     warnings: list[str] = []
     y = y.astype(float)
-    bad_y = ~np.isfinite(y.to_numpy())
+    values = y.to_numpy()
+    infinite = np.isinf(values)
+    if infinite.any():
+        row = df.index[int(np.flatnonzero(infinite)[0])]
+        raise FisError(f"measure column '{dv}' has {int(infinite.sum())} infinite values (first at row index "
+                       f"{row})",
+                       field=dv, fix="drop or replace the infinite values (missing values may be left empty)")
+    big = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
+    if big > MAX_ABS:
+        raise FisError(f"measure column '{dv}' has values up to {big:.3g}, whose squares overflow",
+                       field=dv, fix=f"rescale the measure (for example divide it by 1e{int(np.log10(big)) - 3})")
+    bad_y = np.isnan(values)
     keys = [c for c in (a, b, item, extra_random) if c is not None]
     bad_key = df[keys].isna().any(axis=1).to_numpy()
     if bad_y.any():
-        warnings.append(f"dropped {int(bad_y.sum())} rows whose '{dv}' is missing or not finite")
+        warnings.append(f"dropped {int(bad_y.sum())} rows whose '{dv}' is missing")
     if (bad_key & ~bad_y).any():
         warnings.append(f"dropped {int((bad_key & ~bad_y).sum())} rows with a missing value in "
                         f"{', '.join(keys)}")
@@ -137,6 +151,16 @@ def prepare_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     if float(np.ptp(data["y"].to_numpy())) == 0.0:
         warnings.append(f"'{dv}' has zero variance: no test statistic can be computed")
     return design
+
+
+def rounding_ss(y: np.ndarray) -> float:
+    """A sum of squares of ``y``-sized residuals at or below this is rounding noise (64 ulp per value).
+
+    Relative to the data's magnitude, not to its total SS: with a fixed effect 1e7 times the noise the
+    residual SS is 1e-14 of the total and still perfectly measurable.
+    """
+    y = np.asarray(y, dtype=float)
+    return float(len(y) * (64 * np.finfo(float).eps * np.max(np.abs(y), initial=0.0)) ** 2)
 
 
 def finite_or_none(x: Any) -> Any:
