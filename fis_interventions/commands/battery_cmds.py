@@ -29,11 +29,13 @@ app.add_typer(battery_app, name="battery")
 @battery_app.command("run")
 def battery_run_cmd(config: Annotated[Path, typer.Argument(help="battery YAML")],
                     shard: Annotated[Optional[str], typer.Option(help="run shard i of n, e.g. 0/4")] = None,
+                    max_batch_rows: Annotated[Optional[int], typer.Option(
+                        min=1, help="most rows per stacked suffix pass (overrides the YAML; default 512)")] = None,
                     progress: bool = True) -> None:
     """Run (or resume) a battery: clamp features, record logit shifts into the run's SQLite store."""
     from ..interventions import battery
 
-    path = battery(config, shard=shard, progress=progress)
+    path = battery(config, shard=shard, progress=progress, max_batch_rows=max_batch_rows)
     typer.echo(f"results: {path}")
 
 

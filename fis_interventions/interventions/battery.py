@@ -1,10 +1,13 @@
 """`fis battery`: clamp features of a joint SAE inside the forward pass and record logit shifts.
 
 For every stimulus batch the model prefix (up to the checkpoint's hook) runs once; every condition of every
-feature reuses it: the edited residual is ``clean + invert(recon_edited) - invert(recon)`` (error-term trick,
-so ``scale: 1`` reproduces the clean logits), conditions are stacked into one suffix pass, and logits are only
-computed at the readout position. One work unit = (design, stimulus batch, feature); its rows are committed
-in one SQLite transaction, so rerunning the same battery resumes where it stopped.
+feature reuses it: the edited residual is ``clean + invert(recon_edited) - invert(recon)`` (error-term trick).
+All features x conditions of the batch, plus one clean copy, are stacked into one joint-SAE pass and one
+suffix pass (split into chunks of at most ``max_batch_rows`` rows), logits are only computed at the readout
+position, and the scores come back in one device-to-host copy per pass. The clean readout is copy 0 of the
+same pass, so ``scale: 1`` reproduces the clean scores exactly on any device. One work unit = (design,
+stimulus batch, feature); its rows are committed in one SQLite transaction, so rerunning resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -306,9 +309,14 @@ def store_path(out: Path, shard: tuple[int, int]) -> Path:
 
 
 def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bridge: Any = None,
-            progress: bool = True) -> Path:
-    """Run (or resume) a battery; return the results store path. See the module docstring."""
+            progress: bool = True, max_batch_rows: int | None = None) -> Path:
+    """Run (or resume) a battery; return the results store path. See the module docstring.
+
+    ``max_batch_rows`` overrides the config's bound on the rows of one stacked suffix pass (memory, not
+    results: the scores do not depend on it beyond float rounding on GPUs)."""
     cfg = config if isinstance(config, BatteryConfig) else load_config(BatteryConfig, Path(config))
+    if max_batch_rows is not None:
+        cfg = cfg.model_copy(update={"max_batch_rows": max_batch_rows})
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
