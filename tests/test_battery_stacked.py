@@ -131,3 +131,29 @@ def test_battery_on_cuda_matches_cpu_and_scale_one_is_exact(ckpt, tmp_path, dtyp
     assert (cpu["shift"] - gpu["shift"]).abs().max() < tol
     ones = gpu[(gpu.intervention == "scale") & (gpu.value == 1.0)]
     assert len(ones) and (ones["shift"] == 0).all()
+
+
+def test_rows_whose_residual_is_unchanged_skip_the_suffix(tiny_bridge, ckpt, tmp_path, monkeypatch):
+    """scale 1 leaves every residual bit-identical: only the clean rows run through the suffix, and the edited
+    rows get the clean logits (a shift of exactly 0); a real edit runs its rows."""
+    from fis_interventions.splice import SplitModel
+
+    seen: list[int] = []
+    real = SplitModel.suffix
+
+    def counting(self, resid, state, positions=None):
+        seen.append(resid.shape[0])
+        return real(self, resid, state, positions)
+
+    monkeypatch.setattr(SplitModel, "suffix", counting)
+    noop = _run(tiny_bridge, _cfg(ckpt, tmp_path / "noop", interventions=[{"kind": "scale", "values": [1.0]}]))
+    n_rows = noop.groupby(["item", "cell", "prompt_id"]).ngroups
+    assert sum(seen) == n_rows and (noop["shift"] == 0).all()
+    seen.clear()
+    moved = _run(tiny_bridge, _cfg(ckpt, tmp_path / "moved", interventions=[{"kind": "set", "values": [5.0]}]))
+    # clean + the SAE group's rows; the secondary feature cannot move anything in this untrained checkpoint
+    # (the NFM's output layer starts at zero), so its rows are the clean ones
+    assert sum(seen) == 2 * n_rows
+    kl = moved[moved.readout_kind == "kl"]
+    assert (kl[kl.point == "sae.hook_latents"]["shift"] > 0).all()
+    assert (kl[kl.point == "secondary.hook_latents"]["shift"] == 0).all()

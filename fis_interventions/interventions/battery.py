@@ -12,6 +12,7 @@ stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -192,20 +193,46 @@ Block = tuple[Target, Condition]
 @torch.no_grad()
 def _stacked_logits(attached: Attached, prep: Prepared, positions: torch.Tensor, blocks: list[Block]
                     ) -> torch.Tensor:
-    """Logits at ``positions`` [B, P] for the clean batch (copy 0) and every (feature, condition) block, in ONE
-    joint pass and ONE suffix pass: [(len(blocks) + 1) * B, P, V]. The clean copy goes through the same pass as
-    the edits, so an edit that changes nothing (scale 1) gives exactly the clean logits on any device."""
-    n_copies = len(blocks) + 1
+    """Logits at ``positions`` [B, P] for the clean batch (copy 0) and every (feature, condition) block:
+    [(len(blocks) + 1) * B, P, V], from ONE joint pass and ONE suffix pass.
+
+    Only the edited rows whose residual differs from the clean one (in any bit, at any position) go through
+    the suffix, next to the clean rows; the others (``scale: 1``, a feature inactive on that stimulus, an edit
+    that rounds away) ARE the clean run and get its logits. So a no-op is exactly 0 on any device, and it costs
+    nothing. The rows to run are data-dependent: one host sync per pass."""
+    n_blocks = len(blocks)
     points = dict.fromkeys(t.point for t, _ in blocks)
     edits = {p: stacked_edit(blocks, p, len(prep.x)) for p in points}
-    deltas = attached.splice.stacked_deltas(prep.x, len(blocks), edits)  # [blocks, n, d]
+    deltas = attached.splice.stacked_deltas(prep.x, n_blocks, edits)  # [blocks, n, d]
     where = torch.stack([prep.where[c.where] for _, c in blocks]).unsqueeze(-1)  # [blocks, n, 1]
     deltas = torch.where(where, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
     b, t, d = prep.resid.shape
-    stacked = prep.resid.reshape(1, b * t, d).repeat(n_copies, 1, 1)
-    stacked[1:, prep.keep_idx] = stacked[1:, prep.keep_idx] + deltas.to(stacked.dtype)
-    return attached.split.suffix(stacked.view(n_copies * b, t, d), prep.state.repeat(n_copies),
-                                 positions.to(stacked.device).repeat(n_copies, 1))
+    kept = prep.resid.reshape(b * t, d).index_select(0, prep.keep_idx)  # [n, d]
+    new = kept.unsqueeze(0) + deltas.to(kept.dtype)  # [blocks, n, d]
+    moved = (new != kept.unsqueeze(0)).any(-1).to(torch.int32)  # [blocks, n]
+    row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
+    changed = torch.zeros(n_blocks, b, dtype=torch.int32, device=moved.device).index_add_(1, row_of, moved) > 0
+    run = changed.reshape(-1).nonzero().squeeze(1)  # edited rows (block * B + row) that need the suffix
+    stacked = prep.resid.reshape(1, b * t, d).repeat(n_blocks, 1, 1)
+    stacked[:, prep.keep_idx] = new
+    resid = torch.cat([prep.resid, stacked.view(n_blocks * b, t, d).index_select(0, run)])
+    rows = torch.cat([torch.arange(b, device=run.device), torch.remainder(run, b)])
+    logits = attached.split.suffix(resid, _take_rows(prep.state, rows, b),
+                                   positions.to(resid.device).index_select(0, rows))
+    out = logits[:b].repeat(n_blocks + 1, *([1] * (logits.dim() - 1)))
+    out[b + run] = logits[b:]
+    return out
+
+
+def _take_rows(state: Any, rows: torch.Tensor, n: int) -> Any:
+    """The suffix state (a dataclass of per-row tensors) for the given rows of its ``n``-row batch."""
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value.index_select(0, rows.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(take(v) for v in value)
+        return value
+    return dataclasses.replace(state, **{f.name: take(getattr(state, f.name)) for f in dataclasses.fields(state)})
 
 
 @torch.no_grad()
