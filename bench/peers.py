@@ -65,15 +65,16 @@ def run_ours(modes: list[str], batches, held, args) -> dict[str, tuple[float, fl
                           lr=args.lr, warmup_steps=0, lr_decay_to=1.0, batch_size=args.batch,
                           tokens=args.batch * len(batches), device=args.device, dtype=args.dtype)
         torch.manual_seed(0)
-        model = JointSAE(cfg.arch(args.d_in)).to(args.device, getattr(torch, args.dtype))
+        # fp32 master weights; with --bf16 the trainer runs the forward under bf16 autocast (as `fis train` does)
+        model = JointSAE(cfg.arch(args.d_in)).to(args.device)
         trainers[mode] = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
     secs = timed({mode: trainer.update for mode, trainer in trainers.items()}, batches, args.warmup, args.device)
     out = {}
     for mode, trainer in trainers.items():
         trainer.model.eval()
         with torch.no_grad():
-            recon = trainer.model(held, "sae" if mode == "sae" else "full").recon
-        out[mode] = secs[mode], float(fvu(held, recon))
+            recon = trainer.model(held.float(), "sae" if mode == "sae" else "full").recon
+        out[mode] = secs[mode], float(fvu(held.float(), recon))
     return out
 
 
@@ -154,7 +155,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--bf16", action="store_true", help="bf16 parameters and data (CUDA only)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 (CUDA only): data and peers' parameters in bf16; "
+                    "ours keeps fp32 master weights under bf16 autocast")
     ap.add_argument("--saelens", action="store_true", help="also time SAELens in bench/.venv-saelens")
     ap.add_argument("--only", default="sae,joint,sparsify", help="comma list of: sae, joint, sparsify")
     args = ap.parse_args()

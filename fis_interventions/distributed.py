@@ -78,7 +78,9 @@ def session(device: str = "cpu") -> Iterator[World]:
         return
     if not dist.is_available():  # pragma: no cover - every supported torch build has it
         raise FisError("this torch build has no torch.distributed", field="WORLD_SIZE", fix="run one process")
-    cuda = str(device).startswith("cuda")
+    from .models import resolve_device  # cuda / auto -> cuda:LOCAL_RANK, so each rank uses its own GPU
+
+    cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank, world_size=world.world_size)
@@ -134,7 +136,7 @@ def mean_stats(stats: dict[str, float]) -> dict[str, float]:
     if not active() or not stats:
         return stats
     keys = sorted(stats)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()

@@ -46,11 +46,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FIS_CACHE", Path.home() / ".cache" / "fis-interventions"))
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a user error."""
+def _local_cuda() -> torch.device:
+    """``cuda:LOCAL_RANK`` under torchrun (each rank its own GPU), else the current CUDA device, with its index.
+
+    Why an explicit index: ``torch.device("cuda")`` means "the current device", which is cuda:0 on every rank
+    unless someone called ``set_device``; and a comparison of devices needs the index."""
+    local = os.environ.get("LOCAL_RANK")
+    index = int(local) if local is not None and local.isdigit() else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise FisError(f"LOCAL_RANK {index} has no GPU ({torch.cuda.device_count()} visible)", field="device",
+                       fix="launch at most one process per GPU (torchrun --nproc_per_node)")
+    return torch.device("cuda", index)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a user error.
+
+    Plain ``cuda`` (and ``auto`` on a GPU machine) becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    device = str(device)
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _local_cuda()
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -58,9 +74,20 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise FisError(f"device '{device}' requested but no CUDA device is available", field="device",
                        fix="use --device auto or cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise FisError(f"unknown device '{device}'", field="device", fix="use auto, cpu, cuda or mps") from None
+    if dev.type == "cuda" and dev.index is None:
+        return _local_cuda()
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise FisError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA devices are visible",
+                       field="device", fix="use cuda:0 .. cuda:N-1, or auto")
+    return dev
+
+
+def weights_device(bridge: TransformerBridge) -> torch.device:
+    """Where the model's weights are (what every stage runs on; ``cfg.device`` only records a request)."""
+    return next(hf_model_of(bridge).parameters()).device
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -194,12 +221,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
         boot_name = str(source.folder)
-    hf_model = hf_model.to(dtype=torch_dtype).eval()
+    # transformer-lens leaves a pre-loaded model where it is (it only records the device in cfg.device), so the
+    # weights are moved here, before booting, and checked afterwards
+    hf_model = hf_model.to(device=dev, dtype=torch_dtype).eval()
     bridge = TransformerBridge.boot_transformers(boot_name, hf_model=hf_model, tokenizer=tokenizer,
                                                  device=str(dev), dtype=torch_dtype)
     bridge.eval()
+    _check_placement(bridge, dev, torch_dtype)
     bridge.fis_model_name = source.name  # type: ignore[attr-defined]
     return bridge
+
+
+def _check_placement(bridge: TransformerBridge, dev: torch.device, dtype: torch.dtype) -> None:
+    """Every parameter on ``dev`` in ``dtype``; ``cfg.device`` set to where the weights really are."""
+    wrong = {(str(p.device), str(p.dtype)) for p in hf_model_of(bridge).parameters()
+             if p.device != dev or (p.is_floating_point() and p.dtype != dtype)}
+    if wrong:  # a library change would otherwise send every stage silently to another device
+        raise RuntimeError(f"model weights are on {sorted(wrong)}, expected {dev} / {dtype}")
+    bridge.cfg.device = str(dev)
 
 
 def model_name(bridge: TransformerBridge) -> str:
@@ -258,7 +297,8 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         "architecture": type(bridge.original_model).__name__,
         "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
         "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
-        "n_params": n_params, "device": str(resolve_device(device)), "dtype": dtype,
+        "n_params": n_params, "device": str(weights_device(bridge)),
+        "dtype": str(next(bridge.original_model.parameters()).dtype).removeprefix("torch."),
         "default_hook": default_hook(bridge),
         "split_path": _split_path_line(bridge.original_model),
         "hook_points_per_block": block0,
@@ -281,7 +321,7 @@ def _split_path_line(hf_model: Any) -> str:
 
 def greedy_continuation(bridge: TransformerBridge, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (a smoke test that the weights loaded correctly)."""
-    tokens = bridge.to_tokens(prompt)
+    tokens = bridge.to_tokens(prompt).to(weights_device(bridge))
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = bridge(tokens)

@@ -192,9 +192,13 @@ class JointSplice:
     activations stay untouched, exactly as they were left out of training):
 
     - :meth:`reconstruct`: replace the residual by the reconstruction (evaluation: KL/CE of the splice);
-    - :meth:`edit`: add ``invert(recon_edited) - invert(recon)`` to the clean residual (the error-term trick of
-      SAELens), so with no edit the residual, and the logits, are exactly the clean ones and only the edit is
-      measured (interventions).
+    - :meth:`edit` / :meth:`stacked_deltas`: add ``invert(recon_edited) - invert(recon)`` to the clean residual
+      (the error-term trick of SAELens), so with no edit the residual, and the logits, are exactly the clean
+      ones and only the edit is measured (interventions).
+
+    Exactness on any device: the unedited and the edited reconstructions come from ONE joint pass over stacked
+    copies of the inputs (copy 0 unedited), so an edit that changes nothing yields a difference of exactly 0.
+    Two separate passes of different batch sizes may round differently (cuBLAS picks kernels by shape).
 
     Normalisation (paper flaw 2) is applied before the joint model and inverted after it, from the statistics
     stored with the checkpoint.
@@ -229,9 +233,35 @@ class JointSplice:
         return out
 
     @torch.no_grad()
+    def stacked_deltas(self, x: torch.Tensor, n_edits: int, edit: Any, components: str = "full") -> torch.Tensor:
+        """Residual changes [n_edits, n, d] (raw scale) of ``n_edits`` edited copies of the inputs ``x`` [n, d]
+        (already in the joint model's space, see :meth:`inputs`).
+
+        One joint pass on ``n_edits + 1`` stacked copies; the edit functions receive the stacked value
+        [(n_edits + 1) * n, width] and must leave copy 0 as it is: ``delta_c = recon(copy c) - recon(copy 0)``.
+        """
+        n = x.shape[0]
+        recon = self.joint(x.repeat(n_edits + 1, 1), components, edit=edit).recon
+        recon = recon.view(n_edits + 1, n, recon.shape[-1])
+        return self.normalizer.invert_delta(recon[1:] - recon[:1])
+
+    @torch.no_grad()
     def edit(self, resid: torch.Tensor, keep: torch.Tensor, edit: Any, components: str = "full") -> torch.Tensor:
+        """The residual with one edit spliced in at the kept positions (error-term trick, exact no-op)."""
         out = resid.clone()
         x = resid[keep]
-        delta = self._run(x, components, edit) - self._run(x, components)
-        out[keep] = x + self.normalizer.invert_delta(delta).to(resid.dtype)
+        n = x.shape[0]
+        stacked = {name: _on_second_copy(fn, n) for name, fn in (edit or {}).items()}
+        delta = self.stacked_deltas(self.inputs(x), 1, stacked, components)[0]
+        out[keep] = x + delta.to(resid.dtype)
         return out
+
+
+def _on_second_copy(fn: Any, n: int) -> Any:
+    """An edit of [n, width] values applied to rows n.. of a [2n, width] stack (copy 0 stays unedited)."""
+    def stacked(value: torch.Tensor) -> torch.Tensor:
+        edited = fn(value[n:])
+        if edited is None:  # an observer
+            return value
+        return torch.cat([value[:n], edited])
+    return stacked

@@ -31,13 +31,15 @@ def battery_run_cmd(config: Annotated[Path, typer.Argument(help="battery YAML")]
                     shard: Annotated[Optional[str], typer.Option(help="run shard i of n, e.g. 0/4")] = None,
                     overwrite: Annotated[bool, typer.Option(help="replace an earlier run with other settings "
                                                                  "in the same out folder")] = False,
+                    max_batch_rows: Annotated[Optional[int], typer.Option(
+                        min=1, help="most rows per stacked suffix pass (overrides the YAML; default 512)")] = None,
                     progress: bool = True) -> None:
     """Run (or resume) a battery: clamp features, record logit shifts into the run's SQLite store.
 
     Rerunning the same config resumes; another config into the same out folder is refused (see --overwrite)."""
     from ..interventions import battery
 
-    path = battery(config, shard=shard, progress=progress, overwrite=overwrite)
+    path = battery(config, shard=shard, progress=progress, overwrite=overwrite, max_batch_rows=max_batch_rows)
     typer.echo(f"results: {path}")
 
 

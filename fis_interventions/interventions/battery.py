@@ -1,14 +1,18 @@
 """`fis battery`: clamp features of a joint SAE inside the forward pass and record logit shifts.
 
 For every stimulus batch the model prefix (up to the checkpoint's hook) runs once; every condition of every
-feature reuses it: the edited residual is ``clean + invert(recon_edited) - invert(recon)`` (error-term trick,
-so ``scale: 1`` reproduces the clean logits), conditions are stacked into one suffix pass, and logits are only
-computed at the readout position. One work unit = (design, stimulus batch, feature); its rows are committed
-in one SQLite transaction, so rerunning the same battery resumes where it stopped.
+feature reuses it: the edited residual is ``clean + invert(recon_edited) - invert(recon)`` (error-term trick).
+All features x conditions of the batch, plus one clean copy, are stacked into one joint-SAE pass and one
+suffix pass (split into chunks of at most ``max_batch_rows`` rows), logits are only computed at the readout
+position, and the scores come back in one device-to-host copy per pass. The clean readout is copy 0 of the
+same pass, so ``scale: 1`` reproduces the clean scores exactly on any device. One work unit = (design,
+stimulus batch, feature); its rows are committed in one SQLite transaction, so rerunning resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -34,7 +39,7 @@ from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import pad_right
 from .config import BatteryConfig
-from .features import Condition, Target, conditions, make_edit, resolve_features, screened_designs
+from .features import Condition, Target, conditions, resolve_features, screened_designs, stacked_edit
 from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
@@ -71,16 +76,6 @@ def encode_rows(rows: pd.DataFrame, tokenizer: Any) -> Encoded:
     for i, n in enumerate(stim_spans):
         stim[i, 1:1 + n] = True
     return Encoded(tokens, mask, torch.tensor(readouts), stim)
-
-
-def _where_mask(enc: Encoded, where: str, device: torch.device) -> torch.Tensor:
-    if where == "all":
-        return enc.mask.bool().to(device)
-    if where == "stimulus":
-        return enc.stimulus_mask.to(device)
-    m = torch.zeros_like(enc.mask, dtype=torch.bool)
-    m[torch.arange(len(m)), enc.readout] = True
-    return m.to(device)
 
 
 @dataclass
@@ -169,53 +164,162 @@ def extend_rows(enc: Encoded, continuations: dict[int, tuple[int, ...]], pad_id:
                     len(continuations))
 
 
-def _rows_for(meta: pd.DataFrame, target: Target, conds: list[Condition], readouts: Readouts,
-              clean_words: torch.Tensor, clean_con: dict[str, torch.Tensor], words: torch.Tensor,
-              con: dict[str, torch.Tensor], kl: torch.Tensor, a: str, b: str) -> list[dict[str, Any]]:
-    rows = []
-    n = len(meta)
-    for ci, cond in enumerate(conds):
-        sl = slice(ci * n, (ci + 1) * n)
-        w_e, k_e = words[sl].cpu(), kl[sl].cpu()
-        c_e = {k: v[sl].cpu() for k, v in con.items()}
-        for r, (_, m) in enumerate(meta.iterrows()):
-            common = {"design": m["design"], "item": str(m["item"]), "cell": m["cell"], "a": str(m[a]),
-                      "b": str(m[b]), "prompt_id": str(m["prompt_id"]), "point": target.point,
-                      "feature": target.label, "role": target.role, "intervention": cond.kind,
-                      "value": cond.value, "position": cond.where}
-            for wi, (word, _) in enumerate(readouts.word_ids):
-                s0, s1 = float(clean_words[r, wi]), float(w_e[r, wi])
-                rows.append({**common, "readout": word, "readout_kind": "word", "score_clean": s0,
-                             "score_edited": s1, "shift": s1 - s0})
-            for name in readouts.contrasts:
-                s0, s1 = float(clean_con[name][r]), float(c_e[name][r])
-                rows.append({**common, "readout": name, "readout_kind": "contrast", "score_clean": s0,
-                             "score_edited": s1, "shift": s1 - s0})
-            rows.append({**common, "readout": "__kl__", "readout_kind": "kl", "score_clean": 0.0,
-                         "score_edited": float(k_e[r]), "shift": float(k_e[r])})
-    return rows
+WHERE = ("all", "stimulus", "readout")
+
+
+@dataclass
+class Prepared:
+    """A stimulus batch after its prefix pass: what every stacked suffix pass over it reuses."""
+
+    enc: Encoded
+    resid: torch.Tensor  # [B, T, d] residual at the hook
+    state: Any  # the suffix's PrefixState
+    keep_idx: torch.Tensor  # [n] flat positions (b * T + t) that the splice edits
+    x: torch.Tensor  # [n, d_in] the joint model's inputs at those positions
+    where: dict[str, torch.Tensor]  # where kind -> [n] bool, which kept positions a condition edits
+
+
+@torch.no_grad()
+def _prepare(attached: Attached, enc: Encoded) -> Prepared:
+    """Prefix pass, kept positions and where-masks of a batch: its one host sync (the number of kept
+    positions is data-dependent); every condition after it reuses these tensors."""
+    resid, state = attached.split.prefix(enc.tokens, enc.mask)
+    keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
+    keep_idx = keep.reshape(-1).nonzero().squeeze(1)
+    x = attached.splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
+    readout = torch.zeros_like(enc.mask, dtype=torch.bool)
+    readout[torch.arange(len(readout)), enc.readout] = True
+    masks = torch.stack([enc.mask.bool(), enc.stimulus_mask, readout]).to(resid.device)  # one copy for all
+    masks = masks.reshape(len(WHERE), -1).index_select(1, keep_idx)
+    return Prepared(enc, resid, state, keep_idx, x, dict(zip(WHERE, masks, strict=True)))
+
+
+Block = tuple[Target, Condition]
+
+
+@torch.no_grad()
+def _stacked_logits(attached: Attached, prep: Prepared, positions: torch.Tensor, blocks: list[Block]
+                    ) -> torch.Tensor:
+    """Logits at ``positions`` [B, P] for the clean batch (copy 0) and every (feature, condition) block:
+    [(len(blocks) + 1) * B, P, V], from ONE joint pass and ONE suffix pass.
+
+    Only the edited rows whose residual differs from the clean one (in any bit, at any position) go through
+    the suffix, next to the clean rows; the others (``scale: 1``, a feature inactive on that stimulus, an edit
+    that rounds away) ARE the clean run and get its logits. So a no-op is exactly 0 on any device, and it costs
+    nothing. The rows to run are data-dependent: one host sync per pass."""
+    n_blocks = len(blocks)
+    points = dict.fromkeys(t.point for t, _ in blocks)
+    edits = {p: stacked_edit(blocks, p, len(prep.x)) for p in points}
+    deltas = attached.splice.stacked_deltas(prep.x, n_blocks, edits)  # [blocks, n, d]
+    where = torch.stack([prep.where[c.where] for _, c in blocks]).unsqueeze(-1)  # [blocks, n, 1]
+    deltas = torch.where(where, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    b, t, d = prep.resid.shape
+    kept = prep.resid.reshape(b * t, d).index_select(0, prep.keep_idx)  # [n, d]
+    new = kept.unsqueeze(0) + deltas.to(kept.dtype)  # [blocks, n, d]
+    moved = (new != kept.unsqueeze(0)).any(-1).to(torch.int32)  # [blocks, n]
+    row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
+    changed = torch.zeros(n_blocks, b, dtype=torch.int32, device=moved.device).index_add_(1, row_of, moved) > 0
+    run = changed.reshape(-1).nonzero().squeeze(1)  # edited rows (block * B + row) that need the suffix
+    stacked = prep.resid.reshape(1, b * t, d).repeat(n_blocks, 1, 1)
+    stacked[:, prep.keep_idx] = new
+    resid = torch.cat([prep.resid, stacked.view(n_blocks * b, t, d).index_select(0, run)])
+    rows = torch.cat([torch.arange(b, device=run.device), torch.remainder(run, b)])
+    logits = attached.split.suffix(resid, _take_rows(prep.state, rows, b),
+                                   positions.to(resid.device).index_select(0, rows))
+    out = logits[:b].repeat(n_blocks + 1, *([1] * (logits.dim() - 1)))
+    out[b + run] = logits[b:]
+    return out
+
+
+def _take_rows(state: Any, rows: torch.Tensor, n: int) -> Any:
+    """The suffix state (a dataclass of per-row tensors) for the given rows of its ``n``-row batch."""
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value.index_select(0, rows.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(take(v) for v in value)
+        return value
+    return dataclasses.replace(state, **{f.name: take(getattr(state, f.name)) for f in dataclasses.fields(state)})
+
+
+@torch.no_grad()
+def _chunk_scores(attached: Attached, prep: Prepared, ext: tuple[Prepared, Extended] | None,
+                  readouts: Readouts, blocks: list[Block]) -> torch.Tensor:
+    """[len(blocks) + 1, B, n_words + n_contrasts + 1] on the host: word scores, contrasts and KL to the clean
+    copy (0 for copy 0), copied from the device in one transfer."""
+    logits = _stacked_logits(attached, prep, prep.enc.readout.unsqueeze(1), blocks)[:, 0]
+    extra = None
+    if ext is not None:  # sum_logprob: the split words' later tokens, under the same edits
+        prep_e, extended = ext
+        extra = _continuation_logprobs(_stacked_logits(attached, prep_e, extended.positions, blocks), extended,
+                                       len(blocks) + 1)
+    words, con = readouts.scores(logits, extra)
+    n_copies, n = len(blocks) + 1, len(prep.enc.readout)
+    lp = logits.float().log_softmax(-1).view(n_copies, n, -1)
+    kl = F.kl_div(lp, lp[:1].expand_as(lp), log_target=True, reduction="none").sum(-1)  # KL(clean || copy)
+    cols = [words.view(n_copies, n, -1), *(v.view(n_copies, n, 1) for v in con.values()), kl.unsqueeze(-1)]
+    return torch.cat(cols, -1).double().cpu()
+
+
+def _rows_frame(meta: pd.DataFrame, blocks: list[Block], readouts: Readouts, scores: torch.Tensor, a: str, b: str
+                ) -> pd.DataFrame:
+    """Result rows of a chunk, built column-wise: one per block x stimulus row x readout (words, contrasts, KL)."""
+    names = [w for w, _ in readouts.word_ids] + list(readouts.contrasts) + ["__kl__"]
+    kinds = ["word"] * len(readouts.word_ids) + ["contrast"] * len(readouts.contrasts) + ["kl"]
+    vals = scores.numpy()
+    n_blocks, n, n_read = len(blocks), vals.shape[1], vals.shape[2]
+    blk = np.repeat(np.arange(n_blocks), n * n_read)
+    row = np.tile(np.repeat(np.arange(n), n_read), n_blocks)
+    col = np.tile(np.arange(n_read), n_blocks * n)
+    clean = vals[0, row, col]
+    clean[col == n_read - 1] = 0.0  # KL: measured against the clean run itself
+    edited = vals[1 + blk, row, col]
+    take = lambda values: np.asarray(values, dtype=object)[row]  # noqa: E731
+    per_block = lambda f: np.asarray([f(t, c) for t, c in blocks], dtype=object)[blk]  # noqa: E731
+    return pd.DataFrame({
+        "design": take(meta["design"]), "item": take(meta["item"].astype(str)), "cell": take(meta["cell"]),
+        "a": take(meta[a].astype(str)), "b": take(meta[b].astype(str)),
+        "prompt_id": take(meta["prompt_id"].astype(str)),
+        "point": per_block(lambda t, c: t.point), "feature": per_block(lambda t, c: t.label),
+        "role": per_block(lambda t, c: t.role), "intervention": per_block(lambda t, c: c.kind),
+        "value": np.asarray([c.value for _, c in blocks], dtype=np.float64)[blk],
+        "position": per_block(lambda t, c: c.where),
+        "readout": np.asarray(names, dtype=object)[col], "readout_kind": np.asarray(kinds, dtype=object)[col],
+        "score_clean": clean, "score_edited": edited, "shift": edited - clean,
+        "_block": blk,
+    })
+
+
+def chunks(n_blocks: int, per_feature: int, rows_per_copy: int, max_rows: int) -> list[range]:
+    """Consecutive block ranges such that (blocks + the clean copy) x rows stays within ``max_rows`` when it
+    can (a block alone always runs); whole features per chunk whenever a feature fits."""
+    per = max(1, max_rows // max(rows_per_copy, 1) - 1)
+    if per >= per_feature:
+        per -= per % per_feature
+    return [range(s, min(s + per, n_blocks)) for s in range(0, n_blocks, per)]
 
 
 @torch.no_grad()
 def _kept_inputs(attached: Attached, batches: list[Encoded]) -> Iterator[torch.Tensor]:
     """The joint model's inputs at the kept positions of every stimulus batch (one prefix pass each)."""
     for enc in batches:
-        resid, _, keep = _prefix_pass(attached, enc)
-        yield attached.splice.inputs(resid[keep])
+        yield _prepare(attached, enc).x
 
 
 @torch.no_grad()
 def _feature_max(attached: Attached, targets: list[Target], batches: list[Encoded]) -> dict[Target, float]:
     """Largest activation of each target (max over its indices) on the kept positions of the stimuli."""
-    best = {t: float("-inf") for t in targets}
+    best: dict[Target, torch.Tensor] = {}
     points = {t.point for t in targets}
     for x in _kept_inputs(attached, batches):
         seen: dict[str, torch.Tensor] = {}
         attached.joint(x, "full" if attached.joint.nfm is not None else "sae",
                        edit={p: (lambda p: lambda v: seen.__setitem__(p, v.detach()))(p) for p in points})
-        for t in targets:
-            best[t] = max(best[t], float(seen[t.point][:, list(t.indices)].max()))
-    return best
+        for t in targets:  # kept on the device: one copy at the end, not one per target and batch
+            m = seen[t.point][:, list(t.indices)].max()
+            best[t] = m if t not in best else torch.maximum(best[t], m)
+    values = torch.stack([best[t] for t in targets]).tolist() if best else [float("-inf")] * len(targets)
+    return {t: float(v) for t, v in zip(targets, values, strict=True)}
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -239,12 +343,16 @@ def store_path(out: Path, shard: tuple[int, int]) -> Path:
 
 
 def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bridge: Any = None,
-            progress: bool = True, overwrite: bool = False) -> Path:
+            progress: bool = True, overwrite: bool = False, max_batch_rows: int | None = None) -> Path:
     """Run (or resume) a battery; return the results store path. See the module docstring.
 
     ``cfg.out`` follows the fingerprint rule (:mod:`fis_interventions.fingerprint`): the same settings resume,
-    other settings are refused unless ``overwrite`` replaces the earlier run."""
+    other settings are refused unless ``overwrite`` replaces the earlier run. ``max_batch_rows`` overrides the
+    config's bound on the rows of one stacked suffix pass (memory, not results: the scores do not depend on it
+    beyond float rounding on GPUs, so it is not part of the fingerprint)."""
     cfg = config if isinstance(config, BatteryConfig) else load_config(BatteryConfig, Path(config))
+    if max_batch_rows is not None:
+        cfg = cfg.model_copy(update={"max_batch_rows": max_batch_rows})
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
@@ -306,29 +414,16 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     todo = [u for u in mine if _unit_key(fp, plans, targets, u) not in done]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, desc=f"battery {cfg.name}",
                unit="unit")
-    cache: dict[tuple[int, int], Any] = {}
+    by_batch: dict[tuple[int, int], list[int]] = {}
     for di, bi, ti in todo:
+        by_batch.setdefault((di, bi), []).append(ti)
+    for (di, bi), tis in by_batch.items():
         design, _, batches, readouts = plans[di]
         meta, enc = batches[bi]
-        if (di, bi) not in cache:
-            cache.clear()
-            cache[(di, bi)] = _clean_pass(attached, enc, readouts, tokenizer.pad_token_id)
-        resid, state, keep, clean_logits, clean_words, clean_con, ext_data = cache[(di, bi)]
-        target = targets[ti]
-        conds = conditions(cfg.interventions, fmax[target] if fmax[target] is not None else 1.0)
-        logits = _edited_logits(attached, (resid, state, keep), enc, enc.readout.unsqueeze(1), target, conds)[:, 0]
-        extra = None
-        if ext_data is not None:  # sum_logprob: the split words' later tokens, under the same edits
-            *prefix_e, ext = ext_data
-            logits_e = _edited_logits(attached, tuple(prefix_e), ext.enc, ext.positions, target, conds)
-            extra = _continuation_logprobs(logits_e, ext, len(conds))
-        words, con = readouts.scores(logits, extra)
-        kl = F.kl_div(logits.float().log_softmax(-1), clean_logits.repeat(len(conds), 1).float().log_softmax(-1),
-                      log_target=True, reduction="none").sum(-1)
-        a, b = list(design.factors)
-        rows = _rows_for(meta, target, conds, readouts, clean_words, clean_con, words, con, kl, a, b)
-        store.commit_unit(_unit_key(fp, plans, targets, (di, bi, ti)), rows)
-        bar.update(1)
+        for ti, rows in _run_batch(attached, enc, meta, readouts, [targets[ti] for ti in tis], tis, cfg, fmax,
+                                   list(design.factors), tokenizer.pad_token_id):
+            store.commit_unit(_unit_key(fp, plans, targets, (di, bi, ti)), rows)
+            bar.update(1)
     bar.close()
     store.close()
     if shard_n == 1:
@@ -367,6 +462,35 @@ def _selected_on(target: Target, screened: dict[str, dict[str, Any]]) -> dict[st
     return {"selected_on": {"screening": target.source, "design": None, "discovery_items": []}}
 
 
+def _run_batch(attached: Attached, enc: Encoded, meta: pd.DataFrame, readouts: Readouts, targets: list[Target],
+               target_ids: list[int], cfg: BatteryConfig, fmax: dict[Target, float | None], factors: list[str],
+               pad_id: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Every (feature, condition) of one stimulus batch, stacked into as few passes as ``max_batch_rows``
+    allows; yields ``(target id, rows)`` per feature once all its conditions are scored."""
+    prep = _prepare(attached, enc)
+    ext = None
+    if readouts.continuations:
+        extended = extend_rows(enc, readouts.continuations, pad_id)
+        ext = (_prepare(attached, extended.enc), extended)
+    per_target = [conditions(cfg.interventions, fmax[t] if fmax[t] is not None else 1.0) for t in targets]
+    blocks = [(t, c) for t, conds in zip(targets, per_target, strict=True) for c in conds]
+    owner = np.repeat(np.arange(len(targets)), [len(c) for c in per_target])
+    rows_per_copy = len(enc.readout) * (1 + (ext[1].n_words if ext else 0))
+    frames: list[pd.DataFrame] = []
+    remaining = [len(c) for c in per_target]
+    a, b = factors
+    for chunk in chunks(len(blocks), len(per_target[0]), rows_per_copy, cfg.max_batch_rows):
+        part = [blocks[i] for i in chunk]
+        frame = _rows_frame(meta, part, readouts, _chunk_scores(attached, prep, ext, readouts, part), a, b)
+        frame["_owner"] = owner[np.asarray(chunk)][frame.pop("_block").to_numpy()]
+        frames.append(frame)
+        for k in dict.fromkeys(owner[list(chunk)]):
+            remaining[k] -= int((owner[list(chunk)] == k).sum())
+            if remaining[k] == 0:
+                rows = pd.concat([f[f["_owner"] == k] for f in frames]).drop(columns="_owner")
+                yield target_ids[k], rows.to_dict("records")
+
+
 def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[int, int, int]) -> str:
     """A work unit's key; it starts with the run's fingerprint, so units of other settings never count as done."""
     di, bi, ti = unit
@@ -377,7 +501,7 @@ def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[i
 def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached, designs: list[Any]) -> Fingerprint:
     """Everything that decides a battery's numbers: the config (not where it is written or on which device),
     the checkpoint's weights, the designs' and screenings' contents, the model and the package version."""
-    config = cfg.model_dump(mode="json", exclude={"out", "device"})
+    config = cfg.model_dump(mode="json", exclude={"out", "device", "max_batch_rows"})
     screenings = sorted({str(f.from_screening) for f in cfg.features if f.from_screening is not None})
     return Fingerprint("battery", {
         "config": config, "model": model, "package": package_version(),
@@ -394,39 +518,6 @@ def _screening_identity(path: Path) -> str:
     return file_digest(path if path.is_file() else folder / "top.json")
 
 
-@torch.no_grad()
-def _prefix_pass(attached: Attached, enc: Encoded) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """``(resid, state, keep)``: the residual at the hook, the suffix's state and the positions the splice edits."""
-    resid, state = attached.split.prefix(enc.tokens, enc.mask)
-    return resid, state, attached.splice.keep_mask(enc.tokens, resid, enc.mask)
-
-
-@torch.no_grad()
-def _edited_logits(attached: Attached, prefix: tuple, enc: Encoded, positions: torch.Tensor, target: Target,
-                   conds: list[Condition]) -> torch.Tensor:
-    """Logits at ``positions`` [B, P] under each condition's edit, conditions stacked in one suffix pass."""
-    resid, state, keep = prefix
-    device = resid.device
-    edited = [attached.splice.edit(resid, keep & _where_mask(enc, c.where, device),
-                                   {target.point: make_edit(target, c)}) for c in conds]
-    return attached.split.suffix(torch.cat(edited), state.repeat(len(conds)),
-                                 positions.to(device).repeat(len(conds), 1))
-
-
-@torch.no_grad()
-def _clean_pass(attached: Attached, enc: Encoded, readouts: Readouts, pad_id: int) -> tuple:
-    resid, state, keep = _prefix_pass(attached, enc)
-    clean = attached.split.suffix(resid, state, enc.readout.to(resid.device).unsqueeze(1))[:, 0]
-    ext_data, extra = None, None
-    if readouts.continuations:
-        ext = extend_rows(enc, readouts.continuations, pad_id)
-        resid_e, state_e, keep_e = _prefix_pass(attached, ext.enc)
-        ext_data = (resid_e, state_e, keep_e, ext)
-        extra = _continuation_logprobs(attached.split.suffix(resid_e, state_e, ext.positions.to(resid.device)), ext, 1)
-    words, con = readouts.scores(clean, extra)
-    return resid, state, keep, clean, words.cpu(), {k: v.cpu() for k, v in con.items()}, ext_data
-
-
 def _continuation_logprobs(logits: torch.Tensor, ext: Extended, n_conds: int) -> torch.Tensor:
     """Summed log-probabilities of each split word's later tokens: [n_conds * B, M] from [n_conds*M*B, P, V]."""
     targets = ext.targets.to(logits.device).repeat(n_conds, 1)
@@ -440,11 +531,15 @@ def _continuation_logprobs(logits: torch.Tensor, ext: Extended, n_conds: int) ->
 
 @torch.no_grad()
 def _active_latents(attached: Attached, batches: list[Encoded]) -> torch.Tensor:
-    active = torch.zeros(attached.joint.sae.d_sae, dtype=torch.bool)
+    """Which SAE latents fire anywhere on the stimuli (a scatter on the device, one copy at the end)."""
+    d_sae = attached.joint.sae.d_sae
+    active = None
     for x in _kept_inputs(attached, batches):
         lat = attached.joint(x, "sae").latents
-        active[lat.indices[lat.values > 0].cpu()] = True
-    return active
+        if active is None:
+            active = torch.zeros(d_sae + 1, dtype=torch.bool, device=x.device)
+        active.scatter_(0, torch.where(lat.values > 0, lat.indices, d_sae).reshape(-1), True)
+    return active[:d_sae].cpu() if active is not None else torch.zeros(d_sae, dtype=torch.bool)
 
 
 def export(out: Path) -> Path:

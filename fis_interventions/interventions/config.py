@@ -71,6 +71,8 @@ class BatteryConfig(StrictModel):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: PositiveInt = 16
+    max_batch_rows: PositiveInt = Field(512, description="most rows in one stacked suffix pass: (features x "
+                                        "conditions + 1 clean copy) x batch_size; lower it if memory runs out")
     out: Path = Path("runs/battery")
     max_items: PositiveInt | None = Field(None, description="use only the first N items per design (pilots)")
     items: Literal["confirmation", "all"] | None = Field(

@@ -191,3 +191,35 @@ def screened_designs(specs: list[FeatureSpec], checkpoint: Path, designs: list) 
         entry["discovery"] = list(dict.fromkeys(entry["discovery"] + [str(i) for i in summary["split"]["discovery"]]))
         entry["screenings"].append(str(spec.from_screening))
     return out
+
+
+def stacked_edit(blocks: list[tuple[Target, Condition]], point: str, n_rows: int
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONE edit at ``point`` for ``len(blocks) + 1`` stacked copies of ``n_rows`` rows: copy 0 unedited, copy
+    ``b + 1`` edited by ``blocks[b]`` (identity where that block targets another point).
+
+    Every copy gets ``value * mul + add`` with per-copy tables (scale: mul = amount; set: mul = 0, add = amount;
+    add: add = amount; zero: mul = 0), so all conditions of all features cost one elementwise pass and the
+    tables reach the device in one copy. An identity copy is ``value * 1 + 0``, bit-identical to copy 0.
+    """
+    def fn(value: torch.Tensor) -> torch.Tensor:
+        width = value.shape[-1]
+        tables = torch.zeros(2, len(blocks) + 1, width, dtype=value.dtype)
+        tables[0] = 1.0
+        for b, (target, cond) in enumerate(blocks, start=1):
+            if target.point != point:
+                continue
+            idx = list(target.indices)
+            if cond.kind == "scale":
+                tables[0, b, idx] = cond.amount
+            elif cond.kind == "set":
+                tables[0, b, idx], tables[1, b, idx] = 0.0, cond.amount
+            elif cond.kind == "add":
+                tables[1, b, idx] = cond.amount
+            else:
+                tables[0, b, idx] = 0.0
+        mul, add = tables.to(value.device).unsqueeze(2)  # [copies, 1, width] each
+        stacked = value.view(len(blocks) + 1, n_rows, width)
+        return (stacked * mul + add).view_as(value)
+
+    return fn

@@ -55,8 +55,10 @@ class TrainConfig(StrictModel):
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 1000
     heldout_fraction: float = Field(0.01, ge=0.0, lt=0.5)
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto (cuda:LOCAL_RANK under torchrun)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="matmul precision: bfloat16 = autocast, weights and Adam stay float32; "
+                               "float16 is refused")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -68,6 +70,9 @@ class TrainConfig(StrictModel):
             raise ValueError("on-the-fly harvest needs model, hook and corpus")
         if self.sae_checkpoint is not None and self.mode != "sequential":
             raise ValueError("sae_checkpoint is only used with mode: sequential")
+        if self.dtype == "float16":
+            raise ValueError("float16 training is refused (its range needs a loss scaler); use dtype: bfloat16 "
+                             "(autocast with float32 master weights) or float32")
         if self.secondary is not None and self.mode == "sae":
             raise ValueError("a secondary SAE needs the integration module (mode sequential or joint)")
         return self

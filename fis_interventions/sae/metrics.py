@@ -47,11 +47,17 @@ class DeadLatentTracker:
     def __init__(self, d_sae: int, device: torch.device | str = "cpu") -> None:
         self.since = torch.zeros(d_sae, dtype=torch.long, device=device)
 
+    def fired(self, latents: SparseLatents) -> torch.Tensor:
+        """[d_sae] bool: which latents fired in this batch. A scatter, not a boolean gather, so that the
+        counters never wait for the device (a gather's output size is data-dependent: a host sync)."""
+        d_sae = self.since.shape[0]
+        idx = torch.where(latents.values > 0, latents.indices, d_sae).reshape(-1)
+        return torch.zeros(d_sae + 1, dtype=torch.bool, device=idx.device).scatter_(0, idx, True)[:d_sae]
+
     def update(self, latents: SparseLatents) -> None:
         n_tokens = latents.values.reshape(-1, latents.values.shape[-1]).shape[0]
         self.since += n_tokens
-        fired = latents.indices[latents.values > 0]
-        self.since[fired] = 0
+        self.since.masked_fill_(self.fired(latents), 0)
 
     def dead(self, window: int) -> torch.Tensor:
         return self.since >= window

@@ -219,14 +219,16 @@ class TopKSAE(HookedModule):
         Normalised by the residual's variance and scaled down while few latents are dead (as in sparsify);
         the caller multiplies by :data:`AUXK_COEF`. ``residual`` should be detached.
         """
-        n_dead = int(dead.sum())
-        if not self.aux_k or n_dead == 0:
-            return pre.new_zeros(())
-        k_aux = min(self.aux_k, n_dead)
-        scale = min(n_dead / self.aux_k, 1.0)
+        if not self.aux_k or (dead.device.type == "cpu" and not bool(dead.any())):  # CPU: skip when none
+            return pre.new_zeros((), dtype=torch.float32)
+        # always aux_k columns: with fewer dead latents the rest are zeros of live ones, which add exactly 0, so
+        # the count never has to reach the host (a sync per step on a GPU)
+        n_dead = dead.sum()
+        scale = (n_dead.float() / self.aux_k).clamp(max=1.0)
         masked = torch.where(dead, torch.relu(pre), torch.zeros((), dtype=pre.dtype, device=pre.device))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = self.decode(SparseLatents(values, indices, self.d_sae), bias=False)
+        values, indices = masked.topk(min(self.aux_k, self.d_sae), dim=-1, sorted=False)
+        e_hat = self.decode(SparseLatents(values, indices, self.d_sae), bias=False).float()
+        residual = residual.float()
         total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return scale * (e_hat - residual).pow(2).sum() / total
 

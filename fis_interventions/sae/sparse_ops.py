@@ -26,7 +26,8 @@ FAST_BACKWARD = True
 def fast_backward(x: torch.Tensor) -> bool:
     """Whether the hand-written sparse backwards apply to a computation on ``x`` (a 2-D batch)."""
     return (FAST_BACKWARD and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64) and x.ndim == 2)
+            and x.dtype in (torch.float32, torch.float64) and x.ndim == 2
+            and not torch.is_autocast_enabled("cpu"))  # bf16 autocast: plain autograd on the same forward
 
 
 @contextmanager
@@ -83,8 +84,10 @@ class CodePattern:
 def bag_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``sum_j weights[b, j] * table[indices[b, j]]`` for each row b, without a dense [batch, rows] tensor."""
     shape = indices.shape
-    out = F.embedding_bag(indices.reshape(-1, shape[-1]), table, per_sample_weights=weights.reshape(-1, shape[-1]),
-                          mode="sum")
+    # under bf16 autocast the codes come out of a bf16 matmul while the table is an fp32 master weight: the
+    # weights follow the table (embedding_bag needs one dtype), so decoding sums in fp32
+    out = F.embedding_bag(indices.reshape(-1, shape[-1]), table,
+                          per_sample_weights=weights.reshape(-1, shape[-1]).to(table.dtype), mode="sum")
     return out.reshape(*shape[:-1], table.shape[-1])
 
 

@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import FisError
+from ..models import resolve_device
 from ..provenance import seed_everything
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from .config import TrainConfig
 from .metrics import fvu, l0
 from .model import COMPONENTS, JointArch, JointSAE
 from .trainers import (JointTrainer, NonFiniteLoss, SAETrainer, SecondaryTrainer, SequentialTrainer,
-                       Trainer)
+                       Trainer, stats_to_floats)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
     world = distributed.current()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoint"
-    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    # master weights, optimiser state and batches are float32 whatever cfg.dtype (bf16 = autocast, trainers.py)
+    device, dtype = resolve_device(cfg.device), torch.float32
     plan = phases(cfg)
     total = sum(n for _, n in plan)
 
@@ -268,6 +270,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
             tokens_seen += x.shape[0] * world.world_size
             bar.update(1)
             if step % LOG_EVERY == 0 or step == total:
+                stats = stats_to_floats(stats)  # the only device-to-host copy of the metrics
                 rate = (tokens_seen - tokens_t0) / max(time.perf_counter() - t0, 1e-9)
                 last = {"step": step, "split": "train", "phase": phase, "tokens": tokens_seen,
                         "tokens_per_s": rate, **stats}

@@ -7,11 +7,19 @@ parallel to each row before the step and re-projecting after it (Gao et al. 2024
 Under ``torchrun`` (see :mod:`fis_interventions.distributed`) each rank holds an equal slice of the global
 batch: losses are per-rank means, gradients are averaged before clipping, the dead-latent counters see the
 global "fired" mask and the AuxK denominator is the global one, so every rank takes the single-process step.
+
+Precision: parameters and the optimiser state are always float32 (master weights). ``dtype: bfloat16`` runs the
+forward under ``torch.autocast`` (matmuls in bf16, losses and updates in fp32): bf16 *parameters* would lose
+updates smaller than half an ulp (~1e-4 for a decoder entry of 0.04) once the learning rate decays. float16 is
+refused in the config (its range needs a loss scaler; bf16 does not).
+
+Host syncs: ``update`` returns its metrics as device tensors; the loop converts them only on logging steps.
+The one sync per step is the finiteness check of the loss (so a NaN stops training before the next step).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 from torch import nn
@@ -20,6 +28,16 @@ from .. import distributed
 from .config import TrainConfig
 from .metrics import DeadLatentTracker, fvu, l0
 from .model import AUXK_COEF, JointSAE, TopKSAE
+
+
+def stats_to_floats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Metrics as Python floats, averaged over ranks: ONE device-to-host copy. Call it on logging steps only,
+    and on every rank (under torchrun it is a collective)."""
+    keys = sorted(stats)
+    device = next((v.device for v in stats.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(stats[k]).detach().to(device, torch.float64).reshape(())
+                          for k in keys]).tolist() if keys else []
+    return distributed.mean_stats(dict(zip(keys, values, strict=True)))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,17 +71,24 @@ class Trainer:
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=fused)
         self.dead = DeadLatentTracker(sae.d_sae, device=sae.W_dec.device)
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """bf16 matmuls for ``dtype: bfloat16`` (parameters stay fp32); nothing for float32."""
+        if self.cfg.dtype == "bfloat16":
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _sae_loss(self, x: torch.Tensor, recon: torch.Tensor, pre: torch.Tensor, latents) -> tuple:
+        x, recon = x.float(), recon.float()  # the loss in fp32 whatever the autocast dtype
         mse = (recon - x).square().mean()
         self._update_dead(latents)
         dead = self.dead.dead(self.cfg.dead_tokens)
         aux = self._auxk(pre, (x - recon).detach(), dead) if self.sae.aux_k else mse.new_zeros(())
-        with torch.no_grad():
-            stats = {"mse": float(mse), "fvu": float(fvu(x, recon)), "l0": float(l0(latents)),
-                     "dead_frac": float(dead.float().mean()), "auxk": float(aux)}
+        with torch.no_grad():  # device tensors: converted to floats only on logging steps (no host sync)
+            stats = {"mse": mse.detach(), "fvu": fvu(x, recon), "l0": l0(latents),
+                     "dead_frac": dead.float().mean(), "auxk": aux.detach().float()}
         return mse + AUXK_COEF * aux, stats
 
     def _update_dead(self, latents) -> None:
@@ -71,12 +96,10 @@ class Trainer:
         if not distributed.active():
             self.dead.update(latents)
             return
-        fired = torch.zeros(self.sae.d_sae, dtype=torch.bool, device=latents.indices.device)
-        fired[latents.indices[latents.values > 0]] = True
-        fired = distributed.any_rank(fired)
+        fired = distributed.any_rank(self.dead.fired(latents))
         n_tokens = latents.values.reshape(-1, latents.values.shape[-1]).shape[0]
         self.dead.since += n_tokens * distributed.current().world_size
-        self.dead.since[fired] = 0
+        self.dead.since.masked_fill_(fired, 0)
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK loss; with several ranks it is rescaled so that the AVERAGE over ranks is the full-batch loss.
@@ -102,12 +125,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps,
                                                   self.cfg.lr_decay_to)
-        loss, stats = self.loss(x)
-        stats["loss"] = float(loss.detach())
-        stats = distributed.mean_stats(stats)  # every rank sees the same (global) loss: all stop together
-        value = stats["loss"]
-        if not math.isfinite(value):
-            raise NonFiniteLoss(value)
+        with self.autocast(x):
+            loss, stats = self.loss(x)
+        stats["loss"] = loss.detach().float()
+        # every rank checks the same (global) loss, so all stop together; this is the step's one host sync
+        global_loss = distributed.all_reduce_sum(stats["loss"].clone())
+        if not bool(torch.isfinite(global_loss)):
+            raise NonFiniteLoss(float(global_loss))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.params)
@@ -117,17 +141,18 @@ class Trainer:
         self.optimizer.step()
         if self.sae.W_dec.requires_grad:  # a frozen SAE is left bit-for-bit alone
             self.sae.renormalize_decoder()
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
         return stats
 
-    def _clip_gradients(self, max_norm: float) -> float:
-        """``clip_grad_norm_`` that skips the multiply-by-1.0 pass over every gradient when nothing is clipped
-        (same values: torch scales by ``min(1, max_norm / (norm + 1e-6))``)."""
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_``; on CPU it skips the multiply-by-1.0 pass over every gradient when nothing is
+        clipped (same values: torch scales by ``min(1, max_norm / (norm + 1e-6))``). On an accelerator that test
+        would be a host sync, so the (identical) scaling always runs there."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
-        if float(norm) + 1e-6 > max_norm:
+        if norm.device.type != "cpu" or float(norm) + 1e-6 > max_norm:
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "dead": self.dead.state_dict()}
@@ -180,10 +205,10 @@ class SequentialTrainer(Trainer):
     def loss(self, x):
         out = self.model(x, "full")
         residual = x - out.sae_recon
-        mse = (out.linear + out.interaction - residual).square().mean()
+        mse = (out.linear + out.interaction - residual).float().square().mean()
         with torch.no_grad():
-            stats = {"mse": float(mse), "fvu": float(fvu(x, out.recon)), "l0": float(l0(out.latents)),
-                     "residual_fvu": float(fvu(residual, out.linear + out.interaction))}
+            stats = {"mse": mse.detach(), "fvu": fvu(x, out.recon), "l0": l0(out.latents),
+                     "residual_fvu": fvu(residual, out.linear + out.interaction)}
         return mse, stats
 
 

@@ -1,0 +1,210 @@
+"""The GPU checks (``pytest -m gpu``; ``bench/gpu_check.sh`` runs them with the GPU benchmarks). Every test here
+needs CUDA and is skipped without it; on CPU-only machines the device wiring is covered by test_devices.py.
+
+Tolerances: fp32 CUDA vs CPU 1e-4 (different kernels, same maths); sparse products against a float64 CPU
+reference 1e-4 relative; host syncs counted with ``torch.cuda.set_sync_debug_mode("warn")``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "blocks.1.hook_resid_post"
+DESIGN = ROOT / "stimuli" / "negation_sentiment.yaml"
+# host syncs allowed: a training step = the finiteness check of the loss (ours) + what torch's embedding_bag
+# backward does internally (unmeasured before the first GPU run); a battery stimulus batch = its keep-index,
+# the input copies and one result copy per pass, and never one more per condition
+TRAIN_STEP_SYNCS = 4
+BATTERY_BATCH_SYNCS = 16
+
+
+@contextmanager
+def count_syncs():
+    """Count the synchronising CUDA calls inside the block (torch warns once per call in 'warn' mode)."""
+    seen: list[warnings.WarningMessage] = []
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    seen.extend(w for w in caught if "synchroniz" in str(w.message).lower())
+
+
+@pytest.fixture(scope="module")
+def cpu_bridge():
+    from fis_interventions.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_bridge():
+    from fis_interventions.models import load_model
+
+    return load_model("tiny-random", device="cuda")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, cpu_bridge) -> Path:
+    from fis_interventions.activations import ExclusionRule, Normalizer
+    from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
+
+    torch.manual_seed(0)
+    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
+    joint.attach_secondary(64, 4)
+    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
+            "exclusion": ExclusionRule.for_tokenizer(cpu_bridge.tokenizer, norm_multiple=None).to_dict()}
+    path = tmp_path_factory.mktemp("gpu") / "checkpoint"
+    return save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
+
+
+def _cfg(dtype: str, device: str):
+    from fis_interventions.sae import TrainConfig
+
+    return TrainConfig(d_sae=512, k=16, emb_dim=16, hidden=32, lr=2e-3, warmup_steps=3, batch_size=1024,
+                       tokens=1024 * 30, mode="joint", aux_k=32, dead_tokens=4096, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_thirty_joint_steps_on_cuda_have_finite_falling_loss(dtype):
+    from fis_interventions.sae import JointSAE
+    from fis_interventions.sae.synthetic import SyntheticActivations
+    from fis_interventions.sae.trainers import JointTrainer
+
+    cfg = _cfg(dtype, "cuda")
+    torch.manual_seed(0)
+    model = JointSAE(cfg.arch(64)).cuda()
+    trainer = JointTrainer(model, cfg, 30)
+    src = SyntheticActivations(d_in=64, n_features=128, batch_size=1024, seed=3)
+    losses = [float(trainer.update(i, x.cuda())["loss"]) for i, x in zip(range(30), src.stream(0), strict=False)]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_first_step_gradients_equal_the_cpu_fast_path():
+    from fis_interventions.sae import JointSAE
+    from fis_interventions.sae.synthetic import SyntheticActivations
+    from fis_interventions.sae.trainers import JointTrainer
+
+    cfg = _cfg("float32", "cpu")
+    torch.manual_seed(0)
+    cpu = JointSAE(cfg.arch(64))
+    gpu = JointSAE(cfg.arch(64))
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = next(iter(SyntheticActivations(d_in=64, n_features=128, batch_size=1024, seed=3).stream(0)))
+    grads = {}
+    for name, model, data in (("cpu", cpu, x), ("cuda", gpu, x.cuda())):
+        model.train()
+        loss, _ = JointTrainer(model, cfg, 1).loss(data)
+        loss.backward()
+        grads[name] = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["cpu"].keys() == grads["cuda"].keys() and grads["cpu"]
+    for n, g in grads["cpu"].items():
+        torch.testing.assert_close(grads["cuda"][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()) + 1e-8,
+                                   msg=n)
+
+
+def test_sparse_ops_on_cuda_match_a_float64_cpu_reference():
+    from fis_interventions.sae.model import SparseLatents
+    from fis_interventions.sae.sparse_ops import bag_sum, bi_interaction_pool, bi_pool, sparse_decode
+
+    gen = torch.Generator().manual_seed(0)
+    b, k, n, d = 256, 16, 512, 64
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(b)])
+    vals = torch.rand(b, k, generator=gen, dtype=torch.float64)
+    table = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    grad = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    for ours, ref in ((sparse_decode, bag_sum), (bi_interaction_pool, bi_pool)):
+        v64, t64 = vals.clone().requires_grad_(), table.clone().requires_grad_()
+        out64 = ref(idx, v64, t64)
+        out64.backward(grad)
+        v32 = vals.float().cuda().requires_grad_()
+        t32 = table.float().cuda().requires_grad_()
+        pattern = SparseLatents(v32, idx.cuda(), n).pattern
+        out32 = ours(pattern, v32, t32)
+        out32.backward(grad.float().cuda())
+        for got, want in ((out32, out64), (v32.grad, v64.grad), (t32.grad, t64.grad)):
+            torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=1e-4,
+                                       atol=1e-4 * float(want.detach().abs().max()))
+
+
+def test_harvest_screening_and_spliced_metrics_cuda_equal_cpu(cpu_bridge, gpu_bridge, ckpt, text_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from fis_interventions.activations import ActivationStore, harvest
+    from fis_interventions.attach import attach
+    from fis_interventions.evaluation import spliced_metrics
+    from fis_interventions.screening import screen
+
+    shards = {}
+    for name, bridge in (("cpu", cpu_bridge), ("cuda", gpu_bridge)):
+        harvest(bridge=bridge, progress=False, model="tiny-random", hook=HOOK, corpus=[str(text_corpus)],
+                out=tmp_path / name, tokens=400, context_length=32, batch_size=4, contexts_per_shard=4)
+        shards[name] = [load_file(str(p)) for p in ActivationStore(tmp_path / name).shard_paths()]
+    for a, b in zip(shards["cpu"], shards["cuda"], strict=True):
+        assert torch.equal(a["keep"], b["keep"])
+        torch.testing.assert_close(b["acts"].float(), a["acts"].float(), rtol=1e-4, atol=1e-4)
+    res = {n: screen(ckpt, DESIGN, bridge=br, progress=False) for n, br in (("cpu", cpu_bridge), ("cuda", gpu_bridge))}
+    for point, acts in res["cpu"].activations.items():
+        np.testing.assert_allclose(res["cuda"].activations[point], acts, rtol=1e-4, atol=1e-4)
+    contexts = shards["cpu"][0]["tokens"].long()
+    metrics = {n: spliced_metrics(attach(br, ckpt), contexts)[0] for n, br in (("cpu", cpu_bridge),
+                                                                                  ("cuda", gpu_bridge))}
+    for cond, row in metrics["cpu"].items():
+        for key, value in row.items():
+            assert abs(metrics["cuda"][cond][key] - value) <= 1e-4 * max(1.0, abs(value)), (cond, key)
+
+
+def test_host_syncs_of_a_training_step_and_a_battery_batch(gpu_bridge, ckpt, tmp_path):
+    from fis_interventions.attach import attach
+    from fis_interventions.designs import expand, load_design
+    from fis_interventions.interventions import BatteryConfig
+    from fis_interventions.interventions.battery import Readouts, _run_batch, encode_rows
+    from fis_interventions.sae import JointSAE
+    from fis_interventions.sae.trainers import JointTrainer
+
+    cfg = _cfg("float32", "cuda")
+    torch.manual_seed(0)
+    trainer = JointTrainer(JointSAE(cfg.arch(64)).cuda(), cfg, 30)
+    x = torch.randn(1024, 64, device="cuda")
+    trainer.update(0, x)  # first call: lazy initialisation (optimiser state) is not a per-step cost
+    with count_syncs() as train_syncs:
+        trainer.update(1, x)
+    print(f"host syncs in one training step: {len(train_syncs)}")
+    assert len(train_syncs) <= TRAIN_STEP_SYNCS, [str(w.message) for w in train_syncs]
+
+    attached = attach(gpu_bridge, ckpt)
+    design = load_design(DESIGN)
+    rows = expand(design).iloc[:8].reset_index(drop=True)
+    enc = encode_rows(rows, gpu_bridge.tokenizer)
+    readouts = Readouts.for_design(design, gpu_bridge.tokenizer)
+    from fis_interventions.interventions.features import Target
+
+    target = Target("secondary.hook_latents", (1,), "top")
+    counts = {}
+    for n_values in (1, 8):
+        bcfg = BatteryConfig.model_validate({
+            "name": "s", "model": "tiny-random", "checkpoint": str(ckpt), "designs": [str(DESIGN)],
+            "features": [{"point": "secondary.hook_latents", "index": 1}], "out": str(tmp_path / "b"),
+            "interventions": [{"kind": "scale", "values": [float(v) for v in range(n_values)]}]})
+        with count_syncs() as syncs:
+            out = list(_run_batch(attached, enc, rows, readouts, [target], [0], bcfg, {target: None},
+                                  list(design.factors), gpu_bridge.tokenizer.pad_token_id))
+        assert len(out) == 1
+        counts[n_values] = len(syncs)
+    print(f"host syncs per battery stimulus batch (1 / 8 conditions): {counts[1]} / {counts[8]}")
+    assert counts[8] == counts[1] <= BATTERY_BATCH_SYNCS
