@@ -152,7 +152,7 @@ def barrier() -> None:
 def parse_shard(shard: str | None) -> tuple[int, int]:
     """``"i/n"`` -> (i, n); without one, under torchrun (RANK / WORLD_SIZE set) the rank picks the shard.
 
-    Used by `fis harvest --shard` (the battery has the same rule in ``interventions.battery.parse_shard``).
+    Used by `fis harvest --shard` and `fis battery --shard`.
     """
     if shard is None:
         world = env_world()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from ..attach import Attached, attach
 from ..config import load_config
 from ..designs import expand, load_design, target_tokens
+from ..distributed import parse_shard
 from ..errors import FisError
 from ..holdout import design_identity
 from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
@@ -320,21 +320,6 @@ def _feature_max(attached: Attached, targets: list[Target], batches: list[Encode
             best[t] = m if t not in best else torch.maximum(best[t], m)
     values = torch.stack([best[t] for t in targets]).tolist() if best else [float("-inf")] * len(targets)
     return {t: float(v) for t, v in zip(targets, values, strict=True)}
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n); under torchrun (RANK/WORLD_SIZE set) the rank picks the shard."""
-    if shard is None:
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        return 0, 1
-    try:
-        i, n = (int(p) for p in shard.split("/"))
-    except ValueError:
-        raise FisError(f"bad shard '{shard}'", field="--shard", fix="write it as i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise FisError(f"shard index {i} is not in 0..{n - 1}", field="--shard", fix="write it as i/n with i < n")
-    return i, n
 
 
 def store_path(out: Path, shard: tuple[int, int]) -> Path:
