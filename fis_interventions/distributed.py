@@ -155,6 +155,8 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     Used by `fis harvest --shard` and `fis battery --shard`.
     """
     if shard is None:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not launched by torchrun
+            return 0, 1
         world = env_world()
         return world.rank, world.world_size
     try:

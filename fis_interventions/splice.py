@@ -220,10 +220,12 @@ class JointSplice:
         """Raw residual vectors -> the joint model's input space (its dtype, the stored normalisation)."""
         return self.normalizer.apply(x_raw.to(next(self.joint.parameters()).dtype))
 
+    def _components(self, components: str) -> str:
+        """'full' of a plain SAE (standalone, or from SAELens) is all it has: its SAE path."""
+        return "sae" if components == "full" and getattr(self.joint, "nfm", ...) is None else components
+
     def _run(self, x_raw: torch.Tensor, components: str, edit: Any = None) -> torch.Tensor:
-        if components == "full" and getattr(self.joint, "nfm", ...) is None:  # a plain SAE (SAELens): all it has
-            components = "sae"
-        return self.joint(self.inputs(x_raw), components, edit=edit).recon
+        return self.joint(self.inputs(x_raw), self._components(components), edit=edit).recon
 
     @torch.no_grad()
     def reconstruct(self, resid: torch.Tensor, keep: torch.Tensor, components: str = "full") -> torch.Tensor:
@@ -241,7 +243,7 @@ class JointSplice:
         [(n_edits + 1) * n, width] and must leave copy 0 as it is: ``delta_c = recon(copy c) - recon(copy 0)``.
         """
         n = x.shape[0]
-        recon = self.joint(x.repeat(n_edits + 1, 1), components, edit=edit).recon
+        recon = self.joint(x.repeat(n_edits + 1, 1), self._components(components), edit=edit).recon
         recon = recon.view(n_edits + 1, n, recon.shape[-1])
         return self.normalizer.invert_delta(recon[1:] - recon[:1])
 

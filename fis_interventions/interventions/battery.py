@@ -238,6 +238,8 @@ def _take_rows(state: Any, rows: torch.Tensor, n: int) -> Any:
             return value.index_select(0, rows.to(value.device))
         if isinstance(value, tuple):
             return tuple(take(v) for v in value)
+        if isinstance(value, dict):  # per-kind attention masks of the split forward's adapters
+            return {k: take(v) for k, v in value.items()}
         return value
     return dataclasses.replace(state, **{f.name: take(getattr(state, f.name)) for f in dataclasses.fields(state)})
 
