@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import yaml
@@ -276,11 +275,8 @@ def _check_readout(d: Design) -> None:
              "'logit'", "set 'score: logprob' (or use multi_token: first_token)")
 
 
-def design_warnings(d: Design, stimuli: Mapping[tuple[str, str], str] | None = None) -> list[str]:
-    """Problems that do not stop a run but bias or weaken it; each names the field concerned.
-
-    ``stimuli`` ((item id, cell) -> text, e.g. from an :func:`expand` table already built) saves rendering
-    every item again."""
+def design_warnings(d: Design) -> list[str]:
+    """Problems that do not stop a run but bias or weaken it; each names the field concerned."""
     out: list[str] = []
     if d.cells is not None:
         sizes = {c: len(v) for c, v in d.cells.items()}
@@ -294,8 +290,7 @@ def design_warnings(d: Design, stimuli: Mapping[tuple[str, str], str] | None = N
             out.append(f"cells: {len(dup)} sentence(s) appear more than once, e.g. '{dup[0]}'")
     if d.items is not None:
         for item in d.items:
-            texts = {c: stimuli[(item.id, c)] if stimuli is not None else d.render(item, c)[0]
-                     for c in d.cell_names}
+            texts = {c: d.render(item, c)[0] for c in d.cell_names}
             same = [c for c in d.cell_names if list(texts.values()).count(texts[c]) > 1]
             if same:
                 out.append(f"items: item '{item.id}' has the same text in cells {', '.join(same)}")

@@ -16,7 +16,7 @@ def full_text(stimulus: str, prompt: str, join: str) -> str:
     return f"{stimulus}{join}{prompt}" if prompt else stimulus
 
 
-def expand(design: Design) -> pd.DataFrame:
+def expand(design: Design, *, check: bool = True) -> pd.DataFrame:
     """One row per stimulus x prompt, in file order (items, then cells in canonical order, then prompts).
 
     Columns: ``design, item, cell, <one per factor>, stimulus, prompt_id, prompt, text, readout_start,
@@ -25,7 +25,8 @@ def expand(design: Design) -> pd.DataFrame:
     (``readout_start`` is where that region begins). For cell lists, ``item`` is ``<cell>:<n>`` (001, ...)
     and items are not crossed with the design (``df.attrs['shape'] == 'cells'``).
     """
-    check_design(design)
+    if check:  # callers that have just checked the design (validate) skip the second pass
+        check_design(design)
     r = design.readout
     prompts = r.prompt_items()
     cols = COLUMNS[:3] + list(design.factors) + COLUMNS[3:]

@@ -59,16 +59,16 @@ def validate(path: str | Path, tokenizer: Any = None, *, tokenize: bool = True) 
     """
     with gc_paused():  # tens of thousands of items build large object trees: see safe_yaml.gc_paused
         design = read_design(path)
-        df = expand(design)
+        found = design_warnings(design)
     targets = None
     if tokenize and design.readout.targets:
         targets = _tokenize_quietly(design, tokenizer if tokenizer is not None else default_tokenizer())
-    stimuli = df.drop_duplicates(["item", "cell"])
-    counts = stimuli.groupby("cell", sort=False).size()
-    rendered = dict(zip(zip(stimuli["item"], stimuli["cell"]), stimuli["stimulus"]))
-    found = design_warnings(design, rendered) + (targets.warnings if targets else [])
-    return ValidationReport(str(path), design, {c: int(counts.get(c, 0)) for c in design.cell_names},
-                            len(design.readout.prompts), len(df), targets, found)
+    # a checked design has every item in every cell: the counts need no expansion (`expand` builds the rows)
+    counts = ({c: len(design.items) for c in design.cell_names} if design.items is not None
+              else {c: len(design.cells.get(c, [])) for c in design.cell_names})
+    n_rows = sum(counts.values()) * len(design.readout.prompt_items())
+    return ValidationReport(str(path), design, counts, len(design.readout.prompts), n_rows, targets,
+                            found + (targets.warnings if targets else []))
 
 
 @dataclass
