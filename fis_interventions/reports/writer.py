@@ -77,8 +77,15 @@ def power_lines(tests: pd.DataFrame) -> list[str]:
     if "items_for_80" not in tests:
         return []
     near = tests[~tests["null_check"] & ~tests["significant"] & (tests["p"] < NEAR)]
-    return [f"near-significant ({row['design']}: feature {row['feature']}, {_clamp(row)}, p = {fmt(row['p'])})"
-            + (_items_line(row) or ": 80% power needs more than 1024 items") for _, row in near.iterrows()]
+    lines = []
+    for _, row in near.iterrows():
+        head = f"near-significant ({row['design']}: feature {row['feature']}, {_clamp(row)}, p = {fmt(row['p'])})"
+        if int(row.get("n_prompts", 1)) >= MIN_RANDOM_LEVELS:  # crossed random prompts: no closed-form power
+            lines.append(f"{head}: items for 80% power not computed here ({int(row['n_prompts'])} prompts are "
+                         "crossed random effects; run `fis power` on this test)")
+        else:
+            lines.append(head + (_items_line(row) or ": 80% power needs more than 1024 items"))
+    return lines
 
 
 def _clamp(row: pd.Series) -> str:
