@@ -103,13 +103,20 @@ def run_seed(seed: int, acts: Path, bridge: Any, s: dict[str, Any], out: Path, m
     for kind in ["sae", "wide", "unconstrained", "joint", "sequential"]:
         cfg = configs(acts, d, seed, s, ckpts.get("sae"))[kind]
         run = out / f"seed{seed}" / kind
-        ckpts[kind] = train(TrainConfig.model_validate(cfg), run, resume=(run / "checkpoint" / "cfg.json").exists(),
-                            progress=False).checkpoint
+        if _complete(run / "checkpoint"):  # stages already done are reused (so the statistics can be redone)
+            ckpts[kind] = run / "checkpoint"
+        else:
+            ckpts[kind] = train(TrainConfig.model_validate(cfg), run, resume=(run / "checkpoint" / "cfg.json").exists(),
+                                progress=False).checkpoint
         log(f"seed {seed}: trained {kind}")
-    evals = [evaluate(ckpts[k], bridge=bridge, max_contexts=s["contexts"], progress=False, name=k, seed=0)
-             for k in KINDS]
-    table = comparison_table(evals, baseline="sae")
-    write_json(out / f"seed{seed}" / "compare.json", table)
+    compare = out / f"seed{seed}" / "compare.json"
+    if compare.exists():
+        table = json.loads(compare.read_text(encoding="utf-8"))
+    else:
+        evals = [evaluate(ckpts[k], bridge=bridge, max_contexts=s["contexts"], progress=False, name=k, seed=0)
+                 for k in KINDS]
+        table = comparison_table(evals, baseline="sae")
+        write_json(compare, table)
     log(f"seed {seed}: evaluated")
 
     j_full, j_sae = row(table, "joint", "full"), row(table, "joint", "sae")
@@ -134,9 +141,9 @@ def run_seed(seed: int, acts: Path, bridge: Any, s: dict[str, Any], out: Path, m
                      {"point": "secondary.hook_latents", "random": 1, "role": "random_control"}],
         "interventions": [{"kind": "scale", "values": [-4.0, 0.0, 1.0, CLAMP]}],
         "seed": seed, "batch_size": 16, "out": str(bdir), "device": "cpu"})
-    battery(cfg, bridge=bridge, progress=False)
-    if not (rdir / "report.md").exists():
-        report(bdir, out=rdir)
+    if not (bdir / "results.parquet").exists():  # exported when every unit is done
+        battery(cfg, bridge=bridge, progress=False)
+    report(bdir, out=rdir, overwrite=True, bridge=bridge)  # the statistics always with this code
     log(f"seed {seed}: screened, battery on confirmation items, reported")
 
     res = read_results(bdir / "results.sqlite")
@@ -159,6 +166,11 @@ def run_seed(seed: int, acts: Path, bridge: Any, s: dict[str, Any], out: Path, m
               "features_sig": int(top.groupby("feature")["significant"].any().sum()),
               "features": int(top["feature"].nunique())})
     return m
+
+
+def _complete(checkpoint: Path) -> bool:
+    meta = checkpoint / "cfg.json"
+    return meta.is_file() and bool(json.loads(meta.read_text(encoding="utf-8")).get("complete"))
 
 
 def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
@@ -210,8 +222,9 @@ def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
             "standalone SAE without the unit-norm decoder constraint (the linear part is a second decoder).",
             "Evaluation: `fis eval` on the same held-out contexts for all; FVU pooled, KL per position.",
             "Screening: within-item RM-ANOVA per secondary latent on the discovery items; battery: scale -4, 0, 1, "
-            f"4 of the top 3 and one random secondary latent on the confirmation items; report: LMM with items and "
-            "prompts crossed, BH over the confirmatory family.",
+            "4 of the top 3 and one random secondary latent on the confirmation items; report (`fis report`): the "
+            "primary test is the LMM with maximal uncorrelated by-item random effects (prompts fixed below 5, "
+            "crossed random from 5), Satterthwaite df, BH over the confirmatory family.",
             "The paper's test: scipy `f_oneway` of edited - clean contrast scores across the four cells.",
             f"Per-seed run folders and reports: `{meta['out']}/seed*/`."])
     return doc
