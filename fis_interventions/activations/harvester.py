@@ -57,6 +57,40 @@ def capture_hook(bridge: Any, tokens: torch.Tensor, hook_name: str, stop_at_laye
     return captured["x"]
 
 
+# What a harvest writes into its out folder (a sharded harvest adds one manifest per rank).
+OUTPUT_FILES = (MANIFEST, "manifest.rank-*.json", "shard_*.safetensors")
+_STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def store_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of ``store_dtype``; an unknown name is a one-line error."""
+    dtype = _STORE_DTYPES.get(name)
+    if dtype is None:
+        raise FisError(f"unknown store_dtype '{name}'", field="store_dtype", fix="use float32, bfloat16 or float16")
+    return dtype
+
+
+def planned_contexts(cfg: HarvestConfig, tokenizer: Any) -> tuple[torch.Tensor, int]:
+    """The BOS-led contexts a harvest of ``cfg.tokens`` covers (the same list for every rank), and how many
+    were asked for (more than the corpus holds when it runs out)."""
+    n_contexts = math.ceil(cfg.tokens / (cfg.context_length - 1))
+    return ContextBatcher(tokenizer, cfg.context_length).contexts(cfg.corpus, max_contexts=n_contexts), n_contexts
+
+
+def fresh_manifest(cfg: HarvestConfig, bridge: Any, hook: Any, contexts: torch.Tensor, n_requested: int,
+                   fp: Fingerprint, **extra: Any) -> dict[str, Any]:
+    """The manifest of a harvest that has not written a shard yet (``extra``: a rank's own fields)."""
+    return new_manifest(model=model_name(bridge), hook=hook.name, hook_canonical=hook.canonical,
+                        layer=hook.layer, d_model=int(bridge.cfg.d_model), context_length=cfg.context_length,
+                        corpus=cfg.corpus, corpus_description=describe(cfg.corpus), dtype=cfg.dtype,
+                        store_dtype=cfg.store_dtype, norm_multiple=cfg.norm_multiple,
+                        contexts_per_shard=cfg.contexts_per_shard, n_contexts_planned=len(contexts),
+                        tokens_requested=cfg.tokens, corpus_exhausted=len(contexts) < n_requested,
+                        bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
+                        config=cfg.model_dump(mode="json"), provenance=provenance(), fingerprint=fp.digest,
+                        **extra)
+
+
 def harvest_fingerprint(cfg: HarvestConfig, model: str, hook: str) -> Fingerprint:
     """Everything that decides the harvested numbers. Not ``tokens``: a larger budget extends the same harvest."""
     settings = cfg.model_dump(mode="json", include={"corpus", "context_length", "contexts_per_shard", "dtype",
@@ -116,25 +150,12 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     tokenizer = bridge.tokenizer
-    store_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.store_dtype)
-    if store_dtype is None:
-        raise FisError(f"unknown store_dtype '{cfg.store_dtype}'", field="store_dtype",
-                       fix="use float32, bfloat16 or float16")
-
-    n_contexts = math.ceil(cfg.tokens / (cfg.context_length - 1))
-    contexts = ContextBatcher(tokenizer, cfg.context_length).contexts(cfg.corpus, max_contexts=n_contexts)
-    fresh = new_manifest(model=model_name(bridge), hook=hook.name, hook_canonical=hook.canonical,
-                         layer=hook.layer, d_model=int(bridge.cfg.d_model), context_length=cfg.context_length,
-                         corpus=cfg.corpus, corpus_description=describe(cfg.corpus), dtype=cfg.dtype,
-                         store_dtype=cfg.store_dtype, norm_multiple=cfg.norm_multiple,
-                         contexts_per_shard=cfg.contexts_per_shard, n_contexts_planned=len(contexts),
-                         tokens_requested=cfg.tokens, corpus_exhausted=len(contexts) < n_contexts,
-                         bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
-                         config=cfg.model_dump(mode="json"), provenance=provenance())
+    store_dtype = store_dtype_of(cfg.store_dtype)
+    contexts, n_requested = planned_contexts(cfg, tokenizer)
     out = Path(cfg.out)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
-    fresh["fingerprint"] = fp.digest
-    state = claim(out, fp, owned=(MANIFEST, "manifest.rank-*.json", "shard_*.safetensors"), overwrite=overwrite)
+    fresh = fresh_manifest(cfg, bridge, hook, contexts, n_requested, fp)
+    state = claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)
     if state == "resume" and (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):

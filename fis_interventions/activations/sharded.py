@@ -23,62 +23,43 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..corpus import ContextBatcher, describe
 from ..errors import FisError
 from ..fingerprint import claim
 from ..io import write_json
 from ..models import default_hook, load_model, model_name, resolve_hook
-from ..provenance import provenance
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, RunningStats
-from .shards import MANIFEST, new_manifest, read_manifest, shard_name, stats_from_manifest, write_manifest, write_shard
+from .shards import MANIFEST, read_manifest, shard_name, stats_from_manifest, write_manifest, write_shard
 
-_RANK_KEYS = ("model", "hook", "context_length", "corpus", "dtype", "norm_multiple", "contexts_per_shard",
-              "n_contexts_planned", "shard_of")
+# What a rank's manifest must agree on beyond the harvest's fingerprint (checked first, by the folder's claim):
+# the token budget (not fingerprinted, a larger one extends a harvest) and the number of ranks.
+_RANK_KEYS = ("n_contexts_planned", "shard_of")
 
 
 def rank_manifest_name(i: int, n: int) -> str:
     return f"manifest.rank-{i}-of-{n}.json"
 
 
-def _store_dtype(name: str) -> torch.dtype:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
-    if dtype is None:
-        raise FisError(f"unknown store_dtype '{name}'", field="store_dtype", fix="use float32, bfloat16 or float16")
-    return dtype
-
-
 def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, progress: bool = True
                   ) -> dict[str, Any]:
     """Harvest rank ``shard_i`` of ``shard_n``; return the merged manifest if this rank finished last, else its own."""
-    from .harvester import shard_pass
-
-    from .harvester import harvest_fingerprint
+    from .harvester import (OUTPUT_FILES, fresh_manifest, harvest_fingerprint, planned_contexts, shard_pass,
+                            store_dtype_of)
 
     out = Path(cfg.out)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
-    claim(out, fp, owned=(MANIFEST, "manifest.rank-*.json", "shard_*.safetensors"))  # every rank: same digest
+    claim(out, fp, owned=OUTPUT_FILES)  # every rank: the same digest
     if (out / MANIFEST).exists():
         merged = read_manifest(out)
         if merged.get("shard_of") != shard_n:
             raise FisError(f"holds a harvest made with {merged.get('shard_of') or 1} process(es), not {shard_n}",
                            source=out, field="--shard", fix="use another --out folder, or the same shard count")
         return merged
-    store_dtype = _store_dtype(cfg.store_dtype)
-    n_contexts = math.ceil(cfg.tokens / (cfg.context_length - 1))
-    contexts = ContextBatcher(bridge.tokenizer, cfg.context_length).contexts(cfg.corpus, max_contexts=n_contexts)
-    fresh = new_manifest(model=model_name(bridge), hook=hook.name, hook_canonical=hook.canonical, layer=hook.layer,
-                         d_model=int(bridge.cfg.d_model), context_length=cfg.context_length, corpus=cfg.corpus,
-                         corpus_description=describe(cfg.corpus), dtype=cfg.dtype, store_dtype=cfg.store_dtype,
-                         norm_multiple=cfg.norm_multiple, contexts_per_shard=cfg.contexts_per_shard,
-                         n_contexts_planned=len(contexts), tokens_requested=cfg.tokens,
-                         corpus_exhausted=len(contexts) < n_contexts,
-                         bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
-                         config=cfg.model_dump(mode="json"), provenance=provenance(), shard_of=shard_n,
-                         rank=shard_i, fingerprint=fp.digest)
-    out.mkdir(parents=True, exist_ok=True)
+    store_dtype = store_dtype_of(cfg.store_dtype)
+    contexts, n_requested = planned_contexts(cfg, bridge.tokenizer)
+    fresh = fresh_manifest(cfg, bridge, hook, contexts, n_requested, fp, shard_of=shard_n, rank=shard_i)
     mine_file = out / rank_manifest_name(shard_i, shard_n)
     manifest = json.loads(mine_file.read_text(encoding="utf-8")) if mine_file.exists() else fresh
     for key in _RANK_KEYS:
