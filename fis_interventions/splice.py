@@ -33,19 +33,14 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-def _repeat(value: Any, n: int, broadcast_ok: bool = True) -> Any:
-    """Tile every tensor in ``value`` (tensor, tuple, dict or None) ``n`` times along the batch dimension.
-
-    A tensor with batch size 1 broadcasts against any batch and is left as it is when ``broadcast_ok``.
-    """
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor of a tensor / tuple / dict tree (the layout of a :class:`PrefixState`)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or (broadcast_ok and value.shape[0] == 1):
-            return value
-        return value.repeat(n, *([1] * (value.dim() - 1)))
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_repeat(v, n, broadcast_ok) for v in value)
+        return tuple(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _repeat(v, n, broadcast_ok) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
 
 
@@ -59,11 +54,25 @@ class PrefixState:
     masks: dict[str, Any]  # per mask kind (full / sliding window); empty on the generic path
     position_embeddings: Any = None  # rotary (cos, sin) or None
 
+    def _per_row(self, fn: Any, broadcast_ok: bool = True) -> PrefixState:
+        """``fn`` on every per-row tensor; a batch-size-1 tensor of the masks and position embeddings broadcasts
+        against any batch and is left as it is (``broadcast_ok``)."""
+        n = self.tokens.shape[0]
+        per_token = ("tokens", "attention_mask", "position_ids")
+
+        def apply(name: str) -> Any:
+            keep_one = broadcast_ok and name not in per_token
+            return _map_tensors(getattr(self, name), lambda t: t if t.dim() == 0 or (keep_one and t.shape[0] == 1)
+                                or t.shape[0] != n else fn(t))
+        return replace(self, **{f.name: apply(f.name) for f in fields(self)})
+
     def repeat(self, n: int) -> PrefixState:
         """The same state for ``n`` stacked copies of the batch (conditions batched together)."""
-        per_token = ("tokens", "attention_mask", "position_ids")
-        return replace(self, **{f.name: _repeat(getattr(self, f.name), n, f.name not in per_token)
-                                for f in fields(self)})
+        return self._per_row(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    def take(self, rows: torch.Tensor) -> PrefixState:
+        """The state of the batch rows ``rows`` (repeats allowed): chosen rows stacked for one suffix pass."""
+        return self._per_row(lambda t: t.index_select(0, rows.to(t.device)), broadcast_ok=False)
 
 
 class SplitModel:

@@ -12,7 +12,6 @@ stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -31,13 +30,13 @@ from ..config import load_config
 from ..designs import expand, load_design, target_tokens
 from ..distributed import parse_shard
 from ..errors import FisError
-from ..holdout import design_identity
 from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
                            package_version)
+from ..holdout import design_identity
 from ..io import write_json
 from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
-from ..splice import pad_right
+from ..splice import PrefixState, pad_right
 from .config import BatteryConfig
 from .features import Condition, Target, conditions, resolve_features, screened_designs, stacked_edit
 from .store import ResultStore, StoreMeta, merge, read_results
@@ -173,7 +172,7 @@ class Prepared:
 
     enc: Encoded
     resid: torch.Tensor  # [B, T, d] residual at the hook
-    state: Any  # the suffix's PrefixState
+    state: PrefixState  # what the suffix needs besides the residual
     keep_idx: torch.Tensor  # [n] flat positions (b * T + t) that the splice edits
     x: torch.Tensor  # [n, d_in] the joint model's inputs at those positions
     where: dict[str, torch.Tensor]  # where kind -> [n] bool, which kept positions a condition edits
@@ -224,24 +223,11 @@ def _stacked_logits(attached: Attached, prep: Prepared, positions: torch.Tensor,
     stacked[:, prep.keep_idx] = new
     resid = torch.cat([prep.resid, stacked.view(n_blocks * b, t, d).index_select(0, run)])
     rows = torch.cat([torch.arange(b, device=run.device), torch.remainder(run, b)])
-    logits = attached.split.suffix(resid, _take_rows(prep.state, rows, b),
+    logits = attached.split.suffix(resid, prep.state.take(rows),
                                    positions.to(resid.device).index_select(0, rows))
     out = logits[:b].repeat(n_blocks + 1, *([1] * (logits.dim() - 1)))
     out[b + run] = logits[b:]
     return out
-
-
-def _take_rows(state: Any, rows: torch.Tensor, n: int) -> Any:
-    """The suffix state (a dataclass of per-row tensors) for the given rows of its ``n``-row batch."""
-    def take(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-            return value.index_select(0, rows.to(value.device))
-        if isinstance(value, tuple):
-            return tuple(take(v) for v in value)
-        if isinstance(value, dict):  # per-kind attention masks of the split forward's adapters
-            return {k: take(v) for k, v in value.items()}
-        return value
-    return dataclasses.replace(state, **{f.name: take(getattr(state, f.name)) for f in dataclasses.fields(state)})
 
 
 @torch.no_grad()
