@@ -39,6 +39,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def json_digest(obj: Any) -> str:
+    """sha256 of an object's canonical JSON (a content identity: key order and layout do not count)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes, streamed (weights files can be large)."""
     h = hashlib.sha256()
@@ -66,8 +71,7 @@ class Fingerprint:
     def __post_init__(self) -> None:
         clean = json.loads(canonical_json(self.inputs))  # paths, tuples -> JSON types, so reads compare equal
         object.__setattr__(self, "inputs", clean)
-        text = canonical_json({"format": FORMAT, "stage": self.stage, "inputs": clean})
-        object.__setattr__(self, "digest", hashlib.sha256(text.encode()).hexdigest())
+        object.__setattr__(self, "digest", json_digest({"format": FORMAT, "stage": self.stage, "inputs": clean}))
 
     @property
     def short(self) -> str:

@@ -16,14 +16,13 @@ refuse a screening made on another checkpoint or another version of the design.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .errors import FisError
-from .fingerprint import checkpoint_identity  # one identity of a checkpoint for the whole toolkit
+from .fingerprint import json_digest
 
 MIN_PER_SIDE = 4
 DEFAULT_FRACTION = 0.5
@@ -86,14 +85,15 @@ def all_items(rows: pd.DataFrame) -> dict[str, Any]:
 
 def design_identity(design: Any) -> str:
     """SHA-256 of the design's validated content (canonical JSON): comments and layout do not change it."""
-    text = json.dumps(design.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json_digest(design.model_dump(mode="json"))
 
 
-def check_same_origin(screening: dict[str, Any], source: Path, checkpoint: Path | str,
+def check_same_origin(screening: dict[str, Any], source: Path, checkpoint: Path | str, checkpoint_id: str,
                       designs: dict[str, Any]) -> str:
     """The name of the battery design the screening was made on; a one-line error if its checkpoint or design
-    is not the battery's. ``designs`` maps design name -> design identity of every battery design.
+    is not the battery's. ``checkpoint_id``: the battery checkpoint's
+    :func:`~fis_interventions.fingerprint.checkpoint_identity`; ``designs`` maps design name -> design identity
+    of every battery design.
 
     Kept small and separate so a general fingerprint rule can replace its body later.
     """
@@ -101,7 +101,7 @@ def check_same_origin(screening: dict[str, Any], source: Path, checkpoint: Path 
     if want_ck is None:
         raise FisError("the screening records no checkpoint identity (made by an older fis screen)",
                        source=source, field="features.from_screening", fix="rerun `fis screen`")
-    if want_ck != checkpoint_identity(checkpoint):
+    if want_ck != checkpoint_id:
         raise FisError(f"the screening was made on another checkpoint ({screening.get('checkpoint')}), not "
                        f"{checkpoint}", source=source, field="features.from_screening",
                        fix="screen this checkpoint, or point the battery at the screened one")

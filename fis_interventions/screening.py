@@ -201,12 +201,12 @@ def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dic
             write_cards(cards, tmp / "cards")
 
 
-def screen_fingerprint(config: dict[str, Any], checkpoint: Path, design: Any) -> Fingerprint:
-    """What decides a screening: its settings (split included), the checkpoint's weights, the design's
-    validated content (comments and layout do not count), the package."""
+def screen_fingerprint(config: dict[str, Any], checkpoint_id: str, design_id: str) -> Fingerprint:
+    """What decides a screening: its settings (split included), the checkpoint's weights
+    (:func:`~fis_interventions.fingerprint.checkpoint_identity`), the design's validated content
+    (:func:`~fis_interventions.holdout.design_identity`: comments and layout do not count), the package."""
     return Fingerprint("screen", {"config": {k: v for k, v in config.items() if k not in ("checkpoint", "design")},
-                                  "checkpoint": checkpoint_identity(checkpoint), "design": design_identity(design),
-                                  "package": package_version()})
+                                  "checkpoint": checkpoint_id, "design": design_id, "package": package_version()})
 
 
 def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
@@ -269,7 +269,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
               "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
               "discover": discover, "split_seed": split_seed, "cards": cards,
               "cards_activations": None if cards_activations is None else str(cards_activations)}
-    fp = screen_fingerprint(config, Path(checkpoint), d)
+    checkpoint_id, design_id = checkpoint_identity(checkpoint), design_identity(d)  # hashed once each
+    fp = screen_fingerprint(config, checkpoint_id, design_id)
     if out is not None:  # refused before any work is done
         check_output(Path(out), fp, overwrite=overwrite)
     if cards:  # check the harvest before the screening runs: nothing is written if the cards cannot be made
@@ -299,9 +300,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
                         "items they were selected on, so its tests can only be exploratory")
     summary = {
-        "checkpoint": str(attached.checkpoint.path), "checkpoint_sha256": checkpoint_identity(checkpoint),
+        "checkpoint": str(attached.checkpoint.path), "checkpoint_sha256": checkpoint_id,
         "model": model_name(bridge), "hook": attached.hook,
-        "design": str(design), "design_name": d.name, "design_sha256": design_identity(d), "factors": levels,
+        "design": str(design), "design_name": d.name, "design_sha256": design_id, "factors": levels,
         "points": chosen, "split": split,
         "screen_model": MODELS["within_item" if item_col else "ols"], "n_items": int(rows["item"].nunique()),
         "features_per_point": {p: int(x.shape[1]) for p, x in acts.items()},

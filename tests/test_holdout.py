@@ -16,7 +16,8 @@ from fis_interventions.activations import ExclusionRule, Normalizer
 from fis_interventions.cli import main
 from fis_interventions.designs import design_from_dict, read_design
 from fis_interventions.errors import FisError
-from fis_interventions.holdout import checkpoint_identity, design_identity, split_items
+from fis_interventions.fingerprint import checkpoint_identity
+from fis_interventions.holdout import design_identity, split_items
 from fis_interventions.interventions import BatteryConfig, battery, read_results
 from fis_interventions.reports import report
 from fis_interventions.reports.analysis import CONFIRMATORY, EXPLORATORY

@@ -329,7 +329,9 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
-    screened = screened_designs(cfg.features, cfg.checkpoint, designs)  # refuse before anything is written
+    checkpoint_id = checkpoint_identity(cfg.checkpoint)  # hashed once: the screenings' check and the fingerprint
+    design_ids = {d.name: design_identity(d) for d in designs}
+    screened = screened_designs(cfg.features, cfg.checkpoint, checkpoint_id, design_ids)  # before anything is written
     if cfg.items == "confirmation" and not screened:
         raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
                        field="items", fix="drop `items`, or select features from_screening")
@@ -357,7 +359,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if any(f.top_linear for f in cfg.features):
         active = _active_latents(attached, all_batches)
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
-    fp = battery_fingerprint(cfg, model_name(bridge), attached, designs)
+    fp = battery_fingerprint(cfg, model_name(bridge), checkpoint_id, list(design_ids.values()))
     claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created now, every input checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
@@ -471,15 +473,14 @@ def _unit_key(fp: Fingerprint, plans: list, targets: list[Target], unit: tuple[i
     return f"{fp.short}|{plans[di][0].name}|{bi}|{t.point}|{t.label}"
 
 
-def battery_fingerprint(cfg: BatteryConfig, model: str, attached: Attached, designs: list[Any]) -> Fingerprint:
+def battery_fingerprint(cfg: BatteryConfig, model: str, checkpoint_id: str, design_ids: list[str]) -> Fingerprint:
     """Everything that decides a battery's numbers: the config (not where it is written or on which device),
     the checkpoint's weights, the designs' and screenings' contents, the model and the package version."""
     config = cfg.model_dump(mode="json", exclude={"out", "device", "max_batch_rows"})
     screenings = sorted({str(f.from_screening) for f in cfg.features if f.from_screening is not None})
     return Fingerprint("battery", {
         "config": config, "model": model, "package": package_version(),
-        "checkpoint": checkpoint_identity(attached.checkpoint.path),
-        "designs": [design_identity(d) for d in designs],
+        "checkpoint": checkpoint_id, "designs": design_ids,
         "screenings": {s: _screening_identity(Path(s)) for s in screenings},
     })
 

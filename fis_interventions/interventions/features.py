@@ -175,18 +175,19 @@ def make_edit(target: Target, cond: Condition) -> Callable[[torch.Tensor], torch
     return fn
 
 
-def screened_designs(specs: list[FeatureSpec], checkpoint: Path, designs: list) -> dict[str, dict]:
+def screened_designs(specs: list[FeatureSpec], checkpoint: Path, checkpoint_id: str, idents: dict[str, str]
+                     ) -> dict[str, dict]:
     """For each battery design some ``from_screening`` feature was selected on: its discovery items (union over
-    screenings) and the screenings. Refuses (one line) a screening of another checkpoint or design."""
-    from ..holdout import check_same_origin, design_identity
+    screenings) and the screenings. Refuses (one line) a screening of another checkpoint or design
+    (``checkpoint_id``, and ``idents``: design name -> identity; see :func:`..holdout.check_same_origin`)."""
+    from ..holdout import check_same_origin
 
-    idents = {d.name: design_identity(d) for d in designs}
     out: dict[str, dict] = {}
     for spec in specs:
         if spec.from_screening is None:
             continue
         summary, file = screening_summary(spec)
-        name = check_same_origin(summary, file, checkpoint, idents)
+        name = check_same_origin(summary, file, checkpoint, checkpoint_id, idents)
         entry = out.setdefault(name, {"discovery": [], "confirmation": None, "screenings": []})
         entry["discovery"] = list(dict.fromkeys(entry["discovery"] + [str(i) for i in summary["split"]["discovery"]]))
         entry["screenings"].append(str(spec.from_screening))
