@@ -14,7 +14,7 @@ from typing import Any
 
 from .activations import ExclusionRule, Normalizer
 from .errors import FisError
-from .models import model_name
+from .models import model_name, weights_device
 from .sae import Checkpoint, load_checkpoint
 from .splice import JointSplice, SplitModel
 
@@ -44,7 +44,7 @@ def checkpoint_preprocessing(normalization: dict[str, Any] | None, source: Path 
 
 def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
     """Load (if needed) and attach a checkpoint; see the module docstring for the checks."""
-    device = next(bridge.original_model.parameters()).device
+    device = weights_device(bridge)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device=device)
     ckpt.model.to(device).eval()
     name = model_name(bridge)

@@ -25,7 +25,7 @@ import torch
 
 from .errors import FisError
 from .model_adapters import FamilyAdapter, family_for
-from .models import HookSpec, hf_model_of, resolve_hook
+from .models import HookSpec, hf_model_of, resolve_hook, weights_device
 
 _BLOCK_OUTPUT = "hook_out"
 FORCE_GENERIC_ENV = "FIS_SPLIT_PATH"  # "generic": take the bridge-hook path even for registered families
@@ -166,7 +166,7 @@ class BridgeHookPath:
 
     @property
     def device(self) -> torch.device:
-        return next(hf_model_of(self.bridge).parameters()).device
+        return weights_device(self.bridge)
 
     def prefix(self, state: PrefixState) -> torch.Tensor:
         name = self.hook.canonical

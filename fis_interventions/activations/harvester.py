@@ -16,7 +16,7 @@ from ..config import StrictModel
 from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
 from ..fingerprint import Fingerprint, claim, package_version
-from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook
+from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook, weights_device
 from ..provenance import provenance
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, NormKind
@@ -105,7 +105,7 @@ def shard_pass(bridge: Any, hook: Any, rule: ExclusionRule, stats: Any, excluded
 
     The exclusion rule is calibrated on the first batch it sees if it is not calibrated yet.
     """
-    device = next(bridge.original_model.parameters()).device
+    device = weights_device(bridge)
     acts_parts, keep_parts, positions = [], [], 0
     for b in range(0, len(shard_tokens), batch_size):
         batch = shard_tokens[b:b + batch_size].to(device)

@@ -167,7 +167,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
     """One card per key, from ONE pass over the harvest (see module docstring). Checks everything first."""
     from ..activations import ActivationStore
     from ..attach import checkpoint_preprocessing
-    from ..models import load_model, model_name, resolve_hook
+    from ..models import load_model, model_name, resolve_hook, weights_device
     from ..sae import Checkpoint, load_checkpoint
 
     if split not in SPLITS:
@@ -199,7 +199,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
                        source=ckpt.path, field="model", fix=f"load {ckpt.model_name!r}")
     if ckpt.hook is not None:
         check_harvest(store, ckpt, resolve_hook(bridge, ckpt.hook).canonical)
-    joint = joint.to(next(bridge.original_model.parameters()).device)  # the pass runs where the model is
+    joint = joint.to(weights_device(bridge))  # the pass runs where the model is
     res = stream_features(joint, normalizer, keys, store.shard_paths(), _split_rule(split, store.heldout_every),
                           top=top, batch_size=batch_size, progress=progress)
     if res.n_tokens == 0:
@@ -267,8 +267,8 @@ def features(checkpoint: Path | str, point: str, ids: Sequence[int] | str, *, ac
              progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
     """Python API of ``fis features``: cards for ``ids`` at ``point``; written into ``out`` when given, under
     the fingerprint rule (:mod:`fis_interventions.fingerprint`: a folder is replaced only if fis wrote it)."""
-    from ..fingerprint import Fingerprint, check_output, checkpoint_identity, folder_identity, package_version
-    from ..fingerprint import replace_folder
+    from ..fingerprint import (Fingerprint, check_output, checkpoint_identity, folder_identity, package_version,
+                               replace_folder)
 
     if point not in CARD_POINTS:
         raise FisError(f"unknown feature point {point!r}", field="point", fix=f"use one of: {', '.join(CARD_POINTS)}")
