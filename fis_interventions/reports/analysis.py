@@ -23,6 +23,7 @@ import pandas as pd
 
 from ..errors import FisError
 from ..stats import add_qvalues, analyze_2x2
+from ..stats.structure import MIN_RANDOM_LEVELS
 from .runfolder import Run
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _items_for_80(res: dict[str, Any], prompts: int, p: float | None) -> int | N
 
     from ..stats.power import items_needed, power_curve, spec_from_stats
 
-    if p is None or p >= NEAR or prompts >= 5:
+    if p is None or p >= NEAR or prompts >= MIN_RANDOM_LEVELS:  # crossed random prompts: no closed form
         return None
     try:
         spec = spec_from_stats(res)

@@ -185,7 +185,7 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
                  "and the primary test: a linear mixed model with maximal uncorrelated by-item random effects "
                  "(intercept and the A, B and A:B slopes the design identifies; Barr et al. 2013), prompts as a "
                  f"fixed factor below {MIN_RANDOM_LEVELS} prompts and as crossed random effects (with their "
-                 "slopes) from 5, fitted by REML with Satterthwaite df (lme4/lmerTest-compatible).")
+                 f"slopes) from {MIN_RANDOM_LEVELS}, fitted by REML with Satterthwaite df (lme4/lmerTest-compatible).")
     lines += random_effects_lines(analysis.tests)
     lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of that mixed model; "
                  "its random-effects structure per test is the column random_structure, every variance and "
@@ -230,9 +230,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     doc = Doc(f"Intervention report: {run.info.name}")
     doc.h(1, "Summary")
     n_null = int(tests["null_check"].sum()) if "null_check" in tests else 0
-    n_explo = int((tests["selection"] == EXPLORATORY).sum() - (tests["null_check"] & (tests["selection"]
-                                                                                    == EXPLORATORY)).sum()
-                  ) if "selection" in tests else 0
+    n_explo = int(((tests["selection"] == EXPLORATORY) & ~tests["null_check"]).sum()) if "selection" in tests else 0
     doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts: {len(tests) - n_null - n_explo} "
           f"confirmatory tests BH-corrected together (q < {ALPHA}), {n_null} no-op null checks of the splice kept "
           "out of the correction"
