@@ -88,6 +88,27 @@ def _t_summary(est: float, se: float, df: float | None, level: float = 0.95) -> 
     return [est, se, float(df), t, p, est - crit * se, est + crit * se]
 
 
+def _fixed_effects(fit: Any, terms: list[str]) -> tuple[Callable[[np.ndarray], tuple[float, float, float | None]],
+                                                        pd.DataFrame]:
+    """The contrast function of a fit (estimate, SE and Satterthwaite df of ``L @ beta``; ``L`` is padded with
+    zeros for fixed columns beyond ``terms``, e.g. prompt dummies) and the table of the ``terms`` coefficients."""
+    p = len(fit.beta)
+
+    def contrast(L: np.ndarray) -> tuple[float, float, float | None]:
+        L = np.concatenate([L, np.zeros(p - len(L))])
+        var = float(L @ fit.cov_beta @ L)
+        return float(L @ fit.beta), float(np.sqrt(max(var, 0.0))), fit.contrast_df(L)
+
+    rows = []
+    for i, term in enumerate(terms):
+        est, se, dfv = contrast(np.eye(len(terms))[i])
+        rows.append(dict(zip(FIXED_COLUMNS, [term, *_t_summary(est, se, dfv)])))
+    fixed = pd.DataFrame(rows, columns=FIXED_COLUMNS)
+    for col in FIXED_COLUMNS[1:]:
+        fixed[col] = pd.to_numeric(fixed[col].astype(object).where(fixed[col].notna(), np.nan))
+    return contrast, fixed
+
+
 def _empty_result(method: str, terms: Sequence[str], notes: list[str], n: int = 0, n_groups: int = 0
                   ) -> LmmResult:
     fixed = pd.DataFrame({"term": list(terms)})
@@ -131,17 +152,7 @@ def lmm_fit(df: pd.DataFrame, formula_fixed: str, group: str, method: str = "REM
                      "for the Satterthwaite df)")
     var = {f.name: float(c[0, 0]) for f, c in zip(factors, fit.random_cov)}
 
-    def contrast(L: np.ndarray) -> tuple[float, float, float | None]:
-        v = float(L @ fit.cov_beta @ L)
-        return float(L @ fit.beta), float(np.sqrt(max(v, 0.0))), fit.contrast_df(L)
-
-    rows = []
-    for i, term in enumerate(terms):
-        est, se, dfv = contrast(np.eye(len(terms))[i])
-        rows.append(dict(zip(FIXED_COLUMNS, [term, *_t_summary(est, se, dfv)])))
-    fixed = pd.DataFrame(rows, columns=FIXED_COLUMNS)
-    for col in FIXED_COLUMNS[1:]:
-        fixed[col] = pd.to_numeric(fixed[col].astype(object).where(fixed[col].notna(), np.nan))
+    contrast, fixed = _fixed_effects(fit, terms)
     other = {} if extra_random is None else {extra_random: var[extra_random]}
     return LmmResult(method=method, converged=True, optimizer=fit.optimizer, fixed=fixed, item_var=var[group],
                      resid_var=fit.sigma2, loglik=fit.loglik, warnings=notes, other_var=other, n=len(data),
@@ -252,20 +263,7 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
     notes += fit.warnings
     if structure.prompts == "fixed":
         notes.append(f"{structure.n_prompts} prompts (< {MIN_RANDOM_LEVELS}): prompt entered as a fixed factor")
-    p = len(fit.beta)
-
-    def contrast(L: np.ndarray) -> tuple[float, float, float | None]:
-        L = np.concatenate([L, np.zeros(p - len(L))])
-        var = float(L @ fit.cov_beta @ L)
-        return float(L @ fit.beta), float(np.sqrt(max(var, 0.0))), fit.contrast_df(L)
-
-    rows = []
-    for i, term in enumerate(terms):
-        est, se, dfv = contrast(np.eye(4)[i])
-        rows.append(dict(zip(FIXED_COLUMNS, [term, *_t_summary(est, se, dfv)])))
-    fixed = pd.DataFrame(rows, columns=FIXED_COLUMNS)
-    for col in FIXED_COLUMNS[1:]:
-        fixed[col] = pd.to_numeric(fixed[col].astype(object).where(fixed[col].notna(), np.nan))
+    contrast, fixed = _fixed_effects(fit, terms)
     factors = _factors(data, structure)
     varcorr = _varcorr(factors, fit, {"1": "(Intercept)", **{k: names[k] for k in SLOTS[1:]}})
     intercepts = {r["group"]: r["vcov"] for r in varcorr if r["term1"] == "(Intercept)" and r["term2"] is None}
