@@ -45,3 +45,4 @@ def text_corpus(tmp_path: Path) -> Path:
     for i, doc in enumerate(docs):
         (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
     return folder
+

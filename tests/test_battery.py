@@ -15,6 +15,7 @@ from fis_interventions.interventions import BatteryConfig, battery, make_edit, m
 from fis_interventions.interventions import store as store_mod
 from fis_interventions.interventions.features import Condition, Target
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
+from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
@@ -22,14 +23,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_bridge) -> Path:
-    torch.manual_seed(0)
-    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
-    joint.attach_secondary(64, 4)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
-    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
-            "exclusion": ExclusionRule.for_tokenizer(tiny_bridge.tokenizer, norm_multiple=None).to_dict()}
-    save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
-    return path
+    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", tiny_bridge.tokenizer, seed=0)
 
 
 def _cfg(ckpt: Path, out: Path, **kw) -> BatteryConfig:

@@ -11,13 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fis_interventions.activations import ExclusionRule, Normalizer
 from fis_interventions.attach import attach
 from fis_interventions.designs import expand, load_design
 from fis_interventions.interventions import BatteryConfig, battery, read_results
 from fis_interventions.interventions.battery import Readouts, chunks, encode_rows
 from fis_interventions.interventions.features import Condition, Target, make_edit, stacked_edit
-from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
+from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
@@ -30,14 +29,7 @@ INTERVENTIONS = [{"kind": "scale", "values": [-4, 0, 1, 4]}, {"kind": "set", "va
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_bridge) -> Path:
-    torch.manual_seed(1)
-    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
-    joint.attach_secondary(64, 4)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
-    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
-            "exclusion": ExclusionRule.for_tokenizer(tiny_bridge.tokenizer, norm_multiple=None).to_dict()}
-    save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
-    return path
+    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", tiny_bridge.tokenizer, seed=1)
 
 
 def _cfg(ckpt: Path, out: Path, **kw) -> BatteryConfig:
