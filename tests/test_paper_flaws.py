@@ -1,4 +1,5 @@
-"""The flaws of the paper's public code (../shared/paper-notes.md) made impossible here: one test per flaw."""
+"""The flaws of the paper's public code (listed in the project's paper notes) made impossible here: one test per
+flaw."""
 
 from __future__ import annotations
 
