@@ -48,18 +48,18 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device=device)
     ckpt.model.to(device).eval()
     name = model_name(bridge)
+    saelens = ckpt.meta.get("format") == "saelens"
     if ckpt.model_name is not None and ckpt.model_name != name:
         raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {name!r}", source=ckpt.path,
                        field="model", fix=f"load model {ckpt.model_name!r} or use a checkpoint trained on {name!r}")
     if ckpt.d_in != int(bridge.cfg.d_model):
-        saelens = ckpt.meta.get("format") == "saelens"
         raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}",
                        source=ckpt.path / "cfg.json" if saelens else ckpt.path, field="d_in" if saelens else "model",
                        fix="use the model the checkpoint was trained on")
     if not ckpt.hook:
         raise FisError("checkpoint does not record its hook point", source=ckpt.path, field="hook",
                        fix="train it with `fis train` on harvested activations")
-    if ckpt.meta.get("format") == "saelens":
+    if saelens:
         # a SAELens SAE saw raw activations and comes with no harvest: our exclusion rule for this tokenizer
         # (special tokens; no massive-activation threshold, since no statistics were gathered)
         rule = ExclusionRule.for_tokenizer(bridge.tokenizer, norm_multiple=None)
