@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast test-gpu-rehearsal bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fis demo
 
-test: $(STAMP)
+# the gpu-marked tests first rehearse on the CPU (tests/accelerator.py: so the GPU script's code is tested
+# everywhere); then the whole suite, where they run on CUDA or skip
+test: test-gpu-rehearsal
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: test-gpu-rehearsal
 	$(PY) -m pytest -q -m "not real_model and not browser" tests
+
+test-gpu-rehearsal: $(STAMP)
+	FIS_TEST_ACCEL=cpu $(PY) -m pytest -q -m gpu -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) bench/harvest.py

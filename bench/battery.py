@@ -2,7 +2,10 @@
 point, logits at every position), on the same stimuli and conditions, results checked equal. Target: >= 2.5x at
 4 interventions per feature with the hook at a middle layer. Also prints peak memory.
 
-    python bench/battery.py [--checkpoint CKPT] [--rows 64] [--features 2] [--kind scale|set]
+    python bench/battery.py [--checkpoint CKPT] [--rows 64] [--features 2] [--kind scale|set] [--random-init]
+With --random-init the model's architecture (its config.json) gets seeded random weights: the same shapes and
+kernels, for a machine that holds the config but not the weights (the GPU node: bench/gpu_check.sh); the
+speed-up is then measured, the scores are not the real model's.
 Without --checkpoint a randomly initialised joint SAE (8x, k 32, NFM 64 with a non-zero output layer, secondary
 256) is used. Our battery skips the suffix for edited rows whose residual is bit-identical to the clean one
 (scale 1, a feature inactive on the stimulus), so with --kind scale the speed depends on how often the features
@@ -49,6 +52,25 @@ def random_checkpoint(bridge, folder: Path) -> Path:
                            normalization=norm)
 
 
+def random_init_folder(model: str, folder: Path) -> Path:
+    """A local HF folder with ``model``'s config and tokenizer and seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fis_interventions.models import resolve_model
+
+    source = resolve_model(model).folder
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer reads the work done, not the work launched."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def naive(bridge, attached, cfg: BatteryConfig, rows, readouts: Readouts, targets) -> dict:
     """One full forward per (batch, feature, condition) with a hook that edits the residual."""
     hook_name = attached.split.hook.canonical
@@ -79,19 +101,21 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--random-init", action="store_true", help="the model's architecture with random weights")
     ap.add_argument("--kind", default="scale", choices=["scale", "set"],
                     help="scale: the paper's clamps (rows an edit leaves unchanged are skipped); set: every row "
                          "changes, so every edited row runs (the worst case)")
     args = ap.parse_args()
 
-    bridge = load_model(args.model)
     tmp = Path(tempfile.mkdtemp())
+    model = str(random_init_folder(args.model, tmp / "model")) if args.random_init else args.model
+    bridge = load_model(model)
     ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(bridge, tmp)
     design = load_design(DESIGN)
     rows = expand(design).iloc[:args.rows].reset_index(drop=True)
     n_items = rows["item"].nunique()
     cfg = BatteryConfig.model_validate({
-        "name": "bench", "model": args.model, "checkpoint": str(ckpt), "designs": [str(DESIGN)],
+        "name": "bench", "model": model, "checkpoint": str(ckpt), "designs": [str(DESIGN)],
         "features": [{"point": "secondary.hook_latents", "index": i} for i in range(args.features)],
         "interventions": [{"kind": args.kind, "values": [-4.0, 0.0, 1.0, 4.0]}], "batch_size": args.batch_size,
         "out": str(tmp / "run"), "max_items": n_items})
@@ -117,12 +141,15 @@ def main() -> None:
         run_cfg = cfg.model_copy(update={"out": tmp / f"run{rep}"})
         suffix_rows.clear()
         SplitModel.suffix = counting_suffix
+        sync()
         t = time.perf_counter()
         battery(run_cfg, bridge=bridge, progress=False)
+        sync()
         t_ours = min(t_ours, time.perf_counter() - t)
         SplitModel.suffix = real_suffix
         t = time.perf_counter()
         ref = naive(bridge, attached, cfg, sub, readouts, targets)
+        sync()
         t_naive = min(t_naive, time.perf_counter() - t)
     rss_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ours = read_results(tmp / "run0" / "results.sqlite")
@@ -132,8 +159,9 @@ def main() -> None:
     diff = max(abs(r.score_edited - float(ref[(r.item, r.cell, r.prompt_id, r.feature, r.value)][word_pos[r.readout]]))
                for r in words.itertuples())
     n_cond = n_rows * len(targets) * 4
-    print(f"model {args.model}, hook {attached.hook}, {n_rows} stimulus x prompt rows, {len(targets)} features x 4 "
-          f"conditions, batch {args.batch_size}, threads {torch.get_num_threads()}, device {attached.split.device}")
+    weights = " (random init)" if args.random_init else ""
+    print(f"model {args.model}{weights}, hook {attached.hook}, {n_rows} stimulus x prompt rows, {len(targets)} "
+          f"features x 4 conditions, batch {args.batch_size}, threads {torch.get_num_threads()}, device {attached.split.device}")
     print(f"ours  : {n_cond / t_ours:8.1f} conditions x stimuli / s  ({t_ours:.1f} s, includes SQLite writes)")
     print(f"naive : {n_cond / t_naive:8.1f} conditions x stimuli / s  ({t_naive:.1f} s)")
     print(f"speed-up ours/naive: {t_naive / t_ours:.2f}x  (target >= 2.5x); max |score difference| {diff:.2e}")

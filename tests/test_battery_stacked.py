@@ -16,6 +16,7 @@ from fis_interventions.designs import expand, load_design
 from fis_interventions.interventions import BatteryConfig, battery, read_results
 from fis_interventions.interventions.battery import Readouts, chunks, encode_rows
 from fis_interventions.interventions.features import Condition, Target, make_edit, stacked_edit
+import accelerator
 from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,18 +107,13 @@ def test_stacked_deltas_of_identity_copies_are_exactly_zero(tiny_bridge, ckpt):
     assert (deltas[:2] == 0).all() and deltas[2].abs().max() > 0
 
 
-def _cuda_cases():
-    return [pytest.param(dtype, marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")]) for dtype in ("float32", "bfloat16")]
-
-
-@pytest.mark.parametrize("dtype", _cuda_cases())
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=accelerator.gpu) for dtype in ("float32", "bfloat16")])
 def test_battery_on_cuda_matches_cpu_and_scale_one_is_exact(ckpt, tmp_path, dtype):
     from fis_interventions.models import load_model
 
     cpu = _run(load_model("tiny-random", device="cpu", dtype=dtype), _cfg(ckpt, tmp_path / "cpu", dtype=dtype))
-    gpu_bridge = load_model("tiny-random", device="cuda", dtype=dtype)
-    gpu = _run(gpu_bridge, _cfg(ckpt, tmp_path / "gpu", device="cuda", dtype=dtype))
+    gpu_bridge = load_model("tiny-random", device=accelerator.ACCEL, dtype=dtype)
+    gpu = _run(gpu_bridge, _cfg(ckpt, tmp_path / "gpu", device=accelerator.ACCEL, dtype=dtype))
     assert len(cpu) == len(gpu)
     tol = 1e-3 if dtype == "float32" else 5e-2  # bf16 weights: CPU and CUDA kernels round differently
     assert (cpu["shift"] - gpu["shift"]).abs().max() < tol

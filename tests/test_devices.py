@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import accelerator
 from fis_interventions import models
 from fis_interventions.errors import FisError
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, TrainConfig, load_checkpoint, train
@@ -24,7 +25,6 @@ from fis_interventions.sae.synthetic import SyntheticActivations
 TINY = dict(d_sae=24, k=4, emb_dim=6, hidden=8, lr=3e-3, warmup_steps=3, batch_size=32, eval_every=7,
             checkpoint_every=5, heldout_fraction=0.05, model="toy-model", hook="blocks.0.hook_resid_post",
             corpus="toy")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _devices(module: torch.nn.Module) -> set[torch.device]:
@@ -164,20 +164,20 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16():
 
 
 @pytest.mark.gpu
-@cuda
+@accelerator.needs_accel
 def test_load_model_cuda_puts_every_weight_on_cuda():
-    bridge = models.load_model("tiny-random", device="cuda")
-    assert {p.device.type for p in bridge.original_model.parameters()} == {"cuda"}
+    bridge = models.load_model("tiny-random", device=accelerator.ACCEL)
+    assert {p.device.type for p in bridge.original_model.parameters()} == {accelerator.ACCEL}
     assert bridge.cfg.device == str(models.weights_device(bridge))
     assert isinstance(models.greedy_continuation(bridge, "The capital of France is", 3), str)
-    info = models.model_info("tiny-random", device="cuda")
-    assert info["device"].startswith("cuda")
+    info = models.model_info("tiny-random", device=accelerator.ACCEL)
+    assert info["device"].startswith(accelerator.ACCEL)
 
 
 @pytest.mark.gpu
-@cuda
+@accelerator.needs_accel
 def test_bf16_resume_on_cuda(tmp_path):
-    cfg = TrainConfig(**TINY, mode="joint", tokens=32 * 24, dtype="bfloat16", device="cuda")
+    cfg = TrainConfig(**TINY, mode="joint", tokens=32 * 24, dtype="bfloat16", device=accelerator.ACCEL)
     src = SyntheticActivations(d_in=8, n_features=16, batch_size=32, seed=5)
     full = train(cfg, src.seekable(), tmp_path / "a", progress=False, normalization={"kind": "none"})
     n_held = math.ceil(cfg.heldout_fraction * cfg.steps())

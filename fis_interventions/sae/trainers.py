@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import distributed
 from .config import TrainConfig
+from .host_shortcuts import host_shortcuts
 from .metrics import DeadLatentTracker, fvu, l0
 from .model import AUXK_COEF, JointSAE, TopKSAE
 
@@ -150,7 +151,7 @@ class Trainer:
         would be a host sync, so the (identical) scaling always runs there."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
-        if norm.device.type != "cpu" or float(norm) + 1e-6 > max_norm:
+        if not host_shortcuts(norm) or float(norm) + 1e-6 > max_norm:
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
         return norm.detach()
 
