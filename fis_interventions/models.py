@@ -30,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from .errors import FisError  # noqa: E402
+from .fingerprint import file_digest  # noqa: E402
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -116,10 +117,24 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _gguf_cache_folder(gguf: Path) -> Path:
+def _gguf_digest(gguf: Path) -> str:
+    """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) so a process pays it once per file."""
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}-fp32"
+    seen = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = cache_dir() / "models" / ".digests" / hashlib.sha1(seen.encode()).hexdigest()
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = file_digest(gguf)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    """Keyed by the file's content: every install of the same wheel (each venv, each clone) shares one folder."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:12]}-fp32"
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -134,6 +149,9 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to an fp32 folder in %s (once, ~40 s)", gguf.name, target)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = model.config.to_dict()

@@ -77,3 +77,24 @@ def test_a_tokenizer_only_default_folder_serves_tiny_random(tiny_bridge, tmp_pat
     (copy / "tokenizer.json").unlink()
     with pytest.raises(FisError, match="lacks tokenizer.json"):
         models.load_tokenizer(models.TINY_MODEL)
+
+
+def test_the_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """Every install of the same wheel (each venv, each clone) shares one converted folder; another file gets
+    another folder."""
+    import shutil
+
+    from fis_interventions import models
+
+    monkeypatch.setenv("FIS_CACHE", str(tmp_path / "cache"))
+    original = models.smollm2_gguf_path()
+    copy = tmp_path / "elsewhere" / original.name
+    copy.parent.mkdir()
+    shutil.copy(original, copy)
+    assert models._gguf_cache_folder(copy) == models._gguf_cache_folder(original)
+    with open(copy, "r+b") as fh:  # one byte changed, same size, same name
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert models._gguf_cache_folder(copy) != models._gguf_cache_folder(original)
