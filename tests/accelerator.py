@@ -39,7 +39,8 @@ def on_accelerator() -> Iterator[None]:
 
 # what makes the host wait for a GPU: values read on the host, copies to the host, data-dependent output sizes
 # (torch's own sync check flags the same calls). Copies from the host to the device cannot be told from no-op
-# ``.to`` calls when the "device" is the CPU itself, so the proxy leaves them out: its count is a lower bound.
+# ``.to`` calls when the "device" is the CPU itself, so the proxy leaves them out; it also counts ``.numpy()`` of
+# a tensor already copied to the host: an approximation of CUDA's count.
 _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
 _DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 
