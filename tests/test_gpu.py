@@ -32,7 +32,6 @@ TRAIN_STEP_SYNCS = 1 if REHEARSAL else 4
 BATTERY_BATCH_SYNCS = 5 if REHEARSAL else 16
 
 
-
 @pytest.fixture(scope="module")
 def cpu_bridge():
     from fis_interventions.models import load_model
