@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from accelerator import ACCEL, REHEARSAL, count_syncs, gpu, on_accelerator
+from tiny_checkpoints import save_tiny_joint_checkpoint
 
 pytestmark = gpu
 
@@ -48,16 +49,8 @@ def gpu_bridge():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, cpu_bridge) -> Path:
-    from fis_interventions.activations import ExclusionRule, Normalizer
-    from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
-
-    torch.manual_seed(0)
-    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
-    joint.attach_secondary(64, 4)
-    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
-            "exclusion": ExclusionRule.for_tokenizer(cpu_bridge.tokenizer, norm_multiple=None).to_dict()}
-    path = tmp_path_factory.mktemp("gpu") / "checkpoint"
-    return save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
+    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("gpu") / "checkpoint", cpu_bridge.tokenizer, seed=0,
+                                      hook=HOOK)
 
 
 def _cfg(dtype: str, device: str):

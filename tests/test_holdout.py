@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from fis_interventions.activations import ExclusionRule, Normalizer
 from fis_interventions.cli import main
 from fis_interventions.designs import design_from_dict, read_design
 from fis_interventions.errors import FisError
@@ -21,8 +19,8 @@ from fis_interventions.holdout import design_identity, split_items
 from fis_interventions.interventions import BatteryConfig, battery, read_results
 from fis_interventions.reports import report
 from fis_interventions.reports.analysis import CONFIRMATORY, EXPLORATORY
-from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
 from fis_interventions.screening import screen, stimulus_rows
+from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "stimuli" / "negation_sentiment.yaml"
@@ -83,19 +81,10 @@ def test_identities_follow_content(tmp_path):
 # --- end to end on the tiny model --------------------------------------------------------------------------
 
 
-def _checkpoint(path: Path, tokenizer, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    joint = JointSAE(JointArch(sae=SAEArch(d_in=64, d_sae=128, k=8), nfm=NFMArch(emb_dim=16, hidden=32)))
-    joint.attach_secondary(64, 4)
-    norm = {**Normalizer("expected_norm", scale=0.5).to_dict(),
-            "exclusion": ExclusionRule.for_tokenizer(tokenizer, norm_multiple=None).to_dict()}
-    return save_checkpoint(path, joint, model_name="tiny-random", hook=HOOK, normalization=norm)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bridge):
     root = tmp_path_factory.mktemp("holdout")
-    ckpt = _checkpoint(root / "ckpt", tiny_bridge.tokenizer)
+    ckpt = save_tiny_joint_checkpoint(root / "ckpt", tiny_bridge.tokenizer, seed=0, hook=HOOK)
     res = screen(ckpt, DESIGN, bridge=tiny_bridge, out=root / "screen", points=["sae.hook_latents"],
                  progress=False)
     return {"root": root, "ckpt": ckpt, "screen": root / "screen", "result": res}
@@ -163,7 +152,7 @@ def test_items_all_is_labelled_exploratory_and_left_out_of_the_family(setup, tin
 
 
 def test_battery_refuses_other_checkpoint_design_or_no_holdout(setup, tiny_bridge, tmp_path):
-    other = _checkpoint(tmp_path / "other", tiny_bridge.tokenizer, seed=1)
+    other = save_tiny_joint_checkpoint(tmp_path / "other", tiny_bridge.tokenizer, seed=1, hook=HOOK)
     with pytest.raises(FisError, match="another checkpoint"):
         battery(_cfg(setup, tmp_path / "o", checkpoint=other), bridge=tiny_bridge, progress=False)
     copy = tmp_path / "copy"
@@ -253,7 +242,7 @@ def test_cli_battery_refusal_is_one_line_exit_2(setup, tiny_bridge, tmp_path, ca
     """Refused before any model is loaded or anything written."""
     import yaml
 
-    other = _checkpoint(tmp_path / "other", tiny_bridge.tokenizer, seed=2)
+    other = save_tiny_joint_checkpoint(tmp_path / "other", tiny_bridge.tokenizer, seed=2, hook=HOOK)
     cfg = _cfg(setup, tmp_path / "out", checkpoint=other).model_dump(mode="json")
     path = tmp_path / "battery.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
