@@ -14,6 +14,7 @@ from fis_interventions.errors import FisError
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, SparseLatents, save_checkpoint
 from fis_interventions.sae.metrics import ce_loss, kl_per_token
 from fis_interventions.splice import JointSplice, SplitModel
+from tiny_activations import harvest_sentences
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -31,12 +32,9 @@ class _Identity(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def acts(tmp_path_factory, tiny_bridge) -> Path:
-    root = tmp_path_factory.mktemp("flaws")
-    corpus = root / "c.txt"
-    corpus.write_text(" ".join(f"The {i}th example sentence mentions rivers, maps and music." for i in range(200)))
-    harvest(bridge=tiny_bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=root / "acts",
-            tokens=2000, context_length=32, progress=False, normalization="zscore")
-    return root / "acts"
+    return harvest_sentences(tmp_path_factory.mktemp("flaws"), tiny_bridge, "The {i}th example sentence mentions "
+                             "rivers, maps and music.", 200, hook=HOOK, tokens=2000, context_length=32,
+                             normalization="zscore")
 
 
 def _kl(split, resid, state, edited) -> float:

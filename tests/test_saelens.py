@@ -15,13 +15,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from fis_interventions.activations import harvest
 from fis_interventions.attach import attach
 from fis_interventions.cli import main
 from fis_interventions.errors import FisError
 from fis_interventions.sae import JointArch, JointSAE, SAEArch, load_checkpoint, save_checkpoint
 from fis_interventions.sae.model import SparseLatents
 from fis_interventions.tiny_models import family_bridge
+from tiny_activations import harvest_sentences
 
 DATA = Path(__file__).parent / "data" / "saelens"
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,8 @@ def gpt2(tokenizer):
 
 @pytest.fixture(scope="module")
 def acts(tmp_path_factory, gpt2) -> Path:
-    root = tmp_path_factory.mktemp("sl")
-    corpus = root / "c.txt"
-    corpus.write_text(" ".join(f"Sentence {i} talks about cats, dogs and the weather today." for i in range(200)))
-    out = root / "acts"
-    harvest(bridge=gpt2, model="tiny-gpt2", hook=HOOK, corpus=[str(corpus)], out=out, tokens=2500,
-            context_length=32, progress=False)
-    return out
+    return harvest_sentences(tmp_path_factory.mktemp("sl"), gpt2, "Sentence {i} talks about cats, dogs and the "
+                             "weather today.", 200, model="tiny-gpt2", hook=HOOK, tokens=2500, context_length=32)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

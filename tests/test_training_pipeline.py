@@ -15,19 +15,15 @@ from fis_interventions.errors import FisError
 from fis_interventions.evaluation import comparison_table, evaluate, format_table
 from fis_interventions.sae import load_checkpoint
 from fis_interventions.training import train
+from tiny_activations import harvest_sentences
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_bridge) -> Path:
-    root = tmp_path_factory.mktemp("pipe")
-    corpus = root / "c.txt"
-    corpus.write_text(" ".join(f"Sentence number {i} talks about cats, dogs and the weather today." for i in range(400)))
-    out = root / "acts"
-    harvest(bridge=tiny_bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=out, tokens=6000,
-            context_length=32, progress=False)
-    return out
+    return harvest_sentences(tmp_path_factory.mktemp("pipe"), tiny_bridge, "Sentence number {i} talks about cats, "
+                             "dogs and the weather today.", 400, hook=HOOK, tokens=6000, context_length=32)
 
 
 def _cfg(shards: Path, mode: str, **kw) -> dict:

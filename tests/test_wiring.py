@@ -11,23 +11,20 @@ import pytest
 import torch
 from scipy import stats
 
-from fis_interventions.activations import ActivationStore, ExclusionRule, Normalizer, harvest
+from fis_interventions.activations import ActivationStore, ExclusionRule, Normalizer
 from fis_interventions.attach import attach
 from fis_interventions.evaluation import spliced_metrics
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
 from fis_interventions.sae.organisation import organisation_tests
+from tiny_activations import harvest_sentences
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
 def acts(tmp_path_factory, tiny_bridge) -> Path:
-    root = tmp_path_factory.mktemp("wiring")
-    corpus = root / "c.txt"
-    corpus.write_text(" ".join(f"Line {i}: the river runs past the mill and the old stone bridge." for i in range(200)))
-    harvest(bridge=tiny_bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=root / "acts",
-            tokens=1500, context_length=24, progress=False)
-    return root / "acts"
+    return harvest_sentences(tmp_path_factory.mktemp("wiring"), tiny_bridge, "Line {i}: the river runs past the mill "
+                             "and the old stone bridge.", 200, hook=HOOK, tokens=1500, context_length=24)
 
 
 def _checkpoint(path: Path, normalizer: Normalizer, rule: ExclusionRule, nfm: bool = True) -> Path:
