@@ -274,6 +274,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     bridge.eval()
     _check_placement(bridge, dev, torch_dtype)
     bridge.fis_model_name = source.name  # type: ignore[attr-defined]
+    bridge.fis_model_folder = source.folder  # type: ignore[attr-defined]  # None for tiny-random
     return bridge
 
 
@@ -343,7 +344,7 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
         "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
         "n_params": n_params, "device": str(weights_device(bridge)),
-        "folder": None if model_name(bridge) == TINY_MODEL else str(resolve_model(name_or_path).folder),
+        "folder": None if bridge.fis_model_folder is None else str(bridge.fis_model_folder),
         "dtype": str(next(bridge.original_model.parameters()).dtype).removeprefix("torch."),
         "default_hook": default_hook(bridge),
         "split_path": _split_path_line(bridge.original_model),

@@ -54,7 +54,7 @@ def test_load_model_moves_weights_to_the_requested_device(meta_bridge):
 def test_model_info_reports_where_the_weights_are(monkeypatch):
     monkeypatch.setattr(models, "resolve_device", lambda device="auto": torch.device("meta"))
     info = models.model_info("tiny-random", device="cuda")  # asked for cuda, the weights went to "meta"
-    assert info["device"] == "meta" and info["dtype"] == "float32"
+    assert info["device"] == "meta" and info["dtype"] == "float32" and info["folder"] is None  # tiny-random
 
 
 def test_split_forward_and_joint_sae_stay_on_the_input_device(meta_bridge):
