@@ -128,7 +128,10 @@ def _short(value: Any, width: int = 40) -> str:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    """Empty, or holding only another process's claim in flight (the temporary file ``write_json`` writes
+    before it renames it to the fingerprint): ranks of a ``torchrun`` harvest claim one folder at once."""
+    in_flight = f".{FINGERPRINT_FILE}."
+    return path.is_dir() and all(p.name.startswith(in_flight) and p.name.endswith(".tmp") for p in path.iterdir())
 
 
 def foreign_entries(out: Path, owned: Sequence[str]) -> list[str]:

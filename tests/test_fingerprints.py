@@ -52,6 +52,15 @@ def test_claim_and_replace_rules(tmp_path):
     assert claim(out, other, owned=("data.bin",), overwrite=True) == "new" and not (out / "data.bin").exists()
     with pytest.raises(FisError, match="holds a s output, not a t"):
         claim(out, Fingerprint("t", {}), owned=(), overwrite=True)
+    # another process's claim in flight (its fingerprint not renamed into place yet) is a new folder, not a foreign one
+    racing = tmp_path / "r"
+    racing.mkdir()
+    (racing / f".{FINGERPRINT_FILE}.x1y2.tmp").write_text("")
+    assert claim(racing, fp, owned=()) == "new" and (racing / FINGERPRINT_FILE).is_file()
+    (racing / FINGERPRINT_FILE).unlink()
+    (racing / ".other.tmp").write_text("")
+    with pytest.raises(FisError, match="did not write"):
+        claim(racing, fp, owned=())
     (tmp_path / "file").write_text("x")
     with pytest.raises(FisError, match="is a file"):
         claim(tmp_path / "file", fp, owned=())
