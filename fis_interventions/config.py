@@ -6,6 +6,7 @@ and :func:`validate`, so all of them report mistakes the same way.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,15 +25,34 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def read_text_utf8(path: Path) -> str:
-    """Read a user file as UTF-8, with a clear error for a missing file or another encoding."""
+def read_text_utf8(path: Path, *, limit: int | None = None) -> str:
+    """Read a user file as UTF-8, with a clear error for a missing file, a folder, a special file (a device
+    such as /dev/zero would be read forever, a FIFO would block), more than ``limit`` bytes or another
+    encoding."""
     path = Path(path)
-    if not path.exists():
-        raise FisError("file not found", source=path, fix="check the path")
-    if path.is_dir():
-        raise FisError("is a folder, expected a file", source=path)
     try:
-        return path.read_bytes().decode("utf-8")
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FisError("file not found", source=path, fix="check the path") from None
+    except OSError as err:
+        raise FisError(f"cannot read it ({err.strerror})", source=path, fix="check the path and its permissions") \
+            from None
+    if stat.S_ISDIR(mode):
+        raise FisError("is a folder, expected a file", source=path)
+    if not stat.S_ISREG(mode):
+        raise FisError("is not a regular file (a device, FIFO or socket): refused without reading it", source=path,
+                       fix="save the content to an ordinary file and pass that")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit + 1)
+    except OSError as err:
+        raise FisError(f"cannot read it ({err.strerror})", source=path, fix="check the path and its permissions") \
+            from None
+    if limit is not None and len(data) > limit:
+        raise FisError(f"file is over the {limit / 2**20:.0f} MiB limit for YAML", source=path,
+                       fix="split it into smaller files, or raise FIS_MAX_YAML_MB")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise FisError(f"not valid UTF-8 (byte {err.start})", source=path,
                        fix="save the file as UTF-8") from None

@@ -32,12 +32,22 @@ from .errors import FisError
 MAX_DEPTH = 64
 MIN_VALUE_BUDGET = 1_000_000  # values after alias expansion: at least this many ...
 ALIAS_EXPANSION = 4  # ... or this many times the values written, whichever is larger
+MAX_VALUES_WRITTEN = 1_000_000  # values in the text itself (estimated before composing)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def max_bytes() -> int:
-    """Largest YAML file read (``FIS_MAX_YAML_MB``, default 16 MiB: a 20,000-item design is ~2.3 MB)."""
-    return int(float(os.environ.get("FIS_MAX_YAML_MB", "16")) * 2**20)
+    """Largest YAML file read, and most text its aliases may expand to (``FIS_MAX_YAML_MB``, default 16 MiB:
+    a 20,000-item design is ~2.3 MB)."""
+    raw = os.environ.get("FIS_MAX_YAML_MB", "16")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value <= 4096):
+        raise FisError(f"FIS_MAX_YAML_MB={raw!r} is not a size in MiB between 0 and 4096",
+                       fix="set it to a number such as 16, or unset it")
+    return int(value * 2**20)
 
 
 def _line(mark: Any) -> str:
@@ -52,8 +62,9 @@ def _invalid(err: yaml.YAMLError, source: str) -> FisError:
     return FisError(f"{where}invalid YAML: {problem}", source=source, fix="check indentation and quoting")
 
 
-def _too_deep(where: str, source: str) -> FisError:
-    return FisError(f"{where}nesting deeper than {MAX_DEPTH} levels", source=source,
+def _too_deep(where: str, source: str, *, through_alias: bool = False) -> FisError:
+    how = " (counting the levels that aliases bring in)" if through_alias else ""
+    return FisError(f"{where}nesting deeper than {MAX_DEPTH} levels{how}", source=source,
                     fix="flatten the file (configs and designs need a few levels)")
 
 
@@ -85,6 +96,9 @@ def check_tree(root: yaml.Node, source: str) -> None:
     from .config import format_loc
 
     sizes: dict[int, int] = {}  # id -> values below and including the node, aliases expanded
+    heights: dict[int, int] = {}  # id -> levels below and including the node, aliases expanded
+    text_bytes: dict[int, int] = {}  # id -> bytes of scalar text below and including the node, aliases expanded
+    byte_budget = max_bytes()
     written = 0
     stack: list[tuple[yaml.Node, list[tuple[yaml.Node, tuple[Any, ...]]]]] = []  # open nodes, children to visit
     open_ids: set[int] = set()
@@ -96,7 +110,9 @@ def check_tree(root: yaml.Node, source: str) -> None:
             raise FisError(f"{_line(node.start_mark)}an alias refers to a value that contains it (a recursive "
                            "alias)", source=source, field=format_loc(loc) if loc else None,
                            fix="remove the self-reference")
-        if id(node) in sizes:  # an alias of a finished value: counted again, not walked again
+        if id(node) in sizes:  # an alias of a finished value: counted again, not walked again ...
+            if len(stack) + heights[id(node)] > MAX_DEPTH:  # ... but its depth counts where it is used
+                raise _too_deep(_line(node.start_mark), source, through_alias=True)
             return
         if len(stack) >= MAX_DEPTH:
             raise _too_deep(_line(node.start_mark), source)
@@ -104,7 +120,8 @@ def check_tree(root: yaml.Node, source: str) -> None:
             _check_keys(node, source, loc)
         kids = _children(node, loc)
         if not kids:
-            sizes[id(node)] = 1
+            sizes[id(node)] = heights[id(node)] = 1
+            text_bytes[id(node)] = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
             return
         stack.append((node, kids[::-1]))
         open_ids.add(id(node))
@@ -117,20 +134,25 @@ def check_tree(root: yaml.Node, source: str) -> None:
             child, loc = pending.pop()
             if type(child) is scalar and id(child) not in sizes:  # the common case, inlined
                 written += 1
-                sizes[id(child)] = 1
+                sizes[id(child)] = heights[id(child)] = 1
+                text_bytes[id(child)] = len(child.value)
             else:
                 enter(child, loc)
             continue
         stack.pop()
         open_ids.discard(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(sizes[id(child)] for child in node.value)
-        else:
-            total = 1 + sum(sizes[id(key)] + sizes[id(value)] for key, value in node.value)
+        kids = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        total = 1 + sum(sizes[id(child)] for child in kids)
+        heights[id(node)] = 1 + max(heights[id(child)] for child in kids)
+        n_bytes = text_bytes[id(node)] = sum(text_bytes[id(child)] for child in kids)
         budget = max(MIN_VALUE_BUDGET, ALIAS_EXPANSION * written)
         if total > budget:
             raise FisError(f"{_line(node.start_mark)}aliases expand the document to more than {budget:,} values "
                            "(an alias bomb?)", source=source, fix="write the values out, or use fewer aliases")
+        if n_bytes > byte_budget:
+            raise FisError(f"{_line(node.start_mark)}aliases expand the document to more than "
+                           f"{byte_budget / 2**20:.0f} MiB of text (an alias bomb?)", source=source,
+                           fix="write the values out, use fewer aliases, or raise FIS_MAX_YAML_MB")
         sizes[id(node)] = total
 
 
@@ -193,8 +215,19 @@ class _EventComposer:
         self._add(node)
 
 
+def _check_values_written(text: str, source: str) -> None:
+    """Composing costs ~6 us per value (a 16 MiB flat list took 73 s and 2.2 GB): bound the values before it,
+    by an upper estimate that costs milliseconds (every value is followed by a comma or a line break)."""
+    estimate = text.count(",") + text.count("\n")
+    if estimate > MAX_VALUES_WRITTEN:
+        raise FisError(f"the file holds about {estimate:,} values (commas and lines), over the "
+                       f"{MAX_VALUES_WRITTEN:,} limit for YAML", source=source,
+                       fix="split it into smaller files (a 20,000-item design holds about 140,000)")
+
+
 def compose(text: str, source: str) -> yaml.Node | None:
     """The node tree of one YAML document (see the module docstring, step 2)."""
+    _check_values_written(text, source)
     try:
         if yaml.__with_libyaml__:
             return yaml.compose(text, Loader=yaml.CSafeLoader)
@@ -234,7 +267,9 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
 
 
 def read_yaml_file(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Size-checked read + :func:`parse_yaml`; a missing, foreign-encoded or oversized file is one line."""
+    """Size-checked read + :func:`parse_yaml`; a missing, special, foreign-encoded or oversized file is one
+    line. The size is checked before reading and the read itself stops one byte past the limit (a file that
+    grows meanwhile)."""
     from .config import read_text_utf8
 
     path = Path(path)
@@ -242,4 +277,4 @@ def read_yaml_file(path: Path) -> tuple[Any, yaml.Node | None]:
     if path.is_file() and path.stat().st_size > limit:
         raise FisError(f"file is {path.stat().st_size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit for "
                        "YAML", source=path, fix="split it into smaller files, or raise FIS_MAX_YAML_MB")
-    return parse_yaml(read_text_utf8(path), str(path))
+    return parse_yaml(read_text_utf8(path, limit=limit), str(path))

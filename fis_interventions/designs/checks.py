@@ -39,19 +39,29 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 
 
 def check_yaml_booleans(node: yaml.Node | None, source: str, loc: tuple[Any, ...] = ()) -> None:
-    """YAML 1.1 reads bare on/off/yes/no as booleans: 'link: on' would not be the word "on". Make it an error."""
-    if isinstance(node, yaml.ScalarNode):
-        if node.tag == _BOOL_TAG and node.value.lower() not in ("true", "false"):
-            raise FisError(f"line {node.start_mark.line + 1}: YAML reads the bare word '{node.value}' as a "
-                           "boolean, not as text", source=source, field=format_loc(loc) if loc else node.value,
-                           fix=f"quote it: \"{node.value}\" (or write true/false for a switch)")
-    elif isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            check_yaml_booleans(key, source, loc)
-            check_yaml_booleans(value, source, (*loc, getattr(key, "value", "?")))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            check_yaml_booleans(value, source, (*loc, i))
+    """YAML 1.1 reads bare on/off/yes/no as booleans: 'link: on' would not be the word "on". Make it an error.
+
+    Iterative, and each node is checked once however many aliases reach it (the tree was bounded by
+    :func:`..safe_yaml.check_tree`, but walking every alias expansion would still multiply the work)."""
+    seen: set[int] = set()
+    todo: list[tuple[yaml.Node | None, tuple[Any, ...]]] = [(node, loc)]
+    while todo:
+        node, loc = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _BOOL_TAG and node.value.lower() not in ("true", "false"):
+                raise FisError(f"line {node.start_mark.line + 1}: YAML reads the bare word '{node.value}' as a "
+                               "boolean, not as text", source=source,
+                               field=format_loc(loc) if loc else node.value,
+                               fix=f"quote it: \"{node.value}\" (or write true/false for a switch)")
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                todo.append((value, (*loc, getattr(key, "value", "?"))))
+                todo.append((key, loc))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((value, (*loc, i)) for i, value in reversed(list(enumerate(node.value))))
 
 
 def check_design(design: Design) -> None:
