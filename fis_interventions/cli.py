@@ -11,10 +11,14 @@ import sys
 import warnings
 from pathlib import Path
 
-import click
 import typer
 
 from .errors import FisError, FisWarning
+
+try:  # typer >= 0.2x vendors its own click (`typer._click`); its exceptions are not `click`'s
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer runs on the installed click
+    import click  # type: ignore[no-redef]
 
 app = typer.Typer(help="fis-interventions: joint SAEs, factorial designs, interventions and statistics.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -80,19 +84,36 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
 
 
+# typer's own Exit/Abort (vendored click) and click's (older typer: the same classes)
+_EXITS = tuple({typer.Exit, getattr(click.exceptions, "Exit", typer.Exit)})
+_ABORTS = tuple({typer.Abort, getattr(click.exceptions, "Abort", typer.Abort)})
+
+
+def usage_error_line(err: Exception) -> str:
+    """One line for a usage error (unknown option, missing argument, bad value), naming the command whose
+    ``--help`` lists the right flags: 'error: No such option: --bogus (see fis stats --help)'."""
+    message = " ".join(err.format_message().split()) if hasattr(err, "format_message") else str(err)
+    ctx = getattr(err, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None and ctx.command_path else ""
+    return f"error: {message}{where}"
+
+
 def _run(argv: list[str] | None) -> int:
     try:
         app(args=argv, standalone_mode=False, prog_name="fis")
     except FisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as err:
+    except _EXITS as err:
         return err.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as err:
+    except click.exceptions.NoArgsIsHelpError as err:  # `fis`, `fis model`: the help is the answer
         err.show()
+        return 2
+    except click.ClickException as err:
+        print(usage_error_line(err), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
