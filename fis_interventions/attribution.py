@@ -1,0 +1,296 @@
+"""Attribution of the battery's readout contrast to every feature: what clamping it would do, estimated.
+
+Why this exists: the activation screen ranks what a feature *responds to*; the question is what it *does to
+the output*. Clamping every feature (4608 + 64 + 256 on the demo) through the battery costs one suffix pass
+per feature and condition; attribution patching (Nanda 2023; Syed et al. 2023; Marks et al. 2024) estimates
+all of them from one forward and one backward pass per stimulus batch.
+
+What is estimated: the battery's edit of feature ``j`` at point ``p`` to the value ``c`` (at every kept
+position, ``where: all``) changes the readout contrast ``C`` (exactly the battery's: same prompts, readout
+position, target sets, score and contrast; :class:`~fis_interventions.interventions.battery.Readouts`) by
+
+    dC_j(c) ~= sum_t  dC/df_j(t) * (c - f_j(t))  =  c * A_j - B_j,
+    A_j = sum_t G_j(t),   B_j = sum_t G_j(t) f_j(t),   G_j(t) = dC/df_j(t)
+
+over the kept positions ``t`` of a stimulus row. ``G`` comes from ONE backward pass of the suffix (blocks
+after the hook, norm, unembedding at the readout position) to the joint model's reconstruction ``r`` (the
+battery adds ``invert_delta(r_edited - r)`` to the clean residual, so ``g = dC/dr`` is taken at the clean run),
+then in closed form through the joint model (no autograd through it, every latent at once, active or not):
+
+* ``sae.hook_latents``: ``G = g (W_dec + W_lin)^T + (g_bi * s) V^T - f * (g_bi (V*V)^T)`` with ``s = f V`` and
+  ``g_bi = ((g W_out) * [hidden > 0]) W_in`` (the bi-interaction pooling is linear in each single latent);
+* ``nfm.hook_hidden``: ``G = g W_out`` (the NFM output layer is linear);
+* ``secondary.hook_latents``: ``G = (g W_out) W_dec_sec^T`` (its edit enters as ``hidden + decode(edited) -
+  decode(original)``).
+
+Clamp kinds map onto ``A`` and ``B``: ``set c`` / ``zero`` -> ``c A - B``, ``scale s`` -> ``(s - 1) B``,
+``add a`` -> ``a A``. Integrated gradients (``ig``, Sundararajan et al. 2017, as in Marks et al. 2024) replace
+``G`` by its mean over ``steps`` midpoints of the straight path that moves every feature of the point together
+from the clean value towards the clamp (zero ablation): the suffix is run at each point of the path, so the
+estimate follows the model's curvature; it costs ``steps`` forward+backward passes per point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import FisError
+
+METHODS = ("activation", "attribution", "ig")
+GRADIENT_METHODS = ("attribution", "ig")
+POSITION_CHUNK = 256  # kept positions per dense [positions, d_sae] gradient block (memory bound)
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """``"activation,attribution"`` -> ``["activation", "attribution"]``; one line naming ``--method`` if bad."""
+    parts = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in str(s).split(",")]
+    methods = list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if not methods:
+        raise FisError("--method is empty", field="--method", fix=f"use one or more of: {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise FisError(f"unknown --method {m!r}", field="--method",
+                           fix=f"use one or more of {', '.join(METHODS)}, comma-separated "
+                               "(e.g. --method activation,attribution)")
+    return methods
+
+
+def check_steps(steps: int) -> int:
+    if not isinstance(steps, int) or steps < 1:
+        raise FisError(f"--steps must be >= 1, got {steps}", field="--steps",
+                       fix="use e.g. --steps 16 (the number of integrated-gradient points)")
+    return steps
+
+
+def clamp_label(value: float) -> str:
+    """Column label of a clamp value: ``zero`` for 0, else ``set_<value>`` (``set_-2.5``)."""
+    return "zero" if value == 0 else f"set_{value:g}"
+
+
+def choose_contrast(design: Any, contrast: str | None) -> str:
+    """The readout contrast attributed: the named one, or the design's first; one line if there is none."""
+    names = list(design.readout.contrasts)
+    if not names:
+        raise FisError("the design's readout has no contrast to attribute", source=design.source,
+                       field="readout.contrasts",
+                       fix="add e.g. `contrasts: {pos_minus_neg: positive - negative}` to the readout, or use "
+                           "--method activation")
+    if contrast is None:
+        return names[0]
+    if contrast not in names:
+        raise FisError(f"--contrast {contrast!r} is not a contrast of the design", source=design.source,
+                       field="--contrast", fix=f"use one of: {', '.join(names)}")
+    return contrast
+
+
+def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: torch.Tensor) -> torch.Tensor:
+    """:meth:`SplitModel.suffix` with autograd on (the public one is ``no_grad``): the same code path."""
+    return type(split).suffix.__wrapped__(split, resid, state, positions)
+
+
+@dataclass
+class PointTerms:
+    """Per stimulus row and feature of one point: ``A = sum_t G`` and ``B = sum_t G f`` (see module doc)."""
+
+    A: torch.Tensor  # [rows, width]
+    B: torch.Tensor  # [rows, width]
+
+
+def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, C)``: ``dC/dr`` [n_kept, d_in] in the joint model's space, and the contrast [rows] at ``resid``
+    (default: the clean residual of ``prep``). One suffix forward and backward, logits at the readout only."""
+    split, splice = attached.split, attached.splice
+    base = prep.resid if resid is None else resid
+    b, t, d = base.shape
+    with torch.enable_grad():
+        dr = torch.zeros_like(prep.x, requires_grad=True)
+        delta = splice.normalizer.invert_delta(dr).to(base.dtype)
+        flat = base.reshape(b * t, d).index_add(0, prep.keep_idx, delta)
+        logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1))[:, 0]
+        _, con = readouts.scores(logits)
+        value = con[contrast]
+        (g,) = torch.autograd.grad(value.sum(), dr)
+    return g.detach(), value.detach()
+
+
+def _row_sums(G: torch.Tensor, f: torch.Tensor, row_of: torch.Tensor, n_rows: int, out: PointTerms | None
+              ) -> PointTerms:
+    A = G.new_zeros(n_rows, G.shape[1]).index_add_(0, row_of, G)
+    B = G.new_zeros(n_rows, G.shape[1]).index_add_(0, row_of, G * f)
+    if out is None:
+        return PointTerms(A, B)
+    out.A += A
+    out.B += B
+    return out
+
+
+@torch.no_grad()
+def joint_values(attached: Any, x: torch.Tensor, edit: dict[str, Any] | None = None) -> Any:
+    """The joint model's forward (``full`` when it has an NFM) at the kept inputs, optionally edited."""
+    joint = attached.joint
+    return joint(x, "full" if joint.nfm is not None else "sae", edit=edit)
+
+
+@torch.no_grad()
+def point_terms(attached: Any, g: torch.Tensor, out: Any, points: Sequence[str], row_of: torch.Tensor,
+                n_rows: int) -> dict[str, PointTerms]:
+    """``A`` and ``B`` of every feature of every point from ``g = dC/dr`` and the joint forward ``out``
+    (closed form through the joint model, see the module docstring); dense blocks of ``POSITION_CHUNK``
+    positions so memory stays bounded for any d_sae."""
+    joint = attached.joint
+    nfm, sec = joint.nfm, joint.secondary
+    g = g.to(next(joint.parameters()).dtype)
+    terms: dict[str, PointTerms] = {}
+    g_hidden = g @ nfm.mlp_out.weight if nfm is not None else None  # [n, hidden]: dC/d(hidden)
+    if "sae.hook_latents" in points:
+        W = joint.sae.W_dec if nfm is None else joint.sae.W_dec + nfm.W_lin  # [d_sae, d_in]
+        VV = None if nfm is None else nfm.V * nfm.V
+        acc: PointTerms | None = None
+        for s0 in range(0, len(g), POSITION_CHUNK):
+            sl = slice(s0, s0 + POSITION_CHUNK)
+            lat = out.latents
+            f = lat.values.new_zeros(len(lat.values[sl]), lat.d_sae).scatter(-1, lat.indices[sl], lat.values[sl])
+            G = g[sl] @ W.T
+            if nfm is not None:
+                s = f @ nfm.V  # [c, emb] = sum_i f_i V_i
+                live = (out.hidden[sl] > 0).to(G.dtype)  # the ReLU units that pass a change of bi
+                g_bi = (g_hidden[sl] * live) @ nfm.mlp_in.weight  # [c, emb]
+                G += (g_bi * s) @ nfm.V.T - f * (g_bi @ VV.T)
+            acc = _row_sums(G, f, row_of[sl], n_rows, acc)
+        terms["sae.hook_latents"] = acc if acc is not None else PointTerms(
+            g.new_zeros(n_rows, joint.sae.d_sae), g.new_zeros(n_rows, joint.sae.d_sae))
+    if "nfm.hook_hidden" in points:
+        terms["nfm.hook_hidden"] = _row_sums(g_hidden, out.hidden, row_of, n_rows, None)
+    if "secondary.hook_latents" in points:
+        G = g_hidden @ sec.W_dec.T
+        terms["secondary.hook_latents"] = _row_sums(G, out.secondary_latents.dense(), row_of, n_rows, None)
+    return terms
+
+
+def _scale_edit(alpha: float) -> Any:
+    """Every feature of the point scaled by ``1 - alpha`` (the integrated-gradient path of zero ablation)."""
+    def fn(value: torch.Tensor) -> torch.Tensor:
+        return value * (1.0 - alpha)
+    return fn
+
+
+def _on_copy_one(fn: Any, n: int) -> Any:
+    """An edit of copy 1 of two stacked copies (copy 0 clean), for :meth:`JointSplice.stacked_deltas`."""
+    def stacked(value: torch.Tensor) -> torch.Tensor:
+        return torch.cat([value[:n], fn(value[n:])])
+    return stacked
+
+
+@dataclass
+class AttributionResult:
+    """Per-stimulus-row estimates: ``A[point]`` and ``B[point]`` [n_rows, width] (numpy), the clean contrast
+    per row, the rows (design x prompt, discovery items) and what was attributed."""
+
+    rows: pd.DataFrame
+    A: dict[str, np.ndarray]
+    B: dict[str, np.ndarray]
+    clean: np.ndarray
+    contrast: str
+    method: str
+    steps: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def estimate(self, point: str, kind: str = "set", value: float = 0.0) -> np.ndarray:
+        """The estimated contrast shift [n_rows, width] of clamping each feature (battery condition)."""
+        A, B = self.A[point], self.B[point]
+        if kind in ("set", "zero"):
+            return value * A - B
+        if kind == "scale":
+            return (value - 1.0) * B
+        if kind == "add":
+            return value * A
+        raise FisError(f"unknown clamp kind {kind!r}", field="kind", fix="use set, zero, scale or add")
+
+
+def attribute(attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str], contrast: str | None = None,
+              method: str = "attribution", steps: int = 16, batch_size: int = 16, progress: bool = False
+              ) -> AttributionResult:
+    """Estimate, for every feature at ``points``, the contrast shift of clamping it, per stimulus row.
+
+    ``rows``: the battery's expanded rows (stimulus x prompt, :func:`~fis_interventions.designs.expand`), e.g.
+    the discovery items only. ``method``: ``attribution`` (one backward per batch) or ``ig`` (``steps``
+    backward passes per point and batch; zero ablation path, see :func:`ig_terms`)."""
+    from tqdm.auto import tqdm
+
+    from .interventions.battery import Readouts, _prepare, encode_rows
+
+    if method not in GRADIENT_METHODS:
+        raise FisError(f"unknown attribution method {method!r}", field="--method",
+                       fix="use attribution or ig")
+    check_steps(steps)
+    name = choose_contrast(design, contrast)
+    if design.readout.multi_token != "first_token":
+        raise FisError("attribution reads first-token scores only", source=design.source,
+                       field="readout.multi_token", fix="use multi_token: first_token, or --method activation")
+    tokenizer = attached.split.bridge.tokenizer
+    readouts = Readouts.for_design(design, tokenizer)  # unknown target words fail here (one line, exit 2)
+    joint = attached.joint
+    warnings = list(readouts.warnings)
+    if joint.nfm is not None and joint.nfm.top_m:
+        warnings.append("the NFM keeps only its top_m latents: the SAE-point gradient ignores that selection")
+    rows = rows.reset_index(drop=True)
+    n = len(rows)
+    A: dict[str, np.ndarray] = {}
+    B: dict[str, np.ndarray] = {}
+    clean = np.empty(n)
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"screen {method}", unit="batch"):
+        part = rows.iloc[start:start + batch_size]
+        prep = _prepare(attached, encode_rows(part, tokenizer))
+        t = prep.resid.shape[1]
+        row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
+        g, value = contrast_grad(attached, prep, readouts, name)
+        out = joint_values(attached, prep.x)
+        if method == "attribution":
+            terms = point_terms(attached, g, out, points, row_of, len(part))
+        else:
+            terms = ig_path_terms(attached, prep, readouts, name, points, steps, row_of, len(part), out)
+        for p, tm in terms.items():
+            if p not in A:
+                A[p] = np.empty((n, tm.A.shape[1]), dtype=np.float64)
+                B[p] = np.empty((n, tm.A.shape[1]), dtype=np.float64)
+            A[p][start:start + len(part)] = tm.A.double().cpu().numpy()
+            B[p][start:start + len(part)] = tm.B.double().cpu().numpy()
+        clean[start:start + len(part)] = value.double().cpu().numpy()
+    return AttributionResult(rows, A, B, clean, name, method, steps if method == "ig" else None, warnings)
+
+
+@torch.no_grad()
+def ig_path_terms(attached: Any, prep: Any, readouts: Any, contrast: str, points: Sequence[str], steps: int,
+                  row_of: torch.Tensor, n_rows: int, clean: Any) -> dict[str, PointTerms]:
+    """Integrated gradients of zero ablation for every feature of each point.
+
+    Path: every feature of the point scaled by ``1 - alpha``, ``alpha`` at the ``steps`` midpoints of [0, 1].
+    At each path point the suffix runs forward and backward (``g``) and the closed form gives ``G`` there
+    (with the path point's own latents in the SAE's bi-interaction terms). ``B = sum_t mean_alpha(G) f_clean``
+    (``A`` is the mean of ``sum_t G``), so ``estimate = c A - B`` keeps its meaning, and for zero ablation the
+    per-feature estimates of one point add up to the path integral of the whole point's ablation."""
+    b, t, d = prep.resid.shape
+    result: dict[str, PointTerms] = {}
+    for point in points:
+        A = B = None
+        for k in range(steps):
+            alpha = (k + 0.5) / steps
+            fn = _scale_edit(alpha)
+            delta = attached.splice.stacked_deltas(prep.x, 1, {point: _on_copy_one(fn, len(prep.x))})[0]
+            resid = prep.resid.reshape(b * t, d).index_add(0, prep.keep_idx, delta.to(prep.resid.dtype))
+            g, _ = contrast_grad(attached, prep, readouts, contrast, resid.view(b, t, d))
+            at = joint_values(attached, prep.x, {point: fn})
+            step = point_terms(attached, g, at, [point], row_of, n_rows)[point]
+            # point_terms weighted G with the path point's f = (1 - alpha) f_clean: undo that for B
+            A = step.A if A is None else A + step.A
+            stepB = step.B / (1.0 - alpha)
+            B = stepB if B is None else B + stepB
+        result[point] = PointTerms(A / steps, B / steps)
+    return result

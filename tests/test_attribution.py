@@ -1,0 +1,105 @@
+"""Attribution screening: the first-order estimate equals the battery's measured shift for small edits (every
+point), integrated gradients add up to the whole point's ablation, the screen carries both estimates, bad input
+is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fis_interventions.attach import attach
+from fis_interventions.attribution import attribute, parse_methods
+from fis_interventions.cli import main
+from fis_interventions.designs import expand, read_design
+from fis_interventions.errors import FisError
+from fis_interventions.interventions.battery import Readouts, _prepare, _stacked_logits, encode_rows
+from fis_interventions.interventions.features import Condition, Target
+from fis_interventions.sae import load_checkpoint, save_checkpoint
+
+from tiny_checkpoints import save_tiny_joint_checkpoint
+
+DESIGN = Path(__file__).resolve().parents[1] / "stimuli" / "negation_sentiment.yaml"
+POINTS = ["sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_bridge) -> Path:
+    """The battery tests' tiny joint checkpoint with a non-zero NFM output layer (init is zero: no interaction
+    path to attribute through) and larger decoder rows, so every point moves the readout."""
+    path = save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ck") / "raw", tiny_bridge.tokenizer, seed=3)
+    loaded = load_checkpoint(path)
+    joint = loaded.model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        joint.nfm.mlp_out.weight.normal_(0, 0.1)
+        joint.nfm.V.mul_(3.0)
+    return save_checkpoint(path.parent / "joint", joint, model_name="tiny-random", hook=loaded.hook,
+                           normalization=loaded.normalization)
+
+
+@pytest.fixture(scope="module")
+def setup(ckpt, tiny_bridge):
+    design = read_design(DESIGN)
+    rows = expand(design)
+    rows = rows[rows["item"].isin(list(dict.fromkeys(rows["item"]))[:2])].reset_index(drop=True)
+    return attach(tiny_bridge, ckpt), design, rows
+
+
+def _measured(attached, design, rows, point: str, feature: int, kind: str, amount: float) -> np.ndarray:
+    """The battery's own shift of the design's first contrast, per row (its stacked pass, copy 0 clean)."""
+    readouts = Readouts.for_design(design, attached.split.bridge.tokenizer)
+    prep = _prepare(attached, encode_rows(rows, attached.split.bridge.tokenizer))
+    blocks = [(Target(point, (feature,), "feature"), Condition(kind, amount, "all", amount))]
+    logits = _stacked_logits(attached, prep, prep.enc.readout.unsqueeze(1), blocks)[:, 0]
+    _, con = readouts.scores(logits)
+    c = next(iter(con.values())).view(2, len(rows))
+    return (c[1] - c[0]).double().numpy()
+
+
+def _active_feature(result, point: str) -> int:
+    return int(np.abs(result.B[point]).sum(0).argmax())
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_first_order_estimate_matches_small_battery_edits(setup, point):
+    attached, design, rows = setup
+    res = attribute(attached, design, rows, POINTS, batch_size=5)
+    j = _active_feature(res, point)
+    for kind, amount in (("add", 1e-4), ("scale", 1.001)):
+        est = res.estimate(point, kind, amount)[:, j]
+        real = _measured(attached, design, rows, point, j, kind, amount)
+        assert np.abs(real).max() > 1e-6, "the edit must move the readout for the test to mean anything"
+        np.testing.assert_allclose(est, real, rtol=0.05, atol=2e-3 * np.abs(real).max())
+    assert np.isfinite(res.clean).all() and res.A[point].shape == res.B[point].shape
+
+
+def test_ig_adds_up_to_the_whole_point_ablation(setup):
+    """Completeness: for zero ablation the IG estimates of every feature of a point add up to the change of
+    ablating the whole point (scaling it by 0), up to the midpoint rule's error."""
+    attached, design, rows = setup
+    res = attribute(attached, design, rows, ["nfm.hook_hidden"], method="ig", steps=12, batch_size=12)
+    total = res.estimate("nfm.hook_hidden", "set", 0.0).sum(1)
+    width = attached.joint.nfm.mlp_in.out_features
+    readouts = Readouts.for_design(design, attached.split.bridge.tokenizer)
+    prep = _prepare(attached, encode_rows(rows, attached.split.bridge.tokenizer))
+    blocks = [(Target("nfm.hook_hidden", tuple(range(width)), "feature"), Condition("zero", 0.0, "all", 0.0))]
+    logits = _stacked_logits(attached, prep, prep.enc.readout.unsqueeze(1), blocks)[:, 0]
+    c = next(iter(readouts.scores(logits)[1].values())).view(2, len(rows))
+    real = (c[1] - c[0]).double().numpy()
+    np.testing.assert_allclose(total, real, rtol=0.02, atol=1e-3 * np.abs(real).max())
+
+
+def test_parse_methods_and_bad_flags():
+    assert parse_methods("activation, attribution") == ["activation", "attribution"]
+    with pytest.raises(FisError, match="--method"):
+        parse_methods("gradient")
+
+
+def _run_cli(capsys, args):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
