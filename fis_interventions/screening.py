@@ -213,7 +213,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
            top: int = 10, discover: float | None = DEFAULT_FRACTION, split_seed: int = 0,
-           overwrite: bool = False, cards: int = 0, cards_activations: Path | str | None = None) -> ScreenResult:
+           overwrite: bool = False, cards: int = 0, cards_activations: Path | str | None = None,
+           method: str = "activation", steps: int = 16, clamps: Sequence[float] = (),
+           contrast: str | None = None) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``discover``: the fraction of items screened (the discovery items, seeded by ``split_seed``; see
@@ -226,6 +228,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     a folder is replaced only if it holds a screening with the same settings, or with ``overwrite``.
     ``cards=N`` adds feature cards for the N best features (by interaction p, over all points) from the
     checkpoint's harvest (or ``cards_activations``), written to ``out/cards/`` and kept in ``ScreenResult.cards``.
+    ``method``: ``activation`` (default), ``attribution``, ``ig`` or a comma-separated list; the gradient methods
+    add the estimated effect of clamping each feature on the readout contrast (zero and ``clamps``) to the table,
+    and the first method listed ranks top.json (:mod:`fis_interventions.screening_attribution`).
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -242,7 +247,14 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         check_fraction(discover)
     if cards < 0:
         raise FisError(f"--cards must be >= 0, got {cards}", field="cards", fix="use e.g. 5")
+    from .screening_attribution import check_method_args
+
+    methods = check_method_args(method, steps)
     d = read_design(design)
+    if methods != ["activation"]:
+        from .attribution import choose_contrast
+
+        contrast = choose_contrast(d, contrast)
     all_rows = stimulus_rows(d)
     split = (split_items(all_rows, discover, split_seed, d.shape, source=str(design)) if discover is not None
              else all_items(all_rows))
@@ -269,6 +281,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
               "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
               "discover": discover, "split_seed": split_seed, "cards": cards,
               "cards_activations": None if cards_activations is None else str(cards_activations)}
+    if methods != ["activation"]:  # only then: an activation screen keeps its fingerprint
+        config.update({"method": methods, "steps": steps, "clamps": [float(c) for c in clamps], "contrast": contrast})
     checkpoint_id, design_id = checkpoint_identity(checkpoint), design_identity(d)  # hashed once each
     fp = screen_fingerprint(config, checkpoint_id, design_id)
     if out is not None:  # refused before any work is done
@@ -296,6 +310,16 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     family = int(table["p_ab"].notna().sum())
     n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
+    if methods != ["activation"]:
+        from .screening_attribution import add_attribution, rank_column, ranked_top
+
+        table, attr_summary = add_attribution(table, attached, d, rows, chosen, methods, a=a, b=b, levels=levels,
+                                              item=item_col, steps=steps, clamps=clamps, contrast=contrast,
+                                              batch_size=batch_size, progress=progress)
+        warnings += attr_summary.pop("warnings")
+        table = table.sort_values([rank_column(methods[0]), "point", "feature"], na_position="last",
+                                  kind="stable").reset_index(drop=True)
+        top_list = ranked_top(table, methods[0], top)
     if discover is None:
         warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
                         "items they were selected on, so its tests can only be exploratory")
@@ -315,6 +339,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
                                       for p in chosen},
         "top": top_list, "warnings": warnings, "provenance": provenance(config=config),
     }
+    if methods != ["activation"]:
+        summary.update({"methods": methods, "ranked_by": methods[0], "attribution": attr_summary})
     card_list: list[dict[str, Any]] = []
     if cards:
         from .cards import FeatureKey, build_cards

@@ -103,3 +103,46 @@ def _run_cli(capsys, args):
     code = main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_bridge, tmp_path):
+    from fis_interventions.screening import screen
+
+    res = screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=12, progress=False, method="attribution,activation",
+                 clamps=[2.0], out=tmp_path / "s", top=5)
+    t = res.table
+    for col in ["F_ab", "p_ab", "q_ab", "attribution_zero_effect", "attribution_zero_p_ab", "attribution_zero_q_ab",
+                "attribution_set_2_p_ab", "attribution_zero_mean_affirmed_positive"]:
+        assert col in t.columns
+    assert len(t) == 128 + 32 + 64 and t[["point", "feature"]].duplicated().sum() == 0
+    p = t["attribution_zero_p_ab"].to_numpy()
+    assert np.all(np.diff(p[np.isfinite(p)]) >= 0)
+    top = json.loads((tmp_path / "s" / "top.json").read_text())
+    assert [x["ranked_by"] for x in top] == ["attribution"] * 5
+    assert top[0]["p_ab"] == pytest.approx(np.nanmin(p))
+    summary = json.loads((tmp_path / "s" / "screen.json").read_text())
+    assert summary["attribution"]["contrast"] == "valence" and summary["split"]["confirmation"]
+    # discovery items only: the per-stimulus estimates come from the battery rows of those items
+    assert summary["attribution"]["readout_rows"] == summary["n_stimuli"] * 3  # three prompts per stimulus
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--method", "gradient"], "--method"),
+    (["--method", "ig", "--steps", "0"], "--steps"),
+    (["--method", "attribution", "--contrast", "nope"], "--contrast"),
+])
+def test_bad_flags_exit_2_with_one_line(ckpt, capsys, tmp_path, args, flag):
+    code, out, err = _run_cli(capsys, ["screen", "--checkpoint", str(ckpt), "--design", str(DESIGN),
+                                       "--model", "tiny-random", *args])
+    assert code == 2 and flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_design_without_contrast_is_refused(ckpt, tiny_bridge, tmp_path):
+    from fis_interventions.screening import screen
+
+    text = DESIGN.read_text()
+    start = text.index("  contrasts:")
+    no_contrast = tmp_path / "no_contrast.yaml"
+    no_contrast.write_text(text[:start] + "".join(line + "\n" for line in text[start:].splitlines()[2:]))
+    with pytest.raises(FisError, match="no contrast"):
+        screen(ckpt, no_contrast, bridge=tiny_bridge, method="attribution", progress=False)

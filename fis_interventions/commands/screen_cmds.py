@@ -39,6 +39,15 @@ def screen_command(
                                        "the checkpoint's harvest, logit lens, driving pairs) in OUT/cards/")] = 0,
     cards_activations: Annotated[Path | None, typer.Option("--cards-activations", help="harvest folder for the "
                                                            "cards; default: the checkpoint's")] = None,
+    method: Annotated[str, typer.Option("--method", help="activation, attribution (gradient x change: the "
+                                        "estimated effect of clamping each feature on the readout contrast), ig "
+                                        "(integrated gradients), or a comma-separated list; the first ranks")
+                      ] = "activation",
+    steps: Annotated[int, typer.Option("--steps", help="integrated-gradient points (--method ig)")] = 16,
+    clamp: Annotated[list[float] | None, typer.Option("--clamp", help="clamp value attributed besides zero "
+                                                      "(repeatable)")] = None,
+    contrast: Annotated[str | None, typer.Option("--contrast", help="readout contrast attributed; default: the "
+                                                 "design's first")] = None,
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
@@ -55,7 +64,8 @@ def screen_command(
                     aggregate=aggregate,  # type: ignore[arg-type]  (checked by screen: one-line error)
                     batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite,
                     discover=None if all_items else discover, split_seed=split_seed, cards=cards,
-                    cards_activations=cards_activations)
+                    cards_activations=cards_activations, method=method, steps=steps, clamps=clamp or (),
+                    contrast=contrast)
     s = result.summary
     split = s["split"]
     if split["confirmation"]:
@@ -73,6 +83,10 @@ def screen_command(
         typer.echo("no feature varies across the stimuli (all degenerate)")
     typer.echo(f"{s['n_q_below_alpha']} of {s['family_size']} features with interaction q < {ALPHA} "
                "(BH over all points)")
+    if "attribution" in s:
+        from ..screening_attribution import echo_attribution
+
+        echo_attribution(s)
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     for card in result.cards:

@@ -1,0 +1,131 @@
+"""`fis screen --method attribution|ig`: the screening table's causal columns, next to the activation ones.
+
+Why a separate module: :mod:`fis_interventions.screening` owns the activation screen; this adds, for every
+feature of every point, the 2x2 interaction of its *estimated effect on the readout contrast*
+(:mod:`fis_interventions.attribution`) per stimulus, with the same within-item model (or OLS for cell lists),
+on the same discovery items, BH across every feature of every point (one family per method and clamp value).
+
+Columns per method ``m`` (``attribution`` or ``ig``) and clamp label ``L`` (``zero``, ``set_<v>``):
+``m_L_effect`` (the interaction contrast of the estimated shift: mean over items of a1b1 - a1b2 - a2b1 + a2b2,
+cell means in the design's level order), ``m_L_F_ab``, ``m_L_p_ab``, ``m_L_q_ab``, and ``m_L_mean_<a>_<b>`` (the
+estimated shift per cell: what a feature card shows). A stimulus' estimate is the mean over the design's prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .attribution import GRADIENT_METHODS, AttributionResult, attribute, check_steps, clamp_label, parse_methods
+
+
+def per_stimulus(result: AttributionResult, stim_rows: pd.DataFrame, point: str, value: float) -> np.ndarray:
+    """The estimated shift of clamping each feature to ``value`` [n_stimuli, width], averaged over the prompts
+    of each (item, cell), in the order of ``stim_rows`` (the activation screen's rows)."""
+    est = result.estimate(point, "set", value)
+    keys = pd.MultiIndex.from_arrays([result.rows["item"].astype(str), result.rows["cell"].astype(str)])
+    frame = pd.DataFrame(est, index=keys)
+    means = frame.groupby(level=[0, 1], sort=False).mean()
+    order = pd.MultiIndex.from_arrays([stim_rows["item"].astype(str), stim_rows["cell"].astype(str)])
+    return means.reindex(order).to_numpy()
+
+
+def attribution_table(results: dict[str, AttributionResult], stim_rows: pd.DataFrame, a: str, b: str,
+                      levels: dict[str, list[str]], item: str | None, clamps: Sequence[float]) -> pd.DataFrame:
+    """``point, feature`` + the columns of every method and clamp value (see the module docstring)."""
+    from .stats.fdr import fdr_bh
+    from .stats.screen import screen_features
+
+    parts: list[pd.DataFrame] = []
+    for method, res in results.items():
+        for value in clamps:
+            prefix = f"{method}_{clamp_label(value)}_"
+            per_point = []
+            for point in res.A:
+                X = per_stimulus(res, stim_rows, point, value)
+                s = screen_features(X, stim_rows, a, b, levels=levels, item=item)
+                la, lb = levels[a], levels[b]
+                cell = {(x, y): s[f"mean_{x}_{y}"].to_numpy() for x in la for y in lb}
+                effect = cell[la[0], lb[0]] - cell[la[0], lb[1]] - cell[la[1], lb[0]] + cell[la[1], lb[1]]
+                part = pd.DataFrame({"point": point, "feature": s["feature"].to_numpy(), "effect": effect,
+                                     "F_ab": s["F_ab"].to_numpy(), "p_ab": s["p_ab"].to_numpy()})
+                for x in la:
+                    for y in lb:
+                        part[f"mean_{x}_{y}"] = cell[x, y]
+                per_point.append(part)
+            block = pd.concat(per_point, ignore_index=True)
+            block.insert(block.columns.get_loc("p_ab") + 1, "q_ab", fdr_bh(block["p_ab"].to_numpy()))
+            parts.append(block.set_index(["point", "feature"]).add_prefix(prefix))
+    return pd.concat(parts, axis=1).reset_index()
+
+
+def add_attribution(table: pd.DataFrame, attached: Any, design: Any, stim_rows: pd.DataFrame,
+                    points: Sequence[str], methods: Sequence[str], *, a: str, b: str,
+                    levels: dict[str, list[str]], item: str | None, steps: int = 16,
+                    clamps: Sequence[float] = (), contrast: str | None = None, batch_size: int = 16,
+                    progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The activation ``table`` with the attribution columns merged in (same rows), and the summary entries.
+
+    The readout rows are the battery's: every prompt of every discovery stimulus in ``stim_rows``."""
+    from .designs import expand
+
+    rows = expand(design)
+    keep = set(zip(stim_rows["item"].astype(str), stim_rows["cell"].astype(str), strict=True))
+    rows = rows[[(str(i), str(c)) in keep for i, c in zip(rows["item"], rows["cell"], strict=True)]]
+    values = list(dict.fromkeys([0.0, *map(float, clamps)]))
+    results = {m: attribute(attached, design, rows, points, contrast=contrast, method=m, steps=steps,
+                            batch_size=batch_size, progress=progress) for m in methods if m in GRADIENT_METHODS}
+    first = next(iter(results.values()))
+    extra = attribution_table(results, stim_rows, a, b, levels, item, values)
+    merged = table.merge(extra, on=["point", "feature"], how="left", validate="one_to_one")
+    summary = {"contrast": first.contrast, "clamps": values, "steps": steps if "ig" in results else None,
+               "readout_rows": int(len(rows)),
+               "estimate": "first-order (attribution) / integrated-gradient (ig) estimate of the battery's "
+                           "contrast shift when the feature is set to the clamp value at every kept position; "
+                           "per stimulus the mean over the prompts",
+               "family": {f"{m}_{clamp_label(v)}": "interaction term of every non-degenerate feature of every "
+                          "point" for m in results for v in values},
+               "n_q_below_alpha": {f"{m}_{clamp_label(v)}": int((merged[f"{m}_{clamp_label(v)}_q_ab"] < 0.05).sum())
+                                   for m in results for v in values},
+               "warnings": [w for r in results.values() for w in r.warnings]}
+    return merged, summary
+
+
+def rank_column(method: str) -> str:
+    """The p-value column a method's ranking uses (zero ablation for the gradient methods)."""
+    return "p_ab" if method == "activation" else f"{method}_zero_p_ab"
+
+
+def ranked_top(table: pd.DataFrame, method: str, n: int) -> list[dict[str, Any]]:
+    """The ``n`` features with the smallest interaction p of ``method`` (top.json entries, same keys as the
+    activation screen's so a battery ``from_screening`` reads them)."""
+    if method == "activation":
+        from .screening import top_features
+
+        return top_features(table, n)
+    pre = f"{method}_zero_"
+    ok = table[table[pre + "p_ab"].notna()].sort_values([pre + "p_ab", "point", "feature"], kind="stable").head(n)
+    return [{"point": str(r["point"]), "feature": int(r["feature"]), "F_ab": float(r[pre + "F_ab"]),
+             "p_ab": float(r[pre + "p_ab"]), "q_ab": float(r[pre + "q_ab"]), "effect": float(r[pre + "effect"]),
+             "ranked_by": method} for _, r in ok.iterrows()]
+
+
+def check_method_args(method: str | Sequence[str], steps: int) -> list[str]:
+    """Validate ``--method`` and ``--steps`` before anything is loaded."""
+    methods = parse_methods(method)
+    check_steps(steps)
+    return methods
+
+
+def echo_attribution(summary: dict[str, Any]) -> None:
+    """The CLI's lines for the attribution columns: what was attributed, and the q < alpha counts."""
+    import typer
+
+    att = summary["attribution"]
+    typer.echo(f"attribution of contrast {att['contrast']!r} ({att['readout_rows']} readout rows, clamps "
+               f"{', '.join(f'{v:g}' for v in att['clamps'])}); ranked by {summary['ranked_by']}")
+    for key, n in att["n_q_below_alpha"].items():
+        typer.echo(f"{key}: {n} of {summary['family_size']} features with interaction q < 0.05 (BH over all points)")
