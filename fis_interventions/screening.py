@@ -346,9 +346,16 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         from .cards import FeatureKey, build_cards
         from .cards.directions import CARD_POINTS
 
-        best = [t for t in top_features(table, len(table)) if t["point"] in CARD_POINTS][:cards]
+        ranked = (top_features(table, len(table)) if methods == ["activation"]
+                  else ranked_top(table, methods[0], len(table)))
+        best = [t for t in ranked if t["point"] in CARD_POINTS][:cards]
         card_list = build_cards(attached.checkpoint, [FeatureKey(t["point"], t["feature"]) for t in best],
                                 activations=cards_activations, bridge=bridge, progress=progress)
+        if methods != ["activation"]:
+            from .screening_attribution import attribution_of
+
+            for c in card_list:
+                c["attribution"] = attribution_of(table, c["point"], c["feature"], levels)
         summary["cards"] = [f"cards/{c['point']}_{c['feature']}.md" for c in card_list]
     if out is not None:
         summary["fingerprint"] = fp.digest

@@ -129,3 +129,38 @@ def echo_attribution(summary: dict[str, Any]) -> None:
                f"{', '.join(f'{v:g}' for v in att['clamps'])}); ranked by {summary['ranked_by']}")
     for key, n in att["n_q_below_alpha"].items():
         typer.echo(f"{key}: {n} of {summary['family_size']} features with interaction q < 0.05 (BH over all points)")
+
+
+def attribution_of(table: pd.DataFrame, point: str, feature: int, levels: dict[str, list[str]]
+                   ) -> dict[str, Any] | None:
+    """A feature's attribution per cell of the design (zero ablation, first gradient method in the table):
+    what its card shows. ``None`` if the table has no attribution columns."""
+    methods = [m for m in GRADIENT_METHODS if f"{m}_zero_p_ab" in table.columns]
+    if not methods:
+        return None
+    row = table[(table["point"] == point) & (table["feature"] == feature)]
+    if row.empty:
+        return None
+    r = row.iloc[0]
+    a, b = list(levels)
+    out = {"method": methods[0], "clamp": 0.0, "levels": {k: list(v) for k, v in levels.items()}, "cells": {}}
+    pre = f"{methods[0]}_zero_"
+    for x in levels[a]:
+        for y in levels[b]:
+            out["cells"][f"{x}.{y}"] = float(r[f"{pre}mean_{x}_{y}"])
+    out.update({"effect": float(r[pre + "effect"]), "F_ab": float(r[pre + "F_ab"]), "p_ab": float(r[pre + "p_ab"]),
+                "q_ab": float(r[pre + "q_ab"]),
+                "activation_p_ab": float(r["p_ab"]) if "p_ab" in r and pd.notna(r["p_ab"]) else None})
+    return out
+
+
+def levels_from_table(table: pd.DataFrame, method: str = "attribution") -> dict[str, list[str]] | None:
+    """The design's levels, recovered from the ``<method>_zero_mean_<a>_<b>`` columns (report side, where only
+    screening.csv is at hand); ``None`` if absent. Levels must not contain '_' to be recovered."""
+    pre = f"{method}_zero_mean_"
+    pairs = [c[len(pre):].split("_") for c in table.columns if c.startswith(pre)]
+    if len(pairs) != 4 or any(len(p) != 2 for p in pairs):
+        return None
+    a_levels = list(dict.fromkeys(p[0] for p in pairs))
+    b_levels = list(dict.fromkeys(p[1] for p in pairs))
+    return {"A": a_levels, "B": b_levels}

@@ -146,3 +146,39 @@ def test_design_without_contrast_is_refused(ckpt, tiny_bridge, tmp_path):
     no_contrast.write_text(text[:start] + "".join(line + "\n" for line in text[start:].splitlines()[2:]))
     with pytest.raises(FisError, match="no contrast"):
         screen(ckpt, no_contrast, bridge=tiny_bridge, method="attribution", progress=False)
+
+
+def test_card_and_report_show_the_attribution_per_cell():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from fis_interventions.cards.render import attribution_block
+    from fis_interventions.reports.attribution import attribution_section
+    from fis_interventions.reports.render import Doc, to_markdown
+    from fis_interventions.screening_attribution import attribution_of
+
+    levels = {"negation": ["affirmed", "negated"], "sentiment": ["positive", "negative"]}
+    table = pd.DataFrame({"point": ["sae.hook_latents"], "feature": [7], "p_ab": [0.2],
+                          "attribution_zero_effect": [1.5], "attribution_zero_F_ab": [9.0],
+                          "attribution_zero_p_ab": [0.01], "attribution_zero_q_ab": [0.04],
+                          "attribution_zero_mean_affirmed_positive": [0.5],
+                          "attribution_zero_mean_affirmed_negative": [-0.25],
+                          "attribution_zero_mean_negated_positive": [0.0],
+                          "attribution_zero_mean_negated_negative": [0.75]})
+    att = attribution_of(table, "sae.hook_latents", 7, levels)
+    assert att["cells"] == {"affirmed.positive": 0.5, "affirmed.negative": -0.25, "negated.positive": 0.0,
+                            "negated.negative": 0.75} and att["activation_p_ab"] == 0.2
+    doc = Doc("card")
+    attribution_block(doc, att, 1)
+    md = to_markdown(doc)
+    assert "Attribution per cell" in md and "affirmed.negative" in md and "-0.25" in md
+    assert attribution_of(table.drop(columns=[c for c in table if c.startswith("attribution")]),
+                          "sae.hook_latents", 7, levels) is None
+    run = SimpleNamespace(screening=table, info=SimpleNamespace(
+        designs={"d": SimpleNamespace(factors=levels)},
+        features=[SimpleNamespace(point="sae.hook_latents", feature="7", role="top")]))
+    doc = Doc("report")
+    attribution_section(doc, run)
+    md = to_markdown(doc)
+    assert "Attribution screen" in md and "est. negated.negative" in md

@@ -70,6 +70,8 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
         lp = od["linear_part"]
         doc.p(f"Linear part of the joint model for this latent: |W_lin[i]| / |W_dec[i]| = {fmt(lp['norm_ratio'])}, "
               f"cosine with the decoder row {fmt(lp['cosine_with_decoder'])} ({lp['note']}).")
+    if card.get("attribution"):
+        attribution_block(doc, card["attribution"], level + 1)
     integ = card.get("integration")
     if integ is not None:
         doc.h(level + 1, "What it integrates: top contributing pairs of SAE latents")
@@ -91,6 +93,19 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
         else:
             doc.p("No active pair adds to the pre-activation on the firing tokens.")
     return doc
+
+
+def attribution_block(doc: Doc, att: dict[str, Any], level: int) -> None:
+    """The feature's estimated effect on the readout contrast per cell of the design (``fis screen --method
+    attribution``): what zero-ablating it would change, first-order, in each cell, and its 2x2 interaction."""
+    doc.h(level, "Attribution per cell of the design")
+    doc.p(f"Estimated shift of the readout contrast when the feature is clamped to {fmt(att['clamp'])} at every kept "
+          f"position ({att['method']}: gradient x change, mean over the discovery stimuli of each cell and the "
+          f"prompts). Interaction (a1b1 - a1b2 - a2b1 + a2b2) {fmt(att['effect'])}, F = {fmt(att['F_ab'])}, "
+          f"p = {fmt(att['p_ab'])}, q = {fmt(att['q_ab'])} (BH over every feature of every point)"
+          + (f"; activation screen p = {fmt(att['activation_p_ab'])}" if att.get("activation_p_ab") is not None
+             else "") + ".")
+    doc.table(pd.DataFrame([{"cell": cell, "estimated shift": value} for cell, value in att["cells"].items()]))
 
 
 def card_markdown(card: dict[str, Any]) -> str:

@@ -246,6 +246,9 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     doc.table(verdicts, "Per feature: tests (no-op checks excluded), significant after FDR, smallest q.")
 
     from ..cards import card_doc  # lazy: cards render with this package's Doc (import cycle otherwise)
+    from .attribution import attach_to_cards
+
+    attach_to_cards(run, cards)
 
     doc.h(1, "Features")
     if cards:
@@ -295,6 +298,9 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     if run.eval_table is not None and not run.eval_table.empty:
         doc.h(1, "Checkpoint evaluation")
         doc.table(run.eval_table, "From eval.json.")
+    from .attribution import attribution_section
+
+    attribution_section(doc, run)
     doc.h(1, "Methods")
     doc.ul(methods_lines(run, analysis))
     feats = pd.DataFrame([{"point": f.point, "feature": f.feature, "role": f.role,

@@ -1,0 +1,195 @@
+"""Attribution vs real clamps, and attribution screen time vs activation screen time, on a real checkpoint.
+
+    python bench/attribution.py --checkpoint /work/shared-runs/demo/joint/checkpoint \
+        [--design stimuli/formality_emotion.yaml] [--items 4] [--features 40] [--clamp 5] [--steps 8] \
+        [--speed-reps 2] [--out /work/scratch/attribution/validation.json]
+
+Validation: on the discovery items (first ``--items`` of them), the estimated contrast shift of every feature
+(:func:`fis_interventions.attribution.attribute`, ``attribution`` and ``ig``) is compared with the shift the
+battery measures (its own stacked pass: ``interventions.battery._stacked_logits``, copy 0 clean) for
+``--features`` features per point (half the largest |estimate|, half random among those active on the rows),
+per stimulus row (stimulus x prompt), for zero ablation and ``set`` to ``--clamp`` x the feature's largest
+activation on the rows. Prints Spearman and Pearson per point and clamp value, and the overlap of the top 20 by
+interaction effect (within-item contrast of the per-stimulus shift) between estimate and measurement.
+
+Speed: ``fis screen`` (the Python API, the model loaded once) with ``--method activation`` and with
+``--method attribution`` (which computes the activation screen too) on every point of the checkpoint and every
+discovery item of the design, legs interleaved, ``--speed-reps`` each; prints the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fis_interventions.attach import attach  # noqa: E402
+from fis_interventions.attribution import attribute  # noqa: E402
+from fis_interventions.designs import expand, read_design  # noqa: E402
+from fis_interventions.holdout import split_items  # noqa: E402
+from fis_interventions.interventions.battery import Readouts, _prepare, _stacked_logits, encode_rows  # noqa: E402
+from fis_interventions.interventions.features import Condition, Target  # noqa: E402
+from fis_interventions.models import load_model  # noqa: E402
+from fis_interventions.screening import DEFAULT_POINTS, screen, stimulus_rows  # noqa: E402
+from fis_interventions.stats.screen import screen_features  # noqa: E402
+
+
+def discovery_rows(design, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The battery rows (stimulus x prompt) and stimulus rows of the discovery items, and the split."""
+    stim = stimulus_rows(design)
+    split = split_items(stim, 0.5, seed, design.shape, source=str(design.source))
+    rows = expand(design)
+    return rows, stim, split
+
+
+@torch.no_grad()
+def measured_shifts(attached, design, rows: pd.DataFrame, targets: list[tuple[str, int, float]],
+                    contrast: str, batch_size: int = 8, max_blocks: int = 24) -> np.ndarray:
+    """The battery's measured contrast shift [n_rows, n_targets] of ``set feature = value`` per target."""
+    tok = attached.split.bridge.tokenizer
+    readouts = Readouts.for_design(design, tok)
+    out = np.empty((len(rows), len(targets)))
+    for s in range(0, len(rows), batch_size):
+        part = rows.iloc[s:s + batch_size]
+        prep = _prepare(attached, encode_rows(part, tok))
+        for c in range(0, len(targets), max_blocks):
+            chunk = targets[c:c + max_blocks]
+            blocks = [(Target(p, (j,), "bench"), Condition("set", v, "all", v)) for p, j, v in chunk]
+            logits = _stacked_logits(attached, prep, prep.enc.readout.unsqueeze(1), blocks)[:, 0]
+            con = readouts.scores(logits)[1][contrast].double().view(len(blocks) + 1, len(part))
+            out[s:s + len(part), c:c + len(chunk)] = (con[1:] - con[:1]).T.cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def feature_max(attached, design, rows: pd.DataFrame, points) -> dict[str, np.ndarray]:
+    """Largest activation of every feature of every point on the kept positions of ``rows``."""
+    tok = attached.split.bridge.tokenizer
+    best: dict[str, np.ndarray] = {}
+    for s in range(0, len(rows), 16):
+        prep = _prepare(attached, encode_rows(rows.iloc[s:s + 16], tok))
+        out = attached.joint(prep.x, "full")
+        vals = {"sae.hook_latents": out.latents.dense(), "nfm.hook_hidden": out.hidden,
+                "secondary.hook_latents": out.secondary_latents.dense()}
+        for p in points:
+            m = vals[p].max(0).values.double().numpy()
+            best[p] = m if p not in best else np.maximum(best[p], m)
+    return best
+
+
+def interaction(X: np.ndarray, rows: pd.DataFrame, design) -> np.ndarray:
+    """Within-item interaction contrast (a1b1 - a1b2 - a2b1 + a2b2, mean over items) of per-stimulus means."""
+    keys = list(zip(rows["item"].astype(str), rows["cell"].astype(str), strict=True))
+    frame = pd.DataFrame(X, index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1], sort=False).mean()
+    stim = rows.drop_duplicates(["item", "cell"]).reset_index(drop=True)
+    a, b = list(design.factors)
+    s = screen_features(frame.to_numpy(), stim, a, b, levels={k: list(v) for k, v in design.factors.items()},
+                        item="item")
+    la, lb = design.factors[a], design.factors[b]
+    m = {(x, y): s[f"mean_{x}_{y}"].to_numpy() for x in la for y in lb}
+    return m[la[0], lb[0]] - m[la[0], lb[1]] - m[la[1], lb[0]] + m[la[1], lb[1]]
+
+
+def validate(args, bridge) -> dict:
+    design = read_design(args.design)
+    attached = attach(bridge, args.checkpoint)
+    rows, _, split = discovery_rows(design, args.seed)
+    items = [str(i) for i in split["discovery"]][:args.items]
+    rows = rows[rows["item"].astype(str).isin(items)].reset_index(drop=True)
+    points = [p for p in DEFAULT_POINTS if p in attached.joint.hook_points()]
+    t0 = time.perf_counter()
+    lin = attribute(attached, design, rows, points, method="attribution", batch_size=8)
+    t_lin = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ig = attribute(attached, design, rows, points, method="ig", steps=args.steps, batch_size=8)
+    t_ig = time.perf_counter() - t0
+    fmax = feature_max(attached, design, rows, points)
+    rng = np.random.default_rng(args.seed)
+    report: dict = {"design": str(args.design), "items": items, "rows": len(rows), "contrast": lin.contrast,
+                    "steps": args.steps, "seconds": {"attribution": t_lin, "ig": t_ig}, "points": {}}
+    for point in points:
+        est0 = lin.estimate(point, "set", 0.0)
+        active = np.flatnonzero(fmax[point] > 0)
+        by_size = active[np.argsort(-np.abs(est0[:, active]).sum(0))]
+        half = args.features // 2
+        chosen = list(by_size[:half])
+        rest = np.setdiff1d(active, chosen)
+        chosen += list(rng.choice(rest, size=min(len(rest), args.features - len(chosen)), replace=False))
+        chosen = np.array(sorted(chosen))
+        entry: dict = {"features": len(chosen)}
+        for label, mult in (("zero", 0.0), (f"set_{args.clamp:g}x_max", args.clamp)):
+            values = [float(mult * fmax[point][j]) for j in chosen]
+            real = measured_shifts(attached, design, rows, [(point, int(j), v) for j, v in zip(chosen, values)],
+                                   lin.contrast)
+            res = {}
+            for name, r in (("attribution", lin), ("ig", ig)):
+                est = np.column_stack([r.A[point][:, j] * v - r.B[point][:, j] for j, v in zip(chosen, values)])
+                if name == "ig" and mult != 0:
+                    continue  # ig integrates the zero-ablation path only
+                x, y = est.ravel(), real.ravel()
+                ok = np.isfinite(x) & np.isfinite(y)
+                ia, ir = interaction(est, rows, design), interaction(real, rows, design)
+                k = min(20, len(chosen))
+                top_e, top_r = set(np.argsort(-np.abs(ia))[:k]), set(np.argsort(-np.abs(ir))[:k])
+                res[name] = {"spearman": float(sps.spearmanr(x[ok], y[ok])[0]),
+                             "pearson": float(sps.pearsonr(x[ok], y[ok])[0]),
+                             "interaction_spearman": float(sps.spearmanr(ia, ir)[0]),
+                             f"top{k}_overlap": len(top_e & top_r) / k,
+                             "median_abs_ratio": float(np.median(np.abs(x[ok]) / np.maximum(np.abs(y[ok]), 1e-9))),
+                             "pairs": int(ok.sum())}
+            entry[label] = res
+        report["points"][point] = entry
+        print(json.dumps({point: entry}), flush=True)
+    return report
+
+
+def speed(args, bridge) -> dict:
+    times: dict[str, list[float]] = {"activation": [], "attribution": []}
+    for _ in range(args.speed_reps):
+        for method in ("activation", "attribution"):  # interleaved legs
+            t0 = time.perf_counter()
+            screen(args.checkpoint, args.design, bridge=bridge, method=method, progress=False, batch_size=16)
+            times[method].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    out = {"seconds": times, "median": med, "ratio": med["attribution"] / med["activation"]}
+    print(json.dumps({"speed": out}), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--design", type=Path, default=Path(__file__).resolve().parents[1] / "stimuli" /
+                    "formality_emotion.yaml")
+    ap.add_argument("--items", type=int, default=4)
+    ap.add_argument("--features", type=int, default=40)
+    ap.add_argument("--clamp", type=float, default=5.0, help="large clamp: set to this x the feature's max")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed-reps", type=int, default=2)
+    ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
+    ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/validation.json"))
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    bridge = load_model("smollm2-135m", device="cpu")
+    report = {}
+    if args.skip != "speed":
+        report["speed"] = speed(args, bridge)
+    if args.skip != "validate":
+        report["validation"] = validate(args, bridge)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Which screen selects features that the battery confirms? Attribution vs activation vs random, measured.
+
+    python bench/attribution_selection.py --checkpoint /work/shared-runs/demo/joint/checkpoint \
+        [--designs stimuli/*.yaml bench/designs/negation_temperature.yaml] [--seeds 0 1] [--top 5] \
+        [--out /work/scratch/attribution/selection.json]
+
+For each design and split seed: ``fis screen --method activation,attribution`` (the Python API) on the
+discovery items; the top ``--top`` features by the activation screen's interaction p, by the attribution
+screen's (zero ablation), and ``--top`` random features (non-degenerate in the activation screen, any point).
+Each selected feature is then zero-ablated by the battery's own stacked pass on the held-out confirmation items
+(every prompt); its measured contrast shift, averaged over the prompts of a stimulus, gets the within-item 2x2
+test (:func:`fis_interventions.stats.screen.screen_features`). Prints, per selector, the fraction of selected
+features with a confirmation interaction p < 0.05 (and q < 0.05, BH within that selector's features of that
+design and seed), pooled and per design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attribution import measured_shifts  # noqa: E402
+
+from fis_interventions.attach import attach  # noqa: E402
+from fis_interventions.designs import expand, read_design  # noqa: E402
+from fis_interventions.models import load_model  # noqa: E402
+from fis_interventions.screening import screen  # noqa: E402
+from fis_interventions.stats.fdr import fdr_bh  # noqa: E402
+from fis_interventions.stats.screen import screen_features  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def confirm(attached, design, items: list[str], picks: list[tuple[str, int]], contrast: str) -> np.ndarray:
+    """Confirmation interaction p of each picked feature's measured zero-ablation shift."""
+    rows = expand(design)
+    rows = rows[rows["item"].astype(str).isin(items)].reset_index(drop=True)
+    shifts = measured_shifts(attached, design, rows, [(p, j, 0.0) for p, j in picks], contrast)
+    keys = pd.MultiIndex.from_arrays([rows["item"].astype(str), rows["cell"].astype(str)])
+    per_stim = pd.DataFrame(shifts, index=keys).groupby(level=[0, 1], sort=False).mean()
+    stim = rows.drop_duplicates(["item", "cell"]).reset_index(drop=True)
+    a, b = list(design.factors)
+    s = screen_features(per_stim.to_numpy(), stim, a, b, levels={k: list(v) for k, v in design.factors.items()},
+                        item="item")
+    return s["p_ab"].to_numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--designs", type=Path, nargs="+", default=sorted((ROOT / "stimuli").glob("*.yaml")) +
+                    [ROOT / "bench" / "designs" / "negation_temperature.yaml"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/selection.json"))
+    args = ap.parse_args()
+    bridge = load_model("smollm2-135m", device="cpu")
+    attached = attach(bridge, args.checkpoint)
+    records = []
+    for path in args.designs:
+        design = read_design(path)
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            res = screen(args.checkpoint, path, bridge=bridge, method="activation,attribution", split_seed=seed,
+                         progress=False, top=args.top)
+            t = res.table
+            contrast = res.summary["attribution"]["contrast"]
+            ok = t[~t["degenerate"] & t["p_ab"].notna()]
+            rng = np.random.default_rng(seed)
+            picks = {
+                "activation": ok.sort_values("p_ab").head(args.top),
+                "attribution": t[t["attribution_zero_p_ab"].notna()].sort_values("attribution_zero_p_ab"
+                                                                                 ).head(args.top),
+                "random": ok.iloc[rng.choice(len(ok), size=min(args.top, len(ok)), replace=False)],
+            }
+            items = [str(i) for i in res.summary["split"]["confirmation"]]
+            for selector, frame in picks.items():
+                pk = [(str(r.point), int(r.feature)) for r in frame.itertuples()]
+                p = confirm(attached, design, items, pk, contrast)
+                q = fdr_bh(p)
+                for (point, feat), pv, qv in zip(pk, p, q, strict=True):
+                    records.append({"design": design.name, "seed": seed, "selector": selector, "point": point,
+                                    "feature": feat, "p_confirm": float(pv), "q_confirm": float(qv)})
+            df = pd.DataFrame(records)
+            cur = df[(df.design == design.name) & (df.seed == seed)]
+            print(json.dumps({"design": design.name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                              "rate_p05": cur.groupby("selector")["p_confirm"].apply(lambda s: float((s < .05).mean())
+                                                                                     ).to_dict()}), flush=True)
+    df = pd.DataFrame(records)
+    summary = {
+        "top": args.top, "seeds": args.seeds, "designs": [str(p) for p in args.designs],
+        "rate_p05": df.groupby("selector")["p_confirm"].apply(lambda s: float((s < .05).mean())).to_dict(),
+        "rate_q05": df.groupby("selector")["q_confirm"].apply(lambda s: float((s < .05).mean())).to_dict(),
+        "n": df.groupby("selector").size().to_dict(),
+        "per_design_p05": df.groupby(["design", "selector"])["p_confirm"].apply(
+            lambda s: float((s < .05).mean())).unstack().to_dict(),
+        "records": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("rate_p05", "rate_q05", "n", "per_design_p05")}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
