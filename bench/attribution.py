@@ -112,6 +112,8 @@ def validate(args, bridge) -> dict:
     t0 = time.perf_counter()
     ig = attribute(attached, design, rows, points, method="ig", steps=args.steps, batch_size=8)
     t_ig = time.perf_counter() - t0
+    print(json.dumps({"rows": len(rows), "seconds_attribution": round(t_lin, 1), "seconds_ig": round(t_ig, 1)}),
+          flush=True)
     fmax = feature_max(attached, design, rows, points)
     rng = np.random.default_rng(args.seed)
     report: dict = {"design": str(args.design), "items": items, "rows": len(rows), "contrast": lin.contrast,

@@ -95,8 +95,17 @@ def main() -> None:
             print(json.dumps({"design": design.name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                               "rate_p05": cur.groupby("selector")["p_confirm"].apply(lambda s: float((s < .05).mean())
                                                                                      ).to_dict()}), flush=True)
+            write_summary(args, records, final=False)
+    summary = write_summary(args, records, final=True)
+    print(json.dumps({k: summary[k] for k in ("rate_p05", "rate_q05", "n", "per_design_p05")}, indent=1))
+    print(f"wrote {args.out}")
+
+
+def write_summary(args, records: list[dict], final: bool) -> dict:
+    """Rates per selector (pooled, per design) and every record; written after each design x seed, so an
+    interrupted run keeps what it measured (``complete`` says whether every design and seed ran)."""
     df = pd.DataFrame(records)
-    summary = {
+    summary = {"complete": final,
         "top": args.top, "seeds": args.seeds, "designs": [str(p) for p in args.designs],
         "rate_p05": df.groupby("selector")["p_confirm"].apply(lambda s: float((s < .05).mean())).to_dict(),
         "rate_q05": df.groupby("selector")["q_confirm"].apply(lambda s: float((s < .05).mean())).to_dict(),
@@ -107,8 +116,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("rate_p05", "rate_q05", "n", "per_design_p05")}, indent=1))
-    print(f"wrote {args.out}")
+    return summary
 
 
 if __name__ == "__main__":
