@@ -144,6 +144,12 @@ class TopKSAE(HookedModule):
         self.hook_recon = HookPoint()
         self.setup_hooks()
 
+    @classmethod
+    def from_arch(cls, arch: SAEArch) -> TopKSAE:
+        """Build from every field of ``arch`` (so ``TopKSAE.from_arch(a).arch == a``)."""
+        return cls(arch.d_in, arch.d_sae, arch.k, arch.normalize_decoder, arch.aux_k, arch.activation,
+                   arch.apply_b_dec_to_input)
+
     @property
     def arch(self) -> SAEArch:
         return SAEArch(d_in=self.d_in, d_sae=self.d_sae, k=self.k, aux_k=self.aux_k,
@@ -280,6 +286,12 @@ class IntegrationNFM(HookedModule):
         self.hook_interaction = HookPoint()
         self.setup_hooks()
 
+    @property
+    def arch(self) -> NFMArch:
+        """The shape as built (read from the module, so a field lost on the way in shows up here)."""
+        return NFMArch(emb_dim=self.V.shape[1], hidden=self.mlp_in.out_features, dropout=self.dropout.p,
+                       linear_bias=self.b_lin is not None, top_m=self.top_m)
+
     def select(self, latents: SparseLatents) -> SparseLatents:
         return latents.top(self.top_m) if self.top_m else latents
 
@@ -325,14 +337,14 @@ class JointSAE(HookedModule):
         super().__init__()
         self.cfg = cfg
         s = cfg.sae
-        self.sae = TopKSAE(s.d_in, s.d_sae, s.k, s.normalize_decoder, s.aux_k, s.activation, s.apply_b_dec_to_input)
+        self.sae = TopKSAE.from_arch(s)
         self.nfm = None
         if cfg.nfm is not None:
             n = cfg.nfm
             self.nfm = IntegrationNFM(s.d_sae, s.d_in, n.emb_dim, n.hidden, n.dropout, n.linear_bias, n.top_m)
         self.secondary: TopKSAE | None = None
-        if cfg.secondary is not None:
-            self.attach_secondary(cfg.secondary.d_sae, cfg.secondary.k)
+        if cfg.secondary is not None:  # every field of its arch (aux_k was dropped here: resumes lost AuxK)
+            self._attach(cfg.secondary)
         self.hook_recon = HookPoint()
         self.setup_hooks()
 
@@ -341,7 +353,17 @@ class JointSAE(HookedModule):
         if self.nfm is None:
             raise FisError("a secondary SAE needs the integration module", field="secondary",
                            fix="use mode 'joint' or 'sequential'")
-        self.secondary = TopKSAE(self.nfm.mlp_in.out_features, d_sae, k, True, aux_k)
+        return self._attach(SAEArch(d_in=self.nfm.mlp_in.out_features, d_sae=d_sae, k=k, aux_k=aux_k))
+
+    def _attach(self, arch: SAEArch) -> TopKSAE:
+        if self.nfm is None:
+            raise FisError("a secondary SAE needs the integration module", field="secondary",
+                           fix="use mode 'joint' or 'sequential'")
+        if arch.d_in != self.nfm.mlp_in.out_features:
+            raise FisError(f"secondary SAE d_in {arch.d_in} is not the NFM hidden size "
+                           f"{self.nfm.mlp_in.out_features}", field="secondary.d_in",
+                           fix="the checkpoint's cfg.json was edited or is damaged: retrain the secondary SAE")
+        self.secondary = TopKSAE.from_arch(arch)
         self.cfg = self.cfg.model_copy(update={"secondary": self.secondary.arch})
         self.setup_hooks()
         return self.secondary
