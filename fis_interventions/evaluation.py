@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 
 from .activations import ActivationStore
 from .attach import Attached, attach
-from .errors import FisError
+from .errors import FisError, FisWarning
 from .io import write_json
 from .models import load_model
 from .provenance import provenance
@@ -157,6 +158,10 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
     attached = attach(bridge, ckpt)
     recon, dead, n_heldout = _reconstruction(attached, store, 1024, max_tokens)
     contexts = store.contexts("heldout")[:max_contexts]
+    if len(contexts) == 0:
+        raise FisError("no held-out contexts to splice (spliced KL/CE need at least 1, their confidence "
+                       f"intervals {MIN_CI_CONTEXTS})", source=store.folder, field="heldout_fraction",
+                       fix="harvest more tokens, raise heldout_fraction, or pass --max-contexts >= 1")
     spliced, per_context = spliced_metrics(attached, contexts, batch_size=batch_size, seed=seed, progress=progress)
     from .sae.metrics import param_counts
 
@@ -224,11 +229,25 @@ def _refit_of(path: Path) -> str | None:
         return None
 
 
-def _relative_ci(baseline: np.ndarray, method: np.ndarray, seed: int) -> dict[str, float]:
-    """Bootstrap CI of a relative improvement; identical inputs (e.g. a frozen, shared SAE) give exactly 0."""
+MIN_CI_CONTEXTS = 2  # a bootstrap over contexts needs at least two of them
+
+
+def _relative_ci(baseline: np.ndarray, method: np.ndarray, seed: int) -> dict[str, float | None]:
+    """Bootstrap CI of a relative improvement; identical inputs (e.g. a frozen, shared SAE) give exactly 0.
+
+    With fewer than :data:`MIN_CI_CONTEXTS` held-out contexts there is nothing to resample: the estimate
+    stays, the interval is ``None`` (printed empty) and the table's notes say why."""
     if np.array_equal(baseline, method):
         return {"estimate": 0.0, "low": 0.0, "high": 0.0}
+    if np.asarray(baseline).size < MIN_CI_CONTEXTS:
+        mean = float(np.mean(baseline))
+        estimate = (mean - float(np.mean(method))) / mean if mean else float("nan")
+        return {"estimate": estimate, "low": None, "high": None}
     return bootstrap_relative_improvement(baseline, method, seed=seed)
+
+
+def _ci(ci: dict[str, float | None]) -> list[float] | None:
+    return None if ci["low"] is None else [ci["low"], ci["high"]]
 
 
 def _per_ctx(ev: CheckpointEval, key: str) -> np.ndarray:
@@ -260,13 +279,13 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
             row["fvu_vs_own_sae"] = 1 - rec["fvu"] / own["fvu"] if comp != "sae" else None
             if comp != "sae":
                 ci = _relative_ci(_per_ctx(ev, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed)
-                row["kl_vs_own_sae"], row["kl_vs_own_sae_ci"] = ci["estimate"], [ci["low"], ci["high"]]
+                row["kl_vs_own_sae"], row["kl_vs_own_sae_ci"] = ci["estimate"], _ci(ci)
             if base is not None:
                 b_rec = base.summary["reconstruction"]["sae"]
                 row["fvu_vs_standalone"] = 1 - rec["fvu"] / b_rec["fvu"]
                 if base is not ev or comp != "sae":
                     ci = _relative_ci(_per_ctx(base, "kl/sae"), _per_ctx(ev, f"kl/{comp}"), seed)
-                    row["kl_vs_standalone"], row["kl_vs_standalone_ci"] = ci["estimate"], [ci["low"], ci["high"]]
+                    row["kl_vs_standalone"], row["kl_vs_standalone_ci"] = ci["estimate"], _ci(ci)
             rows.append(row)
         if "full" in s["reconstruction"]:
             full, lin = s["reconstruction"]["full"], s["reconstruction"]["sae+linear"]
@@ -274,7 +293,7 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
             rows.append({"checkpoint": ev.name, "mode": s["mode"], "components": "interaction gain (full vs sae+linear)",
                          "fvu": full["fvu"] - lin["fvu"], "kl": s["spliced"]["full"]["kl"] - s["spliced"]["sae+linear"]["kl"],
                          "fvu_vs_own_sae": 1 - full["fvu"] / lin["fvu"], "kl_vs_own_sae": ci["estimate"],
-                         "kl_vs_own_sae_ci": [ci["low"], ci["high"]]})
+                         "kl_vs_own_sae_ci": _ci(ci)})
     baselines = []
     for ev in evals:
         sp = ev.summary["spliced"]
@@ -282,9 +301,15 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
             if cond in sp:
                 baselines.append({"checkpoint": ev.name, "condition": cond, "kl": sp[cond]["kl"], "ce": sp[cond]["ce"]})
         baselines.append({"checkpoint": ev.name, "condition": "clean", "kl": 0.0, "ce": sp["clean"]["ce"]})
+    few = sorted({int(ev.summary.get("n_heldout_contexts", MIN_CI_CONTEXTS)) for ev in evals
+                  if int(ev.summary.get("n_heldout_contexts", MIN_CI_CONTEXTS)) < MIN_CI_CONTEXTS})
+    omitted = [f"confidence intervals omitted: {few[0]} held-out context(s), a bootstrap needs at least "
+               f"{MIN_CI_CONTEXTS} (harvest more tokens, raise heldout_fraction or --max-contexts)"] if few else []
+    if omitted:
+        warnings.warn(omitted[0], FisWarning, stacklevel=2)
     return {"baseline": base.name if base else None, "table": rows, "baselines": baselines,
             "seeds": seed_summary(evals),
-            "notes": ["fvu_vs_* and kl_vs_* are relative reductions (positive = better than the reference)",
+            "notes": omitted + ["fvu_vs_* and kl_vs_* are relative reductions (positive = better than the reference)",
                       "vs_own_sae: against the same checkpoint's SAE path alone (the paper's reference, flaw 4)",
                       "vs_standalone: against an independently trained SAE of the same size",
                       "the linear part reads the same latents as the SAE decoder: compare it with an "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pydantic import BaseModel
 
@@ -56,3 +57,35 @@ def test_attach_secondary_keeps_aux_k():
     model.attach_secondary(12, 3, aux_k=4)
     rebuilt = JointSAE(model.cfg)
     assert rebuilt.secondary.aux_k == 4 and rebuilt.cfg.secondary.aux_k == 4
+
+
+def _fake_eval(name: str, mode: str, kl: dict[str, list[float]]):
+    import numpy as np
+
+    from fis_interventions.evaluation import CheckpointEval
+
+    rec = {c: {"fvu": 0.5, "mse": 1.0, "l0": 3.0} for c in kl}
+    spliced = {c: {"kl": float(np.mean(v)), "ce": 2.0, "ce_recovered": 0.9, "kl_score": 0.8} for c, v in kl.items()}
+    spliced["clean"] = {"ce": 1.5}
+    summary = {"mode": mode, "reconstruction": rec, "spliced": spliced, "params": {"sae": 10, "linear": 5},
+               "n_heldout_contexts": len(next(iter(kl.values()))), "train_config": {"mode": mode}}
+    return CheckpointEval(name, summary, {f"kl/{c}": np.array(v) for c, v in kl.items()})
+
+
+def test_eval_with_one_heldout_context_omits_the_ci(recwarn):
+    """`fis eval` on a tiny harvest with one held-out context died in the bootstrap (ValueError); now the
+    estimate stays, the interval is empty and a note plus one warning say why."""
+    from fis_interventions.evaluation import comparison_table, format_table
+
+    table = comparison_table([_fake_eval("a", "sae", {"sae": [0.4]}),
+                              _fake_eval("b", "joint", {"sae": [0.4], "sae+linear": [0.3]})])
+    row = next(r for r in table["table"] if r["checkpoint"] == "b" and r["components"] == "sae+linear")
+    assert row["kl_vs_standalone"] == pytest.approx(0.25) and row["kl_vs_standalone_ci"] is None
+    assert "confidence intervals omitted: 1 held-out context" in table["notes"][0]
+    assert any("at least 2" in str(w.message) for w in recwarn)
+    assert "nan" not in format_table(table).split("baselines:")[0].lower()
+    # two contexts: an interval again
+    table = comparison_table([_fake_eval("a", "sae", {"sae": [0.4, 0.5]}),
+                              _fake_eval("b", "joint", {"sae": [0.4, 0.5], "sae+linear": [0.3, 0.45]})])
+    row = next(r for r in table["table"] if r["checkpoint"] == "b" and r["components"] == "sae+linear")
+    assert len(row["kl_vs_standalone_ci"]) == 2
