@@ -16,6 +16,7 @@ So a rerun with other settings never mixes old and new results, and nothing we d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -60,6 +61,23 @@ def package_version() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def code_identity() -> dict[str, str]:
+    """The code's own identity: the package version and a sha256 over the installed package's Python source
+    (relative paths and bytes, sorted), so any change to the code changes every fingerprint (the version
+    alone stayed 0.1.0 across every commit). Computed once per process (~100 small files)."""
+    return {"version": package_version(), "source": source_digest(Path(__file__).resolve().parent)}
+
+
+def source_digest(root: Path) -> str:
+    """sha256 over every ``*.py`` under ``root``: relative path and content hash, in sorted order."""
+    h = hashlib.sha256()
+    for file in sorted(Path(root).rglob("*.py")):
+        h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(file.read_bytes()).digest())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """What decides a stage's numbers, and its sha256 digest."""
@@ -67,11 +85,14 @@ class Fingerprint:
     stage: str
     inputs: dict[str, Any]
     digest: str = field(init=False)
+    code: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
         clean = json.loads(canonical_json(self.inputs))  # paths, tuples -> JSON types, so reads compare equal
         object.__setattr__(self, "inputs", clean)
-        object.__setattr__(self, "digest", json_digest({"format": FORMAT, "stage": self.stage, "inputs": clean}))
+        object.__setattr__(self, "code", code_identity())
+        object.__setattr__(self, "digest", json_digest({"format": FORMAT, "stage": self.stage, "inputs": clean,
+                                                        "code": self.code}))
 
     @property
     def short(self) -> str:
@@ -79,7 +100,7 @@ class Fingerprint:
 
     def record(self) -> dict[str, Any]:
         return {"format": FORMAT, "stage": self.stage, "digest": self.digest, "written_by":
-                f"fis-interventions {package_version()}", "inputs": self.inputs}
+                f"fis-interventions {package_version()}", "code": self.code, "inputs": self.inputs}
 
 
 def read_fingerprint(folder: Path) -> dict[str, Any] | None:
@@ -120,6 +141,17 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> lis
     if len(keys) > limit:
         shown.append(f"and {len(keys) - limit} more")
     return shown
+
+
+def _code_change(record: dict[str, Any], fp: Fingerprint) -> str:
+    """Why two fingerprints with equal inputs differ: the fis code that wrote the folder changed."""
+    old = record.get("code") or {}
+    if old.get("version") != fp.code["version"]:
+        return f"written by fis-interventions {old.get('version', 'of an older format')}, this is {fp.code['version']}"
+    if old.get("source") != fp.code["source"]:
+        return (f"written by other fis code (source {str(old.get('source'))[:12]}, this is "
+                f"{fp.code['source'][:12]}): results from two codes would mix")
+    return "fingerprint format"
 
 
 def _short(value: Any, width: int = 40) -> str:
@@ -167,7 +199,7 @@ def check_output(out: Path, fp: Fingerprint, *, overwrite: bool = False, owned: 
     elif overwrite:
         state = "replace"
     else:
-        what = "; ".join(differences(record.get("inputs", {}), fp.inputs)) or "fingerprint format"
+        what = "; ".join(differences(record.get("inputs", {}), fp.inputs)) or _code_change(record, fp)
         raise FisError(f"output folder holds a {fp.stage} run with other settings ({what})", source=out,
                        fix="use a new --out folder, or pass --overwrite to replace it")
     if state == "replace" or replaces_same:
@@ -213,11 +245,27 @@ def folder_identity(folder: Path) -> str:
     folder = Path(folder)
     record = read_fingerprint(folder) if folder.is_dir() else None
     if record is not None:
+        if record.get("stage") == "harvest":
+            return harvest_identity(folder, record["digest"])
         return record["digest"]
     for name in ("manifest.json", "cfg.json", "run.json"):
         if (folder / name).is_file():
             return file_digest(folder / name)
     return "missing"
+
+
+def harvest_identity(folder: Path, digest: str) -> str:
+    """A harvest's identity for the stages that read it: its settings' digest plus what it holds now (token
+    count and the shard list with each shard's size). A harvest extended with a larger ``--tokens`` keeps its
+    fingerprint (it resumes) but gets another identity, so a training resumed on it is refused."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return digest + ":no-manifest"
+    shards = [{k: s.get(k) for k in ("file", "n_contexts", "n_tokens")} for s in manifest.get("shards", [])
+              if isinstance(s, dict)]
+    return json_digest({"fingerprint": digest, "token_count": manifest.get("token_count"), "shards": shards,
+                        "complete": manifest.get("complete")})
 
 
 def checkpoint_identity(path: Path) -> str:

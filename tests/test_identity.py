@@ -89,3 +89,61 @@ def test_eval_with_one_heldout_context_omits_the_ci(recwarn):
                               _fake_eval("b", "joint", {"sae": [0.4, 0.5], "sae+linear": [0.3, 0.45]})])
     row = next(r for r in table["table"] if r["checkpoint"] == "b" and r["components"] == "sae+linear")
     assert len(row["kl_vs_standalone_ci"]) == 2
+
+
+def test_code_change_refuses_a_resume_in_one_line(tmp_path, monkeypatch):
+    """Every fingerprint carries the code's identity (version + source hash): resuming a folder written by
+    other fis code is refused, naming the cause and both ways out."""
+    from fis_interventions import fingerprint
+    from fis_interventions.errors import FisError
+
+    out = tmp_path / "run"
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",)) == "new"
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",)) == "resume"
+    assert fingerprint.read_fingerprint(out)["code"] == fingerprint.code_identity()
+    other = {**fingerprint.code_identity(), "source": "0" * 64}
+    monkeypatch.setattr(fingerprint, "code_identity", lambda: other)
+    with pytest.raises(FisError) as err:
+        fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",))
+    text = str(err.value)
+    assert "\n" not in text and "other fis code" in text and "--overwrite" in text and "--out" in text
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",),
+                             overwrite=True) == "new"
+
+
+def test_source_digest_sees_every_byte(tmp_path):
+    from fis_interventions.fingerprint import source_digest
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    first = source_digest(tmp_path / "pkg")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest(tmp_path / "pkg") != first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    assert source_digest(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "b.py")  # same bytes, another module
+    assert source_digest(tmp_path / "pkg") != first
+
+
+def test_extended_harvest_has_another_identity_and_a_resumed_training_refuses_it(tmp_path, tiny_bridge):
+    """`fis harvest --tokens` larger resumes the same harvest (same fingerprint) but changes what it holds:
+    the identity a training records covers the token count and the shard list, so the resume is refused."""
+    from fis_interventions.activations import harvest
+    from fis_interventions.errors import FisError
+    from fis_interventions.fingerprint import claim, folder_identity, read_fingerprint
+    from fis_interventions.training import train, train_fingerprint
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"Sentence number {i} talks about boats and rain." for i in range(300)))
+    kwargs = dict(bridge=tiny_bridge, model="tiny-random", hook="blocks.1.hook_resid_post", corpus=[str(corpus)],
+                  out=tmp_path / "acts", progress=False, context_length=32, contexts_per_shard=4)
+    harvest(tokens=300, **kwargs)
+    before, digest = folder_identity(tmp_path / "acts"), read_fingerprint(tmp_path / "acts")["digest"]
+    cfg = TrainConfig(activations=tmp_path / "acts", d_sae=64, k=4, mode="sae", batch_size=32, tokens=64)
+    claim(tmp_path / "train", train_fingerprint(cfg), owned=("checkpoint", "metrics.jsonl", "activations"))
+    harvest(tokens=600, **kwargs)
+    assert read_fingerprint(tmp_path / "acts")["digest"] == digest  # the same harvest, extended
+    assert folder_identity(tmp_path / "acts") != before
+    with pytest.raises(FisError, match=r"activations: .* -> .*--overwrite"):
+        train(cfg, tmp_path / "train", resume=True, progress=False)

@@ -162,9 +162,11 @@ class TopKSAE(HookedModule):
         return self.hook_pre(self.raw_pre_acts(x))
 
     def raw_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.apply_b_dec_to_input:
-            return x @ self.W_enc + self.b_enc
-        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        """``addmm`` exactly as the training fast path (:class:`EncoderPre`) computes it: the bias enters the
+        same fused product on both paths, so a no-op edit at ``hook_pre``/``hook_latents`` (which leaves the fast
+        path) is bit-identical to the unedited pass at any thread count (``x @ W + b`` rounds differently)."""
+        bias = self.b_enc if not self.apply_b_dec_to_input else self.b_enc - self.b_dec @ self.W_enc
+        return torch.addmm(bias, x, self.W_enc) if x.ndim == 2 else x @ self.W_enc + bias
 
     def topk(self, pre: torch.Tensor) -> SparseLatents:
         """Top-k then ReLU: the same values as ReLU then top-k (ReLU is monotone) without a dense ReLU pass;
