@@ -38,7 +38,8 @@ from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import PrefixState, pad_right
 from .config import BatteryConfig
-from .features import Condition, Target, conditions, resolve_features, screened_designs, stacked_edit
+from .features import (ActivationStats, Condition, Target, conditions, resolve_features, screened_designs,
+                       stacked_edit)
 from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,62 @@ def _feature_max(attached: Attached, targets: list[Target], batches: list[Encode
     return {t: float(v) for t, v in zip(targets, values, strict=True)}
 
 
+@torch.no_grad()
+def _point_values(attached: Attached, batches: list[Encoded], points: set[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The values at ``points`` on every kept position of every stimulus batch (one joint pass per batch)."""
+    for x in _kept_inputs(attached, batches):
+        seen: dict[str, torch.Tensor] = {}
+        attached.joint(x, "full" if attached.joint.nfm is not None else "sae",
+                       edit={p: (lambda p: lambda v: seen.__setitem__(p, v.detach()))(p) for p in points})
+        yield seen
+
+
+def _activation_stats(attached: Attached, batches: list[Encoded], point: str) -> ActivationStats:
+    """Firing rate and mean activation when firing of every latent of ``point`` on the stimuli."""
+    fired = total = None
+    n = 0
+    for seen in _point_values(attached, batches, {point}):
+        v = seen[point].double()
+        on = v > 0
+        fired = on.sum(0) if fired is None else fired + on.sum(0)
+        total = (v * on).sum(0) if total is None else total + (v * on).sum(0)
+        n += v.shape[0]
+    fired, total = fired.cpu().numpy(), total.cpu().numpy()
+    mean = np.divide(total, fired, out=np.zeros_like(total), where=fired > 0)
+    return ActivationStats(fired / max(n, 1), mean)
+
+
+def _active_values(attached: Attached, targets: list[Target], batches: list[Encoded]) -> dict[Target, np.ndarray]:
+    """Every non-zero activation of each target on the stimuli (what quantile clamps are calibrated on)."""
+    parts: dict[Target, list[torch.Tensor]] = {t: [] for t in targets}
+    for seen in _point_values(attached, batches, {t.point for t in targets}):
+        for t in targets:
+            v = seen[t.point][:, list(t.indices)].reshape(-1)
+            parts[t].append(v[v > 0].float().cpu())
+    return {t: torch.cat(v).numpy() if v else np.zeros(0) for t, v in parts.items()}
+
+
+def _quantile_fn(values: np.ndarray) -> Any:
+    return lambda q: float(np.quantile(values, q)) if len(values) else 0.0
+
+
+def primary_test(cfg: BatteryConfig, designs: list[Any]) -> dict[str, Any]:
+    """The pre-registered primary test (clamp and contrast readout), checked against the config and designs; the
+    documented default (first real clamp, first contrast of the first design) when none is named."""
+    kind, value, where = cfg.primary_condition()
+    contrasts = [list(d.readout.contrast_terms()) for d in designs]
+    if cfg.primary is None:
+        readout = contrasts[0][0] if contrasts and contrasts[0] else None
+        return {"intervention": kind, "value": value, "position": where, "readout": readout, "sesoi": None,
+                "default": True}
+    for d, names in zip(designs, contrasts, strict=True):
+        if cfg.primary.readout not in names:
+            raise FisError(f"primary readout {cfg.primary.readout!r} is not a contrast of design {d.name!r}",
+                           field="primary.readout", fix=f"use one of: {', '.join(names) or '(none defined)'}")
+    return {"intervention": kind, "value": value, "position": where, "readout": cfg.primary.readout,
+            "sesoi": cfg.primary.sesoi, "default": False}
+
+
 def store_path(out: Path, shard: tuple[int, int]) -> Path:
     i, n = shard
     return out / ("results.sqlite" if n == 1 else f"results.shard-{i}-of-{n}.sqlite")
@@ -355,15 +412,31 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         all_batches += [enc for _, enc in batches]
         plans.append((design, rows, batches, Readouts.for_design(design, tokenizer)))
 
+    primary = primary_test(cfg, designs)
     active = None
     if any(f.top_linear for f in cfg.features):
         active = _active_latents(attached, all_batches)
-    targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active)
+    stats_cache: dict[str, ActivationStats] = {}
+
+    def stats(point: str) -> ActivationStats:
+        if point not in stats_cache:
+            stats_cache[point] = _activation_stats(attached, all_batches, point)
+        return stats_cache[point]
+
+    targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active, stats)
     fp = battery_fingerprint(cfg, model_name(bridge), checkpoint_id, list(design_ids.values()))
     claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created now, every input checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
+    needs_q = any(spec.quantile for spec in cfg.interventions)
+    qvals = _active_values(attached, targets, all_batches) if needs_q else {}
+    qfun = {t: _quantile_fn(qvals[t]) if needs_q else None for t in targets}
+    warnings = []
+    if primary["default"]:
+        warnings.append(f"no primary test named in the config: the default is used ({primary['intervention']} "
+                        f"{primary['value']:g} [{primary['position']}] on {primary['readout']!r}); name it under "
+                        "`primary:` before the run (pre-registration)")
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
         "split_path": attached.split.path,
@@ -375,8 +448,12 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                              "contrasts": dict(d.readout.contrasts), "score": d.readout.score}
                     for (d, r, _, _), p in zip(plans, cfg.designs, strict=True)},
         "features": [{"point": t.point, "feature": t.label, "role": t.role, "max_activation": fmax[t],
-                      **_selected_on(t, screened)} for t in targets],
-        "warnings": [w for plan in plans for w in plan[3].warnings],
+                      **_match_record(t, stats_cache), **_selected_on(t, screened),
+                      **({"clamps": {f"{c.kind} {c.value:g} [{c.where}]": c.amount
+                                     for c in conditions(cfg.interventions, fmax[t] or 1.0, qfun[t])}} if needs_q else {})}
+                     for t in targets],
+        "primary": primary,
+        "warnings": warnings + [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
     write_json(out / "run.json", run_meta)
@@ -396,7 +473,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         design, _, batches, readouts = plans[di]
         meta, enc = batches[bi]
         for ti, rows in _run_batch(attached, enc, meta, readouts, [targets[ti] for ti in tis], tis, cfg, fmax,
-                                   list(design.factors), tokenizer.pad_token_id):
+                                   list(design.factors), tokenizer.pad_token_id, qfun):
             store.commit_unit(_unit_key(fp, plans, targets, (di, bi, ti)), rows)
             bar.update(1)
     bar.close()
@@ -426,6 +503,19 @@ def _select_items(rows: pd.DataFrame, name: str, screened: dict[str, Any] | None
                   "discovery_items": screened["discovery"]}
 
 
+def _match_record(target: Target, stats: dict[str, ActivationStats]) -> dict[str, Any]:
+    """run.json's record of a feature's activation statistics on the stimuli (where computed) and, for a
+    matched control, the feature it is matched to."""
+    out: dict[str, Any] = {}
+    st = stats.get(target.point)
+    if st is not None and len(target.indices) == 1:
+        i = target.indices[0]
+        out.update(firing_rate=float(st.firing[i]), mean_activation=float(st.mean_active[i]))
+    if target.matched_to is not None:
+        out["matched_to"] = target.matched_to
+    return out
+
+
 def _selected_on(target: Target, screened: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """run.json's record of where a feature was selected: the screening, its design and discovery items."""
     if target.source is None:
@@ -439,7 +529,7 @@ def _selected_on(target: Target, screened: dict[str, dict[str, Any]]) -> dict[st
 
 def _run_batch(attached: Attached, enc: Encoded, meta: pd.DataFrame, readouts: Readouts, targets: list[Target],
                target_ids: list[int], cfg: BatteryConfig, fmax: dict[Target, float | None], factors: list[str],
-               pad_id: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+               pad_id: int, qfun: dict[Target, Any] | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Every (feature, condition) of one stimulus batch, stacked into as few passes as ``max_batch_rows``
     allows; yields ``(target id, rows)`` per feature once all its conditions are scored."""
     prep = _prepare(attached, enc)
@@ -447,7 +537,9 @@ def _run_batch(attached: Attached, enc: Encoded, meta: pd.DataFrame, readouts: R
     if readouts.continuations:
         extended = extend_rows(enc, readouts.continuations, pad_id)
         ext = (_prepare(attached, extended.enc), extended)
-    per_target = [conditions(cfg.interventions, fmax[t] if fmax[t] is not None else 1.0) for t in targets]
+    qfun = qfun or {}
+    per_target = [conditions(cfg.interventions, fmax[t] if fmax[t] is not None else 1.0, qfun.get(t))
+                  for t in targets]
     blocks = [(t, c) for t, conds in zip(targets, per_target, strict=True) for c in conds]
     owner = np.repeat(np.arange(len(targets)), [len(c) for c in per_target])
     rows_per_copy = len(enc.readout) * (1 + (ext[1].n_words if ext else 0))

@@ -22,6 +22,7 @@ class Target:
     indices: tuple[int, ...]
     role: str
     source: str | None = None  # the screening folder it was selected from (from_screening), else None
+    matched_to: str | None = None  # matched controls: the label of the feature they are matched to
 
     @property
     def label(self) -> str:
@@ -99,21 +100,110 @@ def screening_summary(spec: FeatureSpec) -> tuple[dict, Path]:
     return data, file
 
 
+def screen_hits(specs: list[FeatureSpec], q: float = 0.05) -> set[tuple[str, int]]:
+    """(point, feature) of every screen hit (``q_ab`` below ``q``) of the config's screenings: never offered
+    as a null control (a hit is an alternative explanation, not a null)."""
+    import pandas as pd
+
+    hits: set[tuple[str, int]] = set()
+    for spec in specs:
+        if spec.from_screening is None:
+            continue
+        path = Path(spec.from_screening)
+        table = path / "screening.csv" if path.is_dir() else path.parent / "screening.csv"
+        if not table.is_file():
+            continue
+        df = pd.read_csv(table)
+        if {"point", "feature", "q_ab"} <= set(df.columns):
+            sig = df[df["q_ab"] < q]
+            hits |= {(str(pt), int(f)) for pt, f in zip(sig["point"], sig["feature"], strict=True)}
+    return hits
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per latent of one point, on the battery's stimuli (every kept token position): how often it fires
+    and its mean activation when it does; what matched controls are matched on."""
+
+    firing: np.ndarray  # [width] fraction of positions with activation > 0
+    mean_active: np.ndarray  # [width] mean activation where > 0 (0 where it never fires)
+
+
+def match_distance(stats: ActivationStats, feature: int) -> np.ndarray:
+    """Largest relative difference (firing rate, mean activation) of every latent to ``feature``."""
+    f0, m0 = stats.firing[feature], stats.mean_active[feature]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.maximum(np.abs(stats.firing / f0 - 1.0), np.abs(stats.mean_active / m0 - 1.0))
+    return np.where(np.isfinite(d), d, np.inf)
+
+
+def matched_controls(spec: FeatureSpec, targets: list[Target], stats: Callable[[str], ActivationStats],
+                     exclude: set[tuple[str, int]]) -> list[Target]:
+    """``spec.matched`` controls per target of role ``spec.match_role``: the closest latents of the same point
+    (firing rate and mean activation within ``spec.tolerance``), never a target, a screen hit or a control
+    already taken. Refuses (one line, with the closest distance) when too few latents qualify."""
+    wanted = [t for t in targets if t.role == spec.match_role]
+    if not wanted:
+        raise FisError(f"matched controls: no feature has role '{spec.match_role}' (list it before the controls)",
+                       field="features.match_role", fix="set match_role to the role of the features to match")
+    out: list[Target] = []
+    taken = {(t.point, t.indices) for t in targets}
+    for t in wanted:
+        if len(t.indices) != 1:
+            raise FisError(f"matched controls need single features; {t.label} is a group", field="features.matched",
+                           fix="match single features")
+        st = stats(t.point)
+        f = t.indices[0]
+        if st.firing[f] <= 0:
+            raise FisError(f"feature {f} at {t.point} never fires on the battery's stimuli: nothing to match",
+                           field="features.matched", fix="drop the matched controls for it, or pick another feature")
+        dist = match_distance(st, f)
+        for i in range(len(dist)):
+            if (t.point, (i,)) in taken or (t.point, i) in exclude or i == f:
+                dist[i] = np.inf
+        order = np.argsort(dist, kind="stable")
+        ok = [int(i) for i in order[:spec.matched] if dist[i] <= spec.tolerance]
+        if len(ok) < spec.matched:
+            free = order[len(ok)] if len(ok) < len(order) else None
+            closest = ("no other latent fires" if free is None or not np.isfinite(dist[free]) else
+                       f"the closest free latent, {int(free)}, differs by {dist[free]:.2f} (firing "
+                       f"{st.firing[free]:.3g} vs {st.firing[f]:.3g}, mean activation {st.mean_active[free]:.3g} "
+                       f"vs {st.mean_active[f]:.3g})")
+            raise FisError(f"only {len(ok)} of {spec.matched} latents at {t.point} match feature {f} within "
+                           f"tolerance {spec.tolerance:g}: {closest}", field="features.matched",
+                           fix="raise features.tolerance or ask for fewer matched controls")
+        for i in ok:
+            taken.add((t.point, (i,)))
+            out.append(Target(t.point, (i,), spec.role, matched_to=t.label))
+    return out
+
+
 def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
-                     active_latents: torch.Tensor | None = None) -> list[Target]:
-    """Concrete targets, in config order, without duplicates (random picks avoid already chosen ones)."""
+                     active_latents: torch.Tensor | None = None,
+                     stats: Callable[[str], ActivationStats] | None = None) -> list[Target]:
+    """Concrete targets, in config order, without duplicates (random picks avoid already chosen ones; linear
+    and matched controls are never screen hits). ``stats(point)``: activation statistics on the stimuli, needed
+    by matched controls."""
     widths = point_widths(joint, d_in)
     targets: list[Target] = []
     rng = np.random.default_rng(seed)
+    hits = screen_hits(specs)
     for spec in specs:
         if spec.from_screening is not None:
             new = _from_screening(spec)
+        elif spec.matched is not None:
+            if stats is None:
+                raise FisError("matched controls need the stimuli's activation statistics", field="features.matched")
+            new = matched_controls(spec, targets, stats, hits)
         elif spec.top_linear is not None:
             if getattr(joint, "nfm", None) is None:
                 raise FisError("top_linear needs a checkpoint with an integration module", field="features")
             norms = joint.nfm.W_lin.detach().norm(dim=-1).cpu()
             if active_latents is not None:
                 norms = torch.where(active_latents.cpu(), norms, torch.full_like(norms, -1.0))
+            for pt, f in hits:  # a screen hit is an alternative explanation, not a null control
+                if pt == "sae.hook_latents" and f < len(norms):
+                    norms[f] = -1.0
             order = torch.argsort(norms, descending=True)[:spec.top_linear].tolist()
             new = [Target("sae.hook_latents", (i,), spec.role) for i in order]
         else:
@@ -147,11 +237,17 @@ class Condition:
     amount: float  # the number actually used (value x feature max for relative sets)
 
 
-def conditions(specs: list[InterventionSpec], feature_max: float) -> list[Condition]:
+def conditions(specs: list[InterventionSpec], feature_max: float,
+               quantiles: Callable[[float], float] | None = None) -> list[Condition]:
+    """The conditions of one target; ``quantiles(q)``: the q-quantile of its non-zero activations on the
+    stimuli (for ``quantile: true`` sets, 0 if it never fires)."""
     out = []
     for spec in specs:
         for v in spec.values:
-            amount = v * feature_max if spec.relative_to_max else v
+            if spec.quantile:
+                amount = quantiles(v) if quantiles is not None else 0.0
+            else:
+                amount = v * feature_max if spec.relative_to_max else v
             out.append(Condition(spec.kind, float(v), spec.where, float(amount)))
     return out
 
