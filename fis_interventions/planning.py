@@ -59,13 +59,72 @@ def pilot_from_run(folder: Path, select: dict[str, Any]) -> tuple[dict[str, Any]
     return result, prompts
 
 
-def read_pilot(pilot: str | Path, select: dict[str, Any]) -> PowerSpec:
-    """A :class:`PowerSpec` from a battery run folder or a ``fis stats`` JSON file."""
+def dropped_terms(result: dict[str, Any]) -> list[str]:
+    """The variance terms the pilot's fit dropped or estimated at zero (singular fit): power computed with them
+    at zero is optimistic, the item x interaction variance above all."""
+    lmm = result.get("lmm") or {}
+    notes = list(lmm.get("simplification") or [])
+    zero = [f"{r['term1']} ({r['group']})" for r in lmm.get("random_effects") or []
+            if r.get("term2") is None and r.get("group") != "Residual" and not (r.get("vcov") or 0.0) > 0]
+    if zero:
+        notes.append("variance estimated at 0: " + ", ".join(zero))
+    if lmm.get("singular") and not notes:
+        notes.append("singular fit")
+    return notes
+
+
+def _dropped_note(result: dict[str, Any]) -> list[str]:
+    dropped = dropped_terms(result)
+    if not dropped:
+        return []
+    return ["the pilot's fit dropped variance terms (" + "; ".join(dropped) + "): the simulation takes them as 0, "
+            "so power is optimistic; pass --var-ab (and --var-a/--var-b) with plausible values"]
+
+
+def _run_json(folder: Path) -> dict[str, Any]:
+    file = folder / "run.json"
+    data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def selection_warning(folder: Path, select: dict[str, Any], n_tests: int) -> str | None:
+    """Why the pilot's effect may be inflated (winner's curse): the test is one of several the run made (a clamp,
+    readout or feature picked by its p-value) rather than the run's named (pre-registered) primary test."""
+    primary = _run_json(folder).get("primary")
+    if isinstance(primary, dict) and not primary.get("default") and n_tests > 0:
+        same = (str(select.get("intervention", primary["intervention"])) == str(primary["intervention"])
+                and float(select.get("value", primary["value"])) == float(primary["value"])
+                and str(select.get("readout", primary["readout"])) == str(primary["readout"]))
+        if same:
+            return None
+    return (f"the pilot effect comes from one of {n_tests} tests of the run, not from a pre-registered primary "
+            "test: if it was chosen because it was (nearly) significant its effect is inflated and the power too "
+            "optimistic; pass the smallest effect of interest with --sesoi instead")
+
+
+def family_size_of(folder: Path) -> int:
+    """Size of the primary family the confirmatory test will be corrected in: one primary test per feature that
+    is not a control (run.json ``features``)."""
+    feats = _run_json(folder).get("features") or []
+    return max(1, sum(1 for f in feats if "control" not in str(f.get("role", ""))))
+
+
+def read_pilot(pilot: str | Path, select: dict[str, Any], notes: list[str] | None = None) -> PowerSpec:
+    """A :class:`PowerSpec` from a battery run folder or a ``fis stats`` JSON file; ``notes`` collects the
+    warnings about the pilot (selected by significance, dropped variance terms)."""
+    notes = notes if notes is not None else []
     path = Path(pilot)
     if not path.exists():
         raise FisError("pilot not found", source=path, fix="pass a battery run folder or a fis stats --json file")
     if path.is_dir():
         result, prompts = pilot_from_run(path, select)
+        from .reports.runfolder import load_run
+
+        res = load_run(path).results
+        n_tests = res[res["readout_kind"] == "contrast"].groupby(
+            ["design", "point", "feature", "intervention", "value", "position", "readout"]).ngroups
+        warn = selection_warning(path, select, n_tests)
+        notes += ([warn] if warn else []) + _dropped_note(result)
         spec = spec_from_stats(result, str(path))
         return replace(spec, prompts=prompts, reps=max(1, spec.reps // prompts))
     try:
@@ -76,6 +135,15 @@ def read_pilot(pilot: str | Path, select: dict[str, Any]) -> PowerSpec:
     if not isinstance(result, dict) or "factors" not in result or "lmm" not in result:
         raise FisError("not a fis stats JSON file (no 'factors' / 'lmm')", source=path,
                        fix="pass the file written by fis stats --json")
+    dropped = dropped_terms(result)
+    if dropped:
+        notes.append("the pilot's fit dropped variance terms (" + "; ".join(dropped) + "): the simulation takes "
+                     "them as 0, so power is optimistic; pass --var-ab (and --var-a/--var-b) with plausible values")
+    notes.append("if this pilot test was chosen because it was (nearly) significant, its effect is inflated: "
+                 "prefer the smallest effect of interest (--sesoi)")
+    notes += _dropped_note(result)
+    notes.append("if this pilot test was chosen because it was (nearly) significant, its effect is inflated: "
+                 "prefer the smallest effect of interest (--sesoi)")
     return spec_from_stats(result, str(path))
 
 
@@ -103,7 +171,8 @@ def power_figure(curve: pd.DataFrame, spec: PowerSpec, path: Path) -> Path:
 
 def power(pilot: str | Path | None = None, out: str | Path | None = None, items: Sequence[int] = DEFAULT_ITEMS,
           sims: int = 1000, seed: int = 0, alpha: float = 0.05, engine: str = "auto",
-          select: dict[str, Any] | None = None, overwrite: bool = False, **overrides: Any) -> dict[str, Any]:
+          select: dict[str, Any] | None = None, overwrite: bool = False, sesoi: float | None = None,
+          family_size: int | None = None, **overrides: Any) -> dict[str, Any]:
     """Python API of ``fis power``: power of the primary interaction test over a grid of item counts.
 
     ``pilot``: a battery run folder (select one test with ``select`` = design/feature/intervention/value/
@@ -112,15 +181,32 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
     without a pilot, give the whole model. Returns the JSON written to ``out/power.json`` (if ``out``), a
     folder replaced only under the fingerprint rule (same settings, or ``overwrite``; never a folder fis did
     not write).
+
+    ``sesoi``: the smallest effect of interest, used as the effect instead of the pilot's (whose estimate is
+    inflated when the test was picked for its p-value; the result's ``warnings`` say when). ``family_size``: the
+    number of tests the confirmatory test will be BH-corrected with (default: a run's features that are not
+    controls, else 1); power is computed at ``alpha / family_size``, BH's threshold when only one test of the
+    family has an effect.
     """
     from .fingerprint import Fingerprint, check_output, package_version, replace_folder
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    notes: list[str] = []
+    if sesoi is not None:
+        if sesoi <= 0:
+            raise FisError("--sesoi must be positive", field="--sesoi", fix="pass the smallest effect of interest")
+        overrides["effect"] = float(sesoi)
+    if family_size is not None and family_size < 1:
+        raise FisError("--family-size must be at least 1", field="--family-size", fix="pass the number of tests")
     target = Path(out) if out is not None else None
     if target is not None:  # a folder fis did not write is refused before any work (the fingerprint rule)
         check_output(target, Fingerprint("power", {}), overwrite=True)
     if pilot is not None:
-        spec = replace(read_pilot(pilot, select or {}), **overrides)
+        spec = replace(read_pilot(pilot, select or {}, notes), **overrides)
+        if "effect" in overrides:  # the effect is the user's, not the (possibly selected) pilot's
+            notes = [n for n in notes if "inflated" not in n]
+        if family_size is None and Path(pilot).is_dir():
+            family_size = family_size_of(Path(pilot))
     else:
         missing = [k for k in ("effect", "var_resid") if k not in overrides]
         if missing:
@@ -130,12 +216,21 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
     if engine == "fit" or (engine == "auto" and spec.prompts >= 5):
         log.warning("%d prompts are crossed random effects: no closed form, %d full REML fits (about 1 s each)",
                     spec.prompts, sims * len(items))
+    family_size = family_size or 1
+    alpha_used = alpha / family_size
+    if family_size > 1:
+        notes.append(f"power at alpha {alpha:g}/{family_size} = {alpha_used:.3g}: the test will be corrected "
+                     f"with {family_size} primary tests (BH's threshold when only one of them has an effect)")
+    for note in notes:
+        log.warning(note)
     started = time.perf_counter()
-    curve = power_curve(spec, items, n_sims=sims, seed=seed, alpha=alpha, engine=engine)
+    curve = power_curve(spec, items, n_sims=sims, seed=seed, alpha=alpha_used, engine=engine)
     seconds = time.perf_counter() - started
     used = "fit" if engine == "fit" or (engine == "auto" and spec.prompts >= 5) else "closed"
     result = {"spec": spec_dict(spec), "pilot": None if pilot is None else str(pilot), "select": select or {},
-              "alpha": alpha, "n_sims": sims, "seed": seed, "engine": used,
+              "alpha": alpha, "family_size": family_size, "alpha_used": alpha_used,
+              "effect_source": "sesoi" if sesoi is not None else ("given" if "effect" in overrides else "pilot"),
+              "warnings": notes, "n_sims": sims, "seed": seed, "engine": used,
               "model": "shift ~ A*B" + (" + prompt" if 1 < spec.prompts < 5 else "")
                        + " + (1 + A + B" + (" + A:B" if spec.reps * spec.prompts > 1 else "") + " || item)"
                        + (" + crossed prompt effects" if spec.prompts >= 5 else "")

@@ -96,6 +96,32 @@ def test_pilot_from_a_battery_run(run_folder):
     result = power(run_folder, items=[8, 16], sims=200, select=select)
     assert result["spec"]["prompts"] == 2 and result["spec"]["effect"] > 1.0
     assert "prompt" in result["model"] and result["curve"][1]["power"] > 0.5
+    # the test was picked among the run's 6 (no pre-registered primary): its effect may be inflated
+    assert any("one of 6 tests" in w and "--sesoi" in w for w in result["warnings"])
+    assert result["family_size"] == 1 and result["alpha_used"] == 0.05 and result["effect_source"] == "pilot"
+
+
+def test_sesoi_and_family_size_make_power_honest(run_folder):
+    select = {"feature": PLANTED["feature"], "readout": PLANTED["readout"]}
+    plain = power(run_folder, items=[16], sims=200, select=select, sesoi=1.0)
+    fam = power(run_folder, items=[16], sims=200, select=select, sesoi=1.0, family_size=10)
+    assert plain["spec"]["effect"] == 1.0 and plain["effect_source"] == "sesoi"
+    assert not any("inflated" in w for w in plain["warnings"])
+    assert fam["alpha_used"] == pytest.approx(0.005) and any("0.05/10" in w for w in fam["warnings"])
+    assert fam["curve"][0]["power"] < plain["curve"][0]["power"]
+
+
+def test_dropped_variance_terms_are_named():
+    from fis_interventions.planning import dropped_terms
+
+    result = {"lmm": {"simplification": ["dropped A:B slope (zero variance)"], "singular": True,
+                      "random_effects": [{"group": "item", "term1": "(Intercept)", "term2": None, "vcov": 0.4},
+                                         {"group": "item", "term1": "a:b", "term2": None, "vcov": 0.0},
+                                         {"group": "Residual", "term1": None, "term2": None, "vcov": 1.0}]}}
+    notes = dropped_terms(result)
+    assert notes[0].startswith("dropped A:B") and "a:b (item)" in notes[1]
+    assert dropped_terms({"lmm": {"random_effects": [{"group": "item", "term1": "(Intercept)", "term2": None,
+                                                      "vcov": 0.4}]}}) == []
 
 
 @pytest.mark.parametrize("args, field", [

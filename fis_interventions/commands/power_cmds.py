@@ -44,6 +44,10 @@ def power_command(
     value: float | None = typer.Option(None, "--value", help="Pilot run: the clamp value."),
     position: str | None = typer.Option(None, "--position", help="Pilot run: the clamp position."),
     readout: str | None = typer.Option(None, "--readout", help="Pilot run: the contrast readout."),
+    sesoi: float | None = typer.Option(None, "--sesoi", help="Smallest effect of interest: used as the effect "
+                                       "(a pilot effect picked for its p-value is inflated)."),
+    family_size: int | None = typer.Option(None, "--family-size", help="Tests the confirmatory test is corrected "
+                                           "with (default: the run's non-control features, else 1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a power analysis of other settings in --out."),
 ) -> None:
     """Power of the A x B interaction test (primary mixed model) over a grid of item counts, with 95% CIs.
@@ -59,11 +63,15 @@ def power_command(
     result = power(pilot, out, parse_items(items), sims=sims, seed=seed, alpha=alpha,
                    select={k: v for k, v in select.items() if v is not None}, effect=effect, var_item=var_item,
                    var_a=var_a, var_b=var_b, var_ab=var_ab, var_resid=var_resid, reps=reps, prompts=prompts,
-                   var_prompt=var_prompt, overwrite=overwrite)
+                   var_prompt=var_prompt, overwrite=overwrite, sesoi=sesoi, family_size=family_size)
     spec = result["spec"]
+    for note in result["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"model: {result['model']}")
     typer.echo("pilot: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in spec.items()))
     typer.echo(format_table(result["curve"], ["n_items", "power", "ci_low", "ci_high", "median_df"]))
+    if result["family_size"] > 1:
+        typer.echo(f"alpha {result['alpha']:g} / family of {result['family_size']} = {result['alpha_used']:.3g}")
     typer.echo(f"items for 80% power: {result['items_for_80'] or 'more than the grid'}; "
                f"for 90%: {result['items_for_90'] or 'more than the grid'} "
                f"({result['n_sims']} simulations each, seed {result['seed']}, "

@@ -24,6 +24,8 @@ import pandas as pd
 from ..errors import FisError
 from ..stats import add_qvalues, analyze_2x2
 from ..stats.structure import MIN_RANDOM_LEVELS
+from .inference import (FAMILIES, groups, is_primary, manipulation_check, primary_of, verdicts,
+                        vs_controls)
 from .runfolder import Run
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,9 @@ ALPHA = 0.05
 NEAR = 0.10  # primary p below this gets a "how many items" line (significant or near-significant)
 POWER_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 KEYS = ["design", "point", "feature", "role", "intervention", "value", "position", "readout"]
-FAMILY = ("every design x feature x intervention x value x contrast readout in the run "
-          "(no-op checks excluded: they are null checks of the splice; exploratory tests excluded: features "
-          "selected and tested on the same items)")
+FAMILY = ("BH within each family: primary tests of the features; primary tests of the controls; feature minus "
+          "matched controls; secondary tests (other clamps and readouts); exploratory tests (features selected and "
+          "tested on the same items). No-op checks are in no family (null checks of the splice)")
 
 
 EXPLORATORY = "exploratory: selected and tested on the same items"
@@ -81,6 +83,10 @@ class Analysis:
     warnings: dict[str, list[str]] = field(default_factory=dict)  # warning -> tests it came from
     random: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variance / covariance per test
     family: str = FAMILY
+    primary: dict[str, Any] = field(default_factory=dict)  # the primary clamp and readout
+    manipulation: pd.DataFrame = field(default_factory=pd.DataFrame)  # clean readout by cell, per readout
+    vs_controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # feature minus matched controls
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -170,7 +176,8 @@ def _items_for_80(res: dict[str, Any], prompts: int, p: float | None) -> int | N
 
 
 def analyze_run(run: Run) -> Analysis:
-    """Run every test of a run folder and correct across all of them (BH, one family)."""
+    """Run every test of a run folder, the manipulation check and the feature-vs-matched-controls tests, correct
+    within each family (BH; see :data:`FAMILY`) and reach the verdicts (:mod:`.inference`)."""
     res = run.results
     rows: list[dict[str, Any]] = []
     details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "random": [], "cells": []}
@@ -180,7 +187,11 @@ def analyze_run(run: Run) -> Analysis:
         raise FisError("the results have no contrast readouts (readout_kind 'contrast'): nothing to test",
                        source=run.folder / "results.sqlite", fix="define contrasts in the design's readout")
     selected = selections(run)
+    primary, primary_notes = primary_of(run)
+    for note in primary_notes:
+        warns.setdefault(note, []).append("(primary test)")
     with _quiet_engine() as python_warnings:
+        manip = manipulation_check(run)
         for design_name, dsub in contrasts.groupby("design", sort=False):
             design = run.info.designs[str(design_name)]
             a, b = design.names
@@ -197,6 +208,7 @@ def analyze_run(run: Run) -> Analysis:
                     details[name] += part
                 for note in dict.fromkeys(notes):
                     warns.setdefault(note, []).append(_label(key))
+        vs = vs_controls(run, primary)
     for msg in dict.fromkeys(python_warnings):
         warns.setdefault(msg, []).append("(python warning during the analysis)")
     tests = pd.DataFrame(rows)
@@ -208,26 +220,37 @@ def analyze_run(run: Run) -> Analysis:
         null = tests["null_check"].astype(bool)
         explo = (tests["selection"] == EXPLORATORY) & ~null
         real = ~null & ~explo
-        tests = add_qvalues(tests.assign(_p=tests["p"].where(real)), p_col="_p", out="q").drop(columns="_p")
-        for col in ("p_f2",):  # F1 is descriptive (no q); p_lmm is the primary p, whose q is `q`
-            masked = tests.assign(_p=tests[col].where(real))
-            tests[col.replace("p_", "q_")] = add_qvalues(masked, p_col="_p", out="tmp")["tmp"]
-        tests["q_family"] = "every confirmatory (non-null-check, non-exploratory) test of the run"
-        if explo.any():
-            for p_col, q_col in (("p", "q"), ("p_f2", "q_f2")):
-                ex = add_qvalues(tests.assign(_p=tests[p_col].where(explo)), p_col="_p", out="tmp")
-                tests.loc[explo, q_col] = ex.loc[explo, "tmp"]
-                if q_col == "q":
-                    tests.loc[explo, "q_family_size"] = ex.loc[explo, "tmp_family_size"]
-            tests.loc[explo, "q_family"] = "exploratory tests only (features selected and tested on the same items)"
+        tests["group"] = groups(tests, run)
+        tests["primary"] = is_primary(tests, primary) & ~null
+        family = np.where(null, None, np.where(explo, "exploratory", np.where(
+            tests["primary"] & (tests["group"] == "feature"), "primary",
+            np.where(tests["primary"] & (tests["group"] == "control"), "controls", "secondary"))))
+        tests["family"] = family
+        fam = tests["family"].fillna("(null check)")
+        tests = add_qvalues(tests.assign(_p=tests["p"].where(~null), _fam=fam), p_col="_p", out="q",
+                            family_cols=["_fam"])
+        q_f2 = add_qvalues(tests.assign(_p=tests["p_f2"].where(~null)), p_col="_p", out="tmp",
+                           family_cols=["_fam"])  # F1 is descriptive (no q); p_lmm is the primary p, whose q is `q`
+        tests["q_f2"] = q_f2["tmp"]
+        tests = tests.drop(columns=["_p", "_fam"])
+        tests["q_family"] = tests["family"].map(FAMILIES).fillna("none (no-op null check of the splice)")
+        tests.loc[null, "q_family_size"] = 0
+        bad = set(manip.loc[manip["status"] == "failed", ["design", "readout"]].itertuples(index=False, name=None)) \
+            if len(manip) else set()
+        tests["interpretable"] = [(d, r) not in bad for d, r in zip(tests["design"], tests["readout"], strict=True)]
         tests["significant"] = (tests["q"] < ALPHA) & real
     log.info("analysed %d tests (%d engine warnings)", len(tests), len(warns))
     kl = res[res["readout_kind"] == "kl"]
     kl_table = (kl.groupby(["design", "point", "feature", "role", "intervention", "value", "position"])["shift"]
                 .agg(mean_kl="mean", max_kl="max", n="size").reset_index() if not kl.empty else pd.DataFrame())
+    if len(vs) and len(manip):
+        bad = set(manip.loc[manip["status"] == "failed", ["design", "readout"]].itertuples(index=False, name=None))
+        vs["interpretable"] = [(d, r) not in bad for d, r in zip(vs["design"], vs["readout"], strict=True)]
+    verdict = verdicts(run, tests, vs, manip, primary) if not tests.empty else []
     return Analysis(tests=tests, anova=pd.DataFrame(details["anova"]), rm_anova=pd.DataFrame(details["rm_anova"]),
                     lmm=pd.DataFrame(details["lmm"]), cells=pd.DataFrame(details["cells"]), kl=kl_table,
-                    warnings=warns, random=pd.DataFrame(details["random"]))
+                    warnings=warns, random=pd.DataFrame(details["random"]), primary=primary, manipulation=manip,
+                    vs_controls=vs, verdicts=verdict)
 
 
 def feature_verdicts(tests: pd.DataFrame) -> pd.DataFrame:
@@ -237,12 +260,15 @@ def feature_verdicts(tests: pd.DataFrame) -> pd.DataFrame:
     real = tests[~tests["null_check"]]
     out = []
     for (design, point, feature, role), sub in real.groupby(["design", "point", "feature", "role"], sort=False):
+        group = str(sub["group"].iloc[0]) if "group" in sub else ("control" if "control" in str(role) else "feature")
         sig = sub[sub["significant"]]
         best = sig.loc[sig["partial_eta2"].idxmax()] if not sig.empty else None
-        out.append({"design": design, "point": point, "feature": feature, "role": role,
+        out.append({"design": design, "point": point, "feature": feature, "role": role, "group": group,
                     "selection": str(sub["selection"].iloc[0]) if "selection" in sub else NOT_SCREENED,
                     "tests": len(sub),
                     "significant": int(len(sig)), "min_q": float(np.nanmin(sub["q"])) if sub["q"].notna().any()
                     else None, "max_partial_eta2": None if best is None else float(best["partial_eta2"]),
-                    "control_ok": None if role == "top" else bool(sig.empty)})
-    return pd.DataFrame(out)
+                    "control_ok": None if group != "control" else bool(sig.empty)})
+    table = pd.DataFrame(out)
+    order = table["group"].map({"feature": 0, "control": 1, "alternative": 2})
+    return table.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)

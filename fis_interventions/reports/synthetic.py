@@ -37,6 +37,13 @@ def synthetic_results(seed: int = 0, n_items: int = 10, n_prompts: int = 2,
     """The ``results`` table of a synthetic run (see module docstring for what is planted)."""
     rng = np.random.default_rng(seed)
     (fa, la), (fb, lb) = FACTORS.items()
+    # the clean model's scores: one per readout x item x cell x prompt (shared by every clamp, as in a real run),
+    # and each contrast readout moves with its own factor (formal > informal; emotional > neutral)
+    clean_rng = np.random.default_rng(seed + 1000)
+    moves = {"formal_vs_casual": lambda xa, xb: -1.0 * xa, "emotional_vs_neutral": lambda xa, xb: 1.0 * xb}
+    clean_of = {(r, i, ia, ib, p): moves.get(r, lambda xa, xb: 0.0)(ia - 0.5, ib - 0.5) + clean_rng.normal(0, 0.3)
+                for r in [*CONTRASTS, "formal", "__kl__"] for i in range(n_items) for ia in range(2)
+                for ib in range(2) for p in range(n_prompts)}
     rows: list[dict[str, Any]] = []
     for feature, role, main_a, inter in FEATURES:
         for value in values:
@@ -58,7 +65,8 @@ def synthetic_results(seed: int = 0, n_items: int = 10, n_prompts: int = 2,
                                     shift = float(dose * mean + abs(dose) * rng.normal(0, noise))
                                 if kind == "kl":
                                     shift = abs(shift)
-                                clean = float(rng.normal(0, 2))
+                                rng.normal(0, 2)  # kept: the planted shifts stay the same draws
+                                clean = float(clean_of[(readout, i, ia, ib, p)])
                                 rows.append({"design": "formality_emotion", "item": f"item{i:02d}",
                                              "cell": f"{a}.{b}", "a": a, "b": b, "prompt_id": f"p{p + 1}",
                                              "point": POINT, "feature": str(feature), "role": role,

@@ -21,7 +21,8 @@ from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identi
 from ..io import write_json
 from ..provenance import library_versions, provenance
 from ..stats.structure import MIN_RANDOM_LEVELS
-from .analysis import ALPHA, EXPLORATORY, NEAR, Analysis, analyze_run, feature_verdicts, is_noop
+from .analysis import ALPHA, EXPLORATORY, Analysis, analyze_run, feature_verdicts, is_noop
+from .inference import ALTERNATIVE, primary_table, verdict_sentence
 from .cards import feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
@@ -72,20 +73,11 @@ def _items_line(row: pd.Series) -> str:
     return f"; 80% power with {int(n)} items (this test's variance components, {int(row['n_items'])} now)"
 
 
-def power_lines(tests: pd.DataFrame) -> list[str]:
-    """The "how many items" line of every near-significant (p < NEAR) test that is not significant."""
-    if "items_for_80" not in tests:
-        return []
-    near = tests[~tests["null_check"] & ~tests["significant"] & (tests["p"] < NEAR)]
-    lines = []
-    for _, row in near.iterrows():
-        head = f"near-significant ({row['design']}: feature {row['feature']}, {_clamp(row)}, p = {fmt(row['p'])})"
-        if int(row.get("n_prompts", 1)) >= MIN_RANDOM_LEVELS:  # crossed random prompts: no closed-form power
-            lines.append(f"{head}: items for 80% power not computed here ({int(row['n_prompts'])} prompts are "
-                         "crossed random effects; run `fis power` on this test)")
-        else:
-            lines.append(head + (_items_line(row) or ": 80% power needs more than 1024 items"))
-    return lines
+def _clamp_text(primary: dict[str, Any]) -> str:
+    if not primary:
+        return "none"
+    return (f"{primary['intervention']} {float(primary['value']):g} [{primary['position']}] on "
+            f"`{primary['readout']}`" + (", the documented default" if primary.get("default") else ""))
 
 
 def _clamp(row: pd.Series) -> str:
@@ -103,9 +95,11 @@ def summary_lines(tests: pd.DataFrame, verdicts: pd.DataFrame) -> list[str]:
         if v.get("selection") == EXPLORATORY:
             head += (f" (**{EXPLORATORY}**: its tests are left out of the confirmatory FDR family and never "
                      "count as significant)")
-        if v["role"] != "top":
+        if v.get("group") == "alternative":
+            head += f": **{ALTERNATIVE}**"
+        elif v["role"] != "top":
             if v["control_ok"]:
-                verdict = "as expected for a control"
+                verdict = "no significant interaction (compare its KL with the feature's: a control that barely moves the output cannot fail)"
             elif "linear" in str(v["role"]):
                 # the model after the hook is nonlinear, so a linear-path feature can shift the readouts with an
                 # interaction too: a comparison for the integration features, not a null control
@@ -223,21 +217,48 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
                         ("lmm", analysis.lmm), ("random_effects", analysis.random), ("cells", analysis.cells),
                         ("kl", analysis.kl),
                         ("features", verdicts), ("null_checks", checks), ("eval", run.eval_table),
+                        ("manipulation_check", analysis.manipulation), ("vs_controls", analysis.vs_controls),
+                        ("verdicts", pd.DataFrame(analysis.verdicts)),
                         ("screening", run.screening)]:
         if frame is not None and not frame.empty:
             frame.to_csv(tables / f"{name}.csv", index=False)
 
     doc = Doc(f"Intervention report: {run.info.name}")
+    doc.h(1, "Verdict")
+    doc.ul([verdict_sentence(v) for v in analysis.verdicts] or ["no tests"])
+    manip = analysis.manipulation
+    failed = manip[manip["status"] == "failed"] if len(manip) else manip
+    if len(failed):
+        doc.p("**Manipulation check FAILED** for " + "; ".join(
+            f"`{r['readout']}` ({r['design']}: {r['note']})" for _, r in failed.iterrows())
+            + ": on the clean model the readout does not measure its factor, so every test on it is "
+              "uninterpretable (column `interpretable` of tests.csv).")
+    prim = primary_table(tests, analysis.vs_controls) if not tests.empty else pd.DataFrame()
+    doc.table(prim, f"Primary tests ({_clamp_text(analysis.primary)}): A x B interaction of the primary LMM "
+                    "(estimate, 95% CI, Satterthwaite df, p, BH q within its family); features first, then each "
+                    "feature minus its matched controls, then the controls.")
+    doc.h(1, "Manipulation check")
+    doc.p("The clean model's readout by cell (no clamp), and its main effects with 95% CIs (primary LMM on the "
+          "clean scores): each readout must move with its own factor, in the expected direction.")
+    doc.table(manip, "Clean readout by cell and main effects; status of the check on the readout's own factor.")
+    if len(analysis.vs_controls):
+        doc.h(1, "Features against matched controls")
+        doc.p("Each feature's interaction contrast minus the mean of its matched controls' (same point, firing "
+              "rate and mean activation matched on the stimuli), by item, at the primary clamp and readout; "
+              "KL(clean || clamped) of the feature and of its controls side by side: controls that barely move "
+              "the output cannot fail, so compare the KLs before reading the test.")
+        doc.table(analysis.vs_controls, "Feature minus matched controls (primary LMM on the by-item differences).")
     doc.h(1, "Summary")
     n_null = int(tests["null_check"].sum()) if "null_check" in tests else 0
     n_explo = int(((tests["selection"] == EXPLORATORY) & ~tests["null_check"]).sum()) if "selection" in tests else 0
     doc.p(f"{len(tests)} tests of the A x B interaction on the readout shifts: {len(tests) - n_null - n_explo} "
-          f"confirmatory tests BH-corrected together (q < {ALPHA}), {n_null} no-op null checks of the splice kept "
-          "out of the correction"
+          f"confirmatory tests BH-corrected within their families (q < {ALPHA}; primary tests of the features, "
+          "of the controls, and secondary tests apart), "
+          f"{n_null} no-op null checks of the splice kept out of the correction"
           + (f", and {n_explo} exploratory tests ({EXPLORATORY}: features chosen by a screening of the very "
              "items they are tested on, so their p-values are biased low) corrected as a separate family and "
              "not counted as findings" if n_explo else "") + ".")
-    doc.ul(summary_lines(tests, verdicts) + power_lines(tests))
+    doc.ul(summary_lines(tests, verdicts))
     if not checks.empty:
         failed = checks[~checks["passed"]]
         doc.p(f"Null checks (no-op clamps): {len(checks) - len(failed)} of {len(checks)} passed (every shift "
