@@ -35,6 +35,7 @@ from .io import write_json
 from .models import load_model
 from .provenance import provenance
 from .sae import COMPONENTS, load_checkpoint
+from .sae.checkpoint import recorded_input
 from .sae.metrics import bootstrap_relative_improvement, ce_per_token, ce_loss_recovered, kl_per_token, kl_score
 from .sae.train import evaluate_reconstruction
 
@@ -143,7 +144,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
     """Evaluate one checkpoint (see module docstring); write ``eval.json`` into the checkpoint folder or ``out``."""
     ckpt = load_checkpoint(Path(checkpoint))
     train_cfg = ckpt.train_config or {}
-    acts = activations or train_cfg.get("activations")
+    acts = activations or recorded_input(ckpt, "activations", marker="manifest.json")
     if not acts:
         raise FisError("no activation folder given or recorded in the checkpoint", source=ckpt.path,
                        field="activations", fix="pass --activations FOLDER")

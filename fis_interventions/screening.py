@@ -291,7 +291,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         from .activations import ActivationStore
         from .cards.build import check_harvest, harvest_folder
 
-        check_harvest(ActivationStore(harvest_folder(attached.checkpoint, cards_activations)), attached.checkpoint,
+        check_harvest(ActivationStore(harvest_folder(attached.checkpoint, cards_activations,
+                                                     flag="--cards-activations")), attached.checkpoint,
                       attached.split.hook.canonical)
 
     rows = all_rows[all_rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)

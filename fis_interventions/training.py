@@ -116,7 +116,9 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, ov
     from .sae import JointArch, JointSAE, load_checkpoint, refit_decoder_lstsq, save_checkpoint
 
     ckpt = load_checkpoint(Path(checkpoint))
-    acts = (ckpt.train_config or {}).get("activations")
+    from .sae.checkpoint import recorded_input
+
+    acts = recorded_input(ckpt, "activations", marker="manifest.json")
     if ckpt.model.nfm is not None or not acts:
         raise FisError("refit needs a standalone SAE checkpoint trained on a harvest folder", source=ckpt.path,
                        fix="pass the checkpoint of a `mode: sae` run")
@@ -134,7 +136,7 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, ov
     arch = JointArch(sae=ckpt.model.cfg.sae.model_copy(update={"normalize_decoder": False}), nfm=None)
     model = JointSAE(arch)
     model.sae.load_state_dict(sae.state_dict())
-    cfg = TrainConfig.model_validate({**ckpt.train_config, "normalize_decoder": False})
+    cfg = TrainConfig.model_validate({**ckpt.train_config, "normalize_decoder": False, "activations": str(acts)})
     target = Path(out) / "checkpoint"
     save_checkpoint(target, model, model_name=ckpt.model_name, hook=ckpt.hook, normalization=ckpt.normalization,
                     cfg=cfg, step=ckpt.meta.get("step", 0), tokens_seen=ckpt.meta.get("tokens_seen", 0),

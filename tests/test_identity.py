@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import BaseModel
@@ -147,3 +149,61 @@ def test_extended_harvest_has_another_identity_and_a_resumed_training_refuses_it
     assert folder_identity(tmp_path / "acts") != before
     with pytest.raises(FisError, match=r"activations: .* -> .*--overwrite"):
         train(cfg, tmp_path / "train", resume=True, progress=False)
+
+
+def _manifest_folder(path):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text("{}")
+    return path
+
+
+def test_checkpoint_finds_its_harvest_after_the_tree_moves(tmp_path, monkeypatch):
+    """A checkpoint records its harvest absolute AND relative to itself: the tree copied elsewhere (the
+    original gone) still finds it, from any working directory."""
+    import shutil
+
+    from fis_interventions.cards.build import harvest_folder
+
+    acts = _manifest_folder(tmp_path / "proj" / "runs" / "acts")
+    cfg = TrainConfig(activations=acts, d_sae=16, k=2, mode="sae")
+    save_checkpoint(tmp_path / "proj" / "runs" / "sae" / "checkpoint", JointSAE(JointArch(sae=SAEArch(
+        d_in=8, d_sae=16, k=2))), model_name="m", hook="h", cfg=cfg)
+    shutil.copytree(tmp_path / "proj", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "proj")
+    monkeypatch.chdir(tmp_path)
+    ckpt = load_checkpoint(tmp_path / "moved" / "runs" / "sae" / "checkpoint")
+    assert ckpt.meta["inputs"]["activations"]["relative"] == "../../acts"
+    assert harvest_folder(ckpt, None).resolve() == (tmp_path / "moved" / "runs" / "acts").resolve()
+
+
+def test_older_checkpoint_with_a_cwd_relative_harvest_is_found_from_elsewhere(tmp_path, monkeypatch):
+    """Checkpoints written before stored `runs/demo/activations` (relative to where training ran): found
+    from another working directory by trying the folders above the checkpoint."""
+    import json
+
+    from fis_interventions.cards.build import harvest_folder
+
+    _manifest_folder(tmp_path / "runs" / "demo" / "activations")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(activations=Path("runs/demo/activations"), d_sae=16, k=2, mode="sae")
+    path = save_checkpoint(Path("runs/demo/sae/checkpoint"), JointSAE(JointArch(sae=SAEArch(d_in=8, d_sae=16,
+                                                                                      k=2))),
+                           model_name="m", hook="h", cfg=cfg)
+    meta = json.loads((path / "cfg.json").read_text())
+    del meta["inputs"]  # as an older fis wrote it
+    (path / "cfg.json").write_text(json.dumps(meta))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ckpt = load_checkpoint(tmp_path / "runs" / "demo" / "sae" / "checkpoint")
+    assert harvest_folder(ckpt, None).resolve() == (tmp_path / "runs" / "demo" / "activations").resolve()
+
+
+def test_missing_harvest_names_the_flag_of_the_command(tmp_path):
+    from fis_interventions.cards.build import harvest_folder
+    from fis_interventions.errors import FisError
+
+    cfg = TrainConfig(activations=tmp_path / "gone", d_sae=16, k=2, mode="sae")
+    save_checkpoint(tmp_path / "ck", JointSAE(JointArch(sae=SAEArch(d_in=8, d_sae=16, k=2))), model_name="m",
+                    hook="h", cfg=cfg)
+    with pytest.raises(FisError, match="--cards-activations"):
+        harvest_folder(load_checkpoint(tmp_path / "ck"), None, flag="--cards-activations")

@@ -45,23 +45,25 @@ def parse_ids(text: str) -> list[int]:
 
 def recorded_harvest(ckpt: Any) -> Path | None:
     """The harvest folder the checkpoint was trained on, as recorded in it (may no longer exist)."""
-    recorded = (ckpt.normalization or {}).get("activations") or (ckpt.train_config or {}).get("activations")
-    return Path(recorded) if recorded else None
+    from ..sae.checkpoint import recorded_input
+
+    return recorded_input(ckpt, "activations", marker="manifest.json") if hasattr(ckpt, "meta") else None
 
 
-def harvest_folder(ckpt: Any, activations: Path | str | None) -> Path:
-    """The harvest to read: the one given, else the one the checkpoint was trained on."""
+def harvest_folder(ckpt: Any, activations: Path | str | None, flag: str = "--activations") -> Path:
+    """The harvest to read: the one given, else the one the checkpoint was trained on (found absolute or
+    relative to the checkpoint). ``flag``: the option that gives it on this command, named in the fix."""
     if activations is not None:
         folder = Path(activations)
     else:
         recorded = recorded_harvest(ckpt)
         if recorded is None:
             raise FisError("the checkpoint does not record its harvest folder", source=ckpt.path,
-                           field="activations", fix="pass --activations HARVEST_FOLDER")
+                           field="activations", fix=f"pass {flag} HARVEST_FOLDER")
         folder = recorded
     if not (folder / "manifest.json").is_file():
         raise FisError("harvest folder not found (no manifest.json)", source=folder, field="activations",
-                       fix="pass --activations with the folder written by `fis harvest`")
+                       fix=f"pass {flag} with the folder written by `fis harvest`")
     return folder
 
 

@@ -29,6 +29,7 @@ from ..attach import Attached, attach
 from ..config import load_config
 from ..designs import expand, load_design, target_tokens
 from ..distributed import parse_shard
+from .. import recorded_paths
 from ..errors import FisError
 from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
                            package_version)
@@ -439,6 +440,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                         "`primary:` before the run (pre-registration)")
     run_meta = {
         "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
+        "inputs": {"checkpoint": recorded_paths.record(cfg.checkpoint, out)},  # the folder can be moved
         "split_path": attached.split.path,
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "fingerprint": fp.digest,
         "provenance": provenance(cfg.seed),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import recorded_paths
 from ..errors import FisError
 from .runfolder import Run
 
@@ -41,11 +42,12 @@ def report_cards(run: Run, enabled: bool | None = None, activations: str | Path 
                 for p in dict.fromkeys(str(p) for p, _ in pairs) if p not in CARD_POINTS]
     if not keys:
         return {}, warnings
-    checkpoint = Path(run.info.checkpoint)
+    recorded = (run.info.model_extra or {}).get("inputs", {}).get("checkpoint")
+    checkpoint = recorded_paths.resolve(run.folder, recorded, run.info.checkpoint)  # absolute, relative or as run
     try:
         if not checkpoint.exists():
             raise FisError("checkpoint not found, so the report has no feature cards", source=checkpoint,
-                           field="checkpoint", fix="run the report from the folder the battery ran in, or pass "
+                           field="checkpoint", fix="move the checkpoint back beside the run folder, or pass "
                            "--no-cards")
         cards = build_cards(checkpoint, keys, activations=activations, top=top, bridge=bridge)
     except FisError as err:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import recorded_paths
 from ..errors import FisError
 from ..io import atomic_dir, write_json
 from ..provenance import provenance
@@ -64,6 +65,7 @@ def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook
         "provenance": provenance(cfg.seed if cfg is not None else None),
     }
     path = Path(path)
+    meta["inputs"] = _recorded_inputs(path, cfg, normalization)
     with atomic_dir(path) as tmp:
         weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
         save_file(weights, str(tmp / "weights.safetensors"))
@@ -72,6 +74,21 @@ def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook
         if train_state is not None:
             torch.save(train_state, tmp / "optimizer.pt")
     return path
+
+
+def _recorded_inputs(path: Path, cfg: TrainConfig | None, normalization: dict[str, Any] | None
+                     ) -> dict[str, dict[str, str]]:
+    """The input folders, absolute and relative to the checkpoint (see :mod:`..recorded_paths`)."""
+    found = {"activations": (cfg.activations if cfg is not None else None) or (normalization or {}).get("activations"),
+             "sae_checkpoint": cfg.sae_checkpoint if cfg is not None else None}
+    return {name: recorded_paths.record(value, path) for name, value in found.items() if value}
+
+
+def recorded_input(ckpt: Checkpoint, name: str, marker: str | None = None) -> Path | None:
+    """An input folder the checkpoint records (``activations``, ``sae_checkpoint``), found from any working
+    directory: absolute, relative to the checkpoint, or (older checkpoints) the path as it was given."""
+    legacy = (ckpt.normalization or {}).get(name) or (ckpt.train_config or {}).get(name)
+    return recorded_paths.resolve(ckpt.path, (ckpt.meta.get("inputs") or {}).get(name), legacy, marker)
 
 
 def resolve(path: Path) -> Path:
