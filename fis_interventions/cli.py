@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 # typer's own Exit/Abort (vendored click) and click's (older typer: the same classes)
 _EXITS = tuple({typer.Exit, getattr(click.exceptions, "Exit", typer.Exit)})
 _ABORTS = tuple({typer.Abort, getattr(click.exceptions, "Abort", typer.Abort)})
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; older click printed help itself
 
 
 def usage_error_line(err: Exception) -> str:
@@ -109,7 +110,7 @@ def _run(argv: list[str] | None) -> int:
     except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
-    except click.exceptions.NoArgsIsHelpError as err:  # `fis`, `fis model`: the help is the answer
+    except _NO_ARGS as err:  # `fis`, `fis model`: the help is the answer
         err.show()
         return 2
     except click.ClickException as err:
