@@ -21,6 +21,7 @@ features then runs on the held-out confirmation items, so selection and test nev
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,11 @@ from .holdout import DEFAULT_FRACTION, all_items, check_fraction, design_identit
 from .stats.screen import MODELS
 
 DEFAULT_POINTS: tuple[str, ...] = ("sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents")
-AGGREGATES = ("mean", "last")
+AGGREGATES = ("last", "max", "mean")
+DEFAULT_AGGREGATE = "last"
 ALPHA = 0.05
-Aggregate = Literal["mean", "last"]
+Aggregate = Literal["last", "max", "mean"]
+DEFAULT_PERMUTATIONS = 1000
 
 
 @dataclass
@@ -95,11 +98,36 @@ def resolve_points(joint: Any, points: Sequence[str] | None) -> tuple[list[str],
     return chosen, []
 
 
+@dataclass
+class Collected:
+    """Aggregated values per point of the checkpoint (``values``) and of each extra joint model (``extra``), and
+    the number of kept positions of every stimulus (``tokens``)."""
+
+    values: dict[str, np.ndarray]
+    tokens: np.ndarray
+    extra: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: int, aggregate: str) -> torch.Tensor:
+    """``[b, width]``: the kept positions' values (``value`` [n_kept, width], ``row`` their stimulus) reduced."""
+    if aggregate == "mean":
+        agg = value.new_zeros(b, value.shape[-1]).index_add_(0, row, value)
+        return agg / counts.to(agg.device, agg.dtype).unsqueeze(1)
+    if aggregate == "max":
+        index = row.unsqueeze(1).expand_as(value)
+        return value.new_zeros(b, value.shape[-1]).scatter_reduce_(0, index, value, "amax", include_self=False)
+    # last: the last kept position of each stimulus is the highest flat index with that row
+    flat = torch.arange(len(row), device=row.device)
+    last = torch.full((b,), -1, dtype=torch.long, device=row.device).scatter_reduce_(0, row, flat, reduce="amax")
+    return value[last]
+
+
 @torch.no_grad()
-def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
-                        aggregate: Aggregate = "mean", batch_size: int = 16, progress: bool = False
-                        ) -> dict[str, np.ndarray]:
-    """``{point: [n_stimuli, n_features]}``: each point's value per stimulus, over its kept positions.
+def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
+            aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16, progress: bool = False,
+            extra_joints: Sequence[Any] = ()) -> Collected:
+    """Each point's value per stimulus over its kept positions, for the checkpoint and for ``extra_joints``
+    (e.g. a random-init model of the same shapes) from ONE model forward pass per batch up to the hook.
 
     Batches are right-padded; the exclusion rule (and padding) decides the kept positions, exactly as when the
     checkpoint is spliced into the model. Results are written batch by batch into preallocated arrays.
@@ -108,55 +136,85 @@ def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], poi
 
     from .splice import pad_right
 
-    if aggregate not in AGGREGATES:
-        raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix="use mean or last")
+    check_aggregate(aggregate)
     if batch_size < 1:
         raise FisError(f"batch size must be positive, got {batch_size}", field="batch_size", fix="use e.g. 16")
     split, splice, joint = attached.split, attached.splice, attached.joint
     tok = split.bridge.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    components = "full" if joint.nfm is not None else "sae"
+    joints = [joint, *extra_joints]
     n = len(token_lists)
-    out: dict[str, np.ndarray] = {}
+    outs: list[dict[str, np.ndarray]] = [{} for _ in joints]
+    tokens = np.zeros(n, dtype=np.int64)
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="screen", unit="batch"):
         seqs = [list(s) for s in token_lists[start:start + batch_size]]
-        tokens, mask = pad_right(seqs, pad_id)
-        resid, _ = split.prefix(tokens, mask)
-        keep = splice.keep_mask(tokens, resid, mask)
+        ids, mask = pad_right(seqs, pad_id)
+        resid, _ = split.prefix(ids, mask)
+        keep = splice.keep_mask(ids, resid, mask)
         counts = keep.sum(1)
         if bool((counts == 0).any()):
             bad = start + int((counts == 0).nonzero()[0, 0])
             raise FisError(f"stimulus {bad} has no position left after the exclusion rule "
                            "(only special tokens or massive activations)", field="design",
                            fix="check the stimulus text")
-        row = keep.nonzero()[:, 0]  # the stimulus of each kept position, in position order
-        seen: dict[str, torch.Tensor] = {}
-
-        def observer(name: str):
-            def fn(value: torch.Tensor) -> None:
-                seen[name] = value.detach()
-            return fn
-
-        x = splice.inputs(resid[keep])
-        joint(x, components, edit={p: observer(p) for p in points})
         b = len(seqs)
-        for p in points:
-            if p not in seen:
-                raise FisError(f"point {p!r} was not reached by a forward pass with components {components!r}",
-                               field="points", fix="choose a point on the forward path")
-            value = seen[p].float()
-            if aggregate == "mean":
-                agg = value.new_zeros(b, value.shape[-1]).index_add_(0, row, value)
-                agg /= counts.to(agg.device, agg.dtype).unsqueeze(1)
-            else:  # the last kept position of each stimulus: the highest flat index with that row
-                flat = torch.arange(len(row), device=row.device)
-                last = torch.full((b,), -1, dtype=torch.long, device=row.device).scatter_reduce_(
-                    0, row, flat, reduce="amax")
-                agg = value[last]
-            if p not in out:
-                out[p] = np.empty((n, value.shape[-1]), dtype=np.float32)
-            out[p][start:start + b] = agg.cpu().numpy()
-    return out
+        tokens[start:start + b] = counts.cpu().numpy()
+        row = keep.nonzero()[:, 0]  # the stimulus of each kept position, in position order
+        x = splice.inputs(resid[keep])
+        for model, out in zip(joints, outs, strict=True):
+            seen: dict[str, torch.Tensor] = {}
+
+            def observer(name: str, seen: dict[str, torch.Tensor] = seen):
+                def fn(value: torch.Tensor) -> None:
+                    seen[name] = value.detach()
+                return fn
+
+            components = "full" if model.nfm is not None else "sae"
+            model(x, components, edit={p: observer(p) for p in points})
+            for p in points:
+                if p not in seen:
+                    raise FisError(f"point {p!r} was not reached by a forward pass with components "
+                                   f"{components!r}", field="points", fix="choose a point on the forward path")
+                value = seen[p].float()
+                agg = _aggregate(value, row, counts, b, aggregate)
+                if p not in out:
+                    out[p] = np.empty((n, value.shape[-1]), dtype=np.float32)
+                out[p][start:start + b] = agg.cpu().numpy()
+    return Collected(outs[0], tokens, outs[1:])
+
+
+def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
+                        aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16, progress: bool = False
+                        ) -> dict[str, np.ndarray]:
+    """``{point: [n_stimuli, n_features]}``: each point's value per stimulus (see :func:`collect`)."""
+    return collect(attached, token_lists, points, aggregate, batch_size, progress).values
+
+
+def check_aggregate(aggregate: str) -> None:
+    if aggregate not in AGGREGATES:
+        raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix=f"use one of: {', '.join(AGGREGATES)}")
+
+
+def length_warning(tokens: np.ndarray, rows: pd.DataFrame, cells: list[str], item: str | None) -> str | None:
+    """A warning when the cells differ in kept-token count (which a ``mean`` aggregate divides by), else None."""
+    frame = pd.DataFrame({"cell": rows["cell"].astype(str).to_numpy(), "n": tokens})
+    by_cell = frame.groupby("cell")["n"].mean().reindex(cells)
+    differ_items = 0
+    if item is not None:
+        frame["item"] = rows[item].astype(str).to_numpy()
+        differ_items = int((frame.groupby("item")["n"].nunique() > 1).sum())
+        n_items = int(frame["item"].nunique())
+        if not differ_items:
+            return None
+        where = f"{differ_items} of {n_items} items have cells of different lengths"
+    else:
+        if by_cell.nunique() <= 1:
+            return None
+        where = "the cells' mean lengths differ"
+    shown = ", ".join(f"{c} {v:.1f}" for c, v in by_cell.items())
+    return (f"aggregate=mean divides each feature by its stimulus's token count, and {where} (mean tokens per "
+            f"cell: {shown}): a feature firing on a phrase shared by some cells then differs between cells by "
+            "length alone (an artifact the screen ranks as an effect); use --aggregate last or max")
 
 
 def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str, b: str,
@@ -164,26 +222,114 @@ def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str,
     """Concatenate per-point screens; ``q_ab`` is BH over every non-degenerate feature of every point.
 
     ``item``: the item column of matched designs (within-item model, item as a block); None for cell lists
-    (two-way OLS over the stimuli)."""
+    (two-way OLS over the stimuli). ``flags`` lists why a feature is more likely an artifact than an effect
+    (:mod:`~fis_interventions.stats.screen_flags`: a factor level exactly zero, an F shared by many features,
+    very few stimuli firing); ``flagged`` features are kept in the table but are not ``hit`` s and are never
+    among the top features."""
     from .stats.fdr import fdr_bh
     from .stats.screen import screen_features
+    from .stats.screen_flags import join_flags, level_and_rarity_flags, shared_statistic_groups
 
     parts = []
     for point, X in activations.items():
         part = screen_features(X, rows, a, b, levels=levels, item=item).rename(
             columns={"q_ab": "q_ab_within_point"})
         part.insert(0, "point", point)
+        part["flags"] = level_and_rarity_flags(X, rows, levels)
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     table.insert(table.columns.get_loc("q_ab_within_point"), "q_ab", fdr_bh(table["p_ab"].to_numpy()))
+    shared = shared_statistic_groups(table["F_ab"].to_numpy())
+    table["flags"] = join_flags(table["flags"].tolist(), [f"shared_F({n})" if n else "" for n in shared])
+    table.loc[table["p_ab"].isna(), "flags"] = ""  # degenerate features are out of the family already
+    table["flagged"] = table["flags"] != ""
+    table["hit"] = (table["q_ab"] < ALPHA) & ~table["flagged"]
     return table.sort_values(["p_ab", "point", "feature"], na_position="last", kind="stable").reset_index(drop=True)
 
 
 def top_features(table: pd.DataFrame, n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` non-degenerate features with the smallest interaction p (the table is sorted by p_ab)."""
-    ok = table[~table["degenerate"] & table["p_ab"].notna()].head(n)
-    return [{"point": str(r.point), "feature": int(r.feature), "F_ab": float(r.F_ab), "p_ab": float(r.p_ab),
-             "q_ab": float(r.q_ab)} for r in ok.itertuples()]
+    """The ``n`` non-degenerate, unflagged features with the smallest interaction p (the table is sorted by
+    p_ab)."""
+    ok = table["p_ab"].notna() & ~table["degenerate"]
+    if "flagged" in table.columns:
+        ok &= ~table["flagged"].astype(bool)
+    return [_top_entry(r) for r in table[ok].head(n).itertuples()]
+
+
+def flagged_features(table: pd.DataFrame, n: int = 20) -> list[dict[str, Any]]:
+    """The ``n`` flagged features with the smallest interaction p: listed apart, never hits."""
+    if "flagged" not in table.columns:
+        return []
+    return [{**_top_entry(r), "flags": str(r.flags)} for r in table[table["flagged"].astype(bool)].head(n).itertuples()]
+
+
+def _top_entry(r: Any) -> dict[str, Any]:
+    entry = {"point": str(r.point), "feature": int(r.feature), "F_ab": float(r.F_ab), "p_ab": float(r.p_ab),
+             "q_ab": float(r.q_ab)}
+    for col in ("p_perm", "p_perm_fwer", "p_random_init"):
+        value = getattr(r, col, None)
+        if value is not None and np.isfinite(value):
+            entry[col] = float(value)
+    return entry
+
+
+def random_init_joint(joint: Any, seed: int) -> Any:
+    """A joint model of the same architecture (SAE, integration module, secondary SAE) with seeded random
+    weights, on the trained model's device and dtype: the screen's "no training" baseline."""
+    from .sae import JointSAE
+
+    param = next(joint.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = JointSAE(joint.cfg)
+    return model.to(device=param.device, dtype=param.dtype).eval()
+
+
+def add_permutation_null(table: pd.DataFrame, activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str,
+                         b: str, levels: dict[str, list[str]], item: str | None, n_perm: int, seed: int) -> Any:
+    """Fill ``p_perm`` / ``p_perm_fwer`` of every feature in the FDR family (in place); return the null."""
+    from .stats.screen_null import permutation_null
+
+    family = table[table["p_ab"].notna()]
+    X = np.concatenate([activations[p][:, family.loc[family["point"] == p, "feature"].to_numpy(int)]
+                        for p in activations], axis=1)
+    order = np.concatenate([family.index[family["point"] == p].to_numpy() for p in activations])
+    null = permutation_null(X, rows, a, b, table.loc[order, "F_ab"].to_numpy(float), levels=levels, item=item,
+                            n_perm=n_perm, seed=seed, alpha=ALPHA)
+    table["p_perm"] = np.nan
+    table["p_perm_fwer"] = np.nan
+    table.loc[order, "p_perm"] = null.p_perm
+    table.loc[order, "p_perm_fwer"] = null.p_perm_fwer
+    return null
+
+
+def add_random_init_baseline(table: pd.DataFrame, baseline: pd.DataFrame) -> None:
+    """``p_random_init`` (in place): the fraction of the random-init model's features at the same point whose
+    interaction F is at least this feature's (with the +1 rule of empirical p-values)."""
+    table["p_random_init"] = np.nan
+    for point, part in table.groupby("point"):
+        null_F = np.sort(baseline.loc[baseline["point"] == point, "F_ab"].dropna().to_numpy(float))
+        obs = part["F_ab"].to_numpy(float)
+        ok = np.isfinite(obs)
+        n_ge = len(null_F) - np.searchsorted(null_F, obs[ok] * (1 - 1e-9), side="left")
+        table.loc[part.index[ok], "p_random_init"] = (1 + n_ge) / (len(null_F) + 1)
+
+
+def baseline_line(n_sig: int, family: int, nulls: dict[str, Any]) -> str:
+    """One line setting the screen's BH count beside its null baselines' counts."""
+    parts = [f"{n_sig} of {family} features with interaction q < {ALPHA}"]
+    perm = nulls.get("permutation")
+    if perm:
+        h = perm["hits"]
+        parts.append(f"label-permutation null ({perm['n_permutations']} relabellings, {perm['scheme'].split('permuted ')[-1]}): "
+                     f"median {h['null_median']:g}, 95th percentile {h['null_q95']:g} (p = {h['p_count']:.3g}); "
+                     f"{perm['n_fwer_below_alpha']} features beat the relabellings' maximum F (p_perm_fwer < {ALPHA})")
+    rnd = nulls.get("random_init")
+    if rnd:
+        parts.append(f"random-init checkpoint (seed {rnd['seed']}): {rnd['n_q_below_alpha']} of {rnd['family_size']}")
+    if len(parts) == 1:
+        parts.append("no null baseline was run")
+    return "; ".join(parts)
 
 
 def _write_outputs(out: Path, fp: Fingerprint, table: pd.DataFrame, summary: dict[str, Any],
@@ -210,12 +356,13 @@ def screen_fingerprint(config: dict[str, Any], checkpoint_id: str, design_id: st
 
 
 def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
-           points: Sequence[str] | None = None, aggregate: Aggregate = "mean", batch_size: int = 16,
+           points: Sequence[str] | None = None, aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16,
            device: str = "auto", out: Path | str | None = None, bridge: Any = None, progress: bool = True,
            top: int = 10, discover: float | None = DEFAULT_FRACTION, split_seed: int = 0,
            overwrite: bool = False, cards: int = 0, cards_activations: Path | str | None = None,
            method: str = "activation", steps: int = 16, clamps: Sequence[float] = (),
-           contrast: str | None = None) -> ScreenResult:
+           contrast: str | None = None, permutations: int = DEFAULT_PERMUTATIONS, random_init: bool = True,
+           null_seed: int = 0) -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``discover``: the fraction of items screened (the discovery items, seeded by ``split_seed``; see
@@ -231,6 +378,12 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     ``method``: ``activation`` (default), ``attribution``, ``ig`` or a comma-separated list; the gradient methods
     add the estimated effect of clamping each feature on the readout contrast (zero and ``clamps``) to the table,
     and the first method listed ranks top.json (:mod:`fis_interventions.screening_attribution`).
+
+    Null baselines (on by default; ``null_seed`` seeds both): ``permutations`` relabellings of the cells (within
+    items for matched designs; 0 skips) give each feature ``p_perm`` and ``p_perm_fwer`` and the BH count the
+    relabelled screens reach; ``random_init`` screens a seeded random-init model of the checkpoint's shapes on the
+    same forward pass (``p_random_init`` per feature, and its BH count). Features flagged as likely artifacts
+    (``flags``) are listed apart and are not hits (``hit``) nor top features.
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -239,8 +392,10 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     from .sae import JointArch, JointSAE
     from .sae.checkpoint import read_meta, resolve
 
-    if aggregate not in AGGREGATES:
-        raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix="use mean or last")
+    check_aggregate(aggregate)
+    if permutations < 0:
+        raise FisError(f"--permutations must be >= 0, got {permutations}", field="permutations",
+                       fix="use e.g. 1000, or 0 to skip the permutation null")
     if top < 0:
         raise FisError(f"--top must be >= 0, got {top}", field="top", fix="use e.g. 10")
     if discover is not None:
@@ -280,7 +435,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
               "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
               "discover": discover, "split_seed": split_seed, "cards": cards,
-              "cards_activations": None if cards_activations is None else str(cards_activations)}
+              "cards_activations": None if cards_activations is None else str(cards_activations),
+              "permutations": permutations, "random_init": random_init, "null_seed": null_seed}
     if methods != ["activation"]:  # only then: an activation screen keeps its fingerprint
         config.update({"method": methods, "steps": steps, "clamps": [float(c) for c in clamps], "contrast": contrast})
     checkpoint_id, design_id = checkpoint_identity(checkpoint), design_identity(d)  # hashed once each
@@ -299,17 +455,41 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     a, b = list(d.factors)
     levels = {f: list(v) for f, v in d.factors.items()}
     token_lists = stimulus_tokens(bridge.tokenizer, rows["stimulus"].tolist())
-    acts = collect_activations(attached, token_lists, chosen, aggregate, batch_size, progress)
+    extra = [random_init_joint(attached.joint, null_seed)] if random_init else []
+    collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra)
+    acts = collected.values
     item_col = "item" if d.shape == "items" else None
     table = screen_table(acts, rows, a, b, levels, item=item_col)
+    if aggregate == "mean":
+        length = length_warning(collected.tokens, rows, d.cell_names, item_col)
+        if length:
+            warnings.append(length)
+    family = int(table["p_ab"].notna().sum())
+    n_sig = int((table["q_ab"] < ALPHA).sum())
+    nulls: dict[str, Any] = {}
+    if permutations and family:
+        t0 = time.perf_counter()
+        null = add_permutation_null(table, acts, rows, a, b, levels, item_col, permutations, null_seed)
+        nulls["permutation"] = {
+            "scheme": f"cell labels permuted {null.scheme}", "n_permutations": permutations, "seed": null_seed,
+            "hits": null.hits_summary(n_sig), "n_fwer_below_alpha": int((table["p_perm_fwer"] < ALPHA).sum()),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if random_init:
+        t0 = time.perf_counter()
+        baseline = screen_table(collected.extra[0], rows, a, b, levels, item=item_col)
+        add_random_init_baseline(table, baseline)
+        nulls["random_init"] = {
+            "seed": null_seed, "n_q_below_alpha": int((baseline["q_ab"] < ALPHA).sum()),
+            "n_hits": int(baseline["hit"].sum()), "family_size": int(baseline["p_ab"].notna().sum()),
+            "n_q_below_alpha_per_point": {p: int((baseline.loc[baseline["point"] == p, "q_ab"] < ALPHA).sum())
+                                          for p in chosen},
+            "seconds_stats": round(time.perf_counter() - t0, 3)}
     for point in chosen:
         n_deg = int(table.loc[table["point"] == point, "degenerate"].sum())
         if n_deg:
             warnings.append(f"{n_deg} of {acts[point].shape[1]} features at {point} are constant across the "
                             "stimuli (e.g. never active) or have no interaction error variance, and are left "
                             "out of the FDR family")
-    family = int(table["p_ab"].notna().sum())
-    n_sig = int((table["q_ab"] < ALPHA).sum())
     top_list = top_features(table, top)
     if methods != ["activation"]:
         from .screening_attribution import add_attribution, rank_column, ranked_top
@@ -321,6 +501,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         table = table.sort_values([rank_column(methods[0]), "point", "feature"], na_position="last",
                                   kind="stable").reset_index(drop=True)
         top_list = ranked_top(table, methods[0], top)
+    flagged_list = flagged_features(table)
+    flag_kinds = pd.Series([f.split("(")[0].split(":")[0] for fl in table["flags"] if fl for f in fl.split(";")])
     if discover is None:
         warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
                         "items they were selected on, so its tests can only be exploratory")
@@ -338,6 +520,13 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         "family_size": family, "alpha": ALPHA, "n_q_below_alpha": n_sig,
         "n_q_below_alpha_per_point": {p: int((table.loc[table["point"] == p, "q_ab"] < ALPHA).sum())
                                       for p in chosen},
+        "n_hits": int(table["hit"].sum()),
+        "hits": "q_ab < alpha and not flagged (flags: zero_level, shared_F, rare; see flags column)",
+        "n_flagged": int(table["flagged"].sum()),
+        "n_flagged_q_below_alpha": int((table["flagged"] & (table["q_ab"] < ALPHA)).sum()),
+        "flag_counts": {str(k): int(v) for k, v in flag_kinds.value_counts().items()},
+        "flagged": flagged_list,
+        "null": nulls, "baseline": baseline_line(n_sig, family, nulls),
         "top": top_list, "warnings": warnings, "provenance": provenance(config=config),
     }
     if methods != ["activation"]:

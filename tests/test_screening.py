@@ -42,7 +42,7 @@ def ckpt(tmp_path_factory, tiny_bridge) -> Path:
 
 @pytest.fixture(scope="module")
 def result(ckpt, tiny_bridge):
-    return screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=7, progress=False, discover=None)
+    return screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=7, progress=False, discover=None, aggregate="mean")
 
 
 def test_table_has_one_row_per_feature_per_point(result):
@@ -57,7 +57,7 @@ def test_table_has_one_row_per_feature_per_point(result):
     p = t["p_ab"].to_numpy()
     assert np.all(np.diff(p[np.isfinite(p)]) >= 0) and np.isnan(p[np.isfinite(p).sum():]).all()
     assert result.summary["n_stimuli"] == 96 and result.activations["sae.hook_latents"].shape == (96, 128)
-    assert all("constant" in w or "exploratory" in w for w in result.warnings)
+    assert all("constant" in w or "exploratory" in w or "aggregate=mean" in w for w in result.warnings)
 
 
 def test_fdr_family_is_every_feature_of_every_point(result):
@@ -81,6 +81,8 @@ def _manual(tiny_bridge, ckpt_path: Path, stimulus: str, last: bool = False) -> 
         out = joint(x, "full")
     vals = {"sae.hook_latents": out.latents.dense(), "nfm.hook_hidden": out.hidden,
             "secondary.hook_latents": out.secondary_latents.dense()}
+    if last == "max":
+        return {k: v.max(0).values.numpy() for k, v in vals.items()}
     return {k: (v[-1] if last else v.mean(0)).numpy() for k, v in vals.items()}
 
 
@@ -112,6 +114,16 @@ def test_aggregate_last_is_last_token(ckpt, tiny_bridge, result):
         manual = _manual(tiny_bridge, ckpt, last.stimuli["stimulus"][j], last=True)
         for point in points:
             assert np.abs(last.activations[point][j] - manual[point]).max() < 1e-4, point
+
+
+def test_aggregate_max_is_max_over_kept_tokens(ckpt, tiny_bridge):
+    """The max over the stimulus tokens, right padding included (batch of 7), equals a hand computation."""
+    res = screen(ckpt, DESIGN, bridge=tiny_bridge, aggregate="max", points=["sae.hook_latents", "nfm.hook_hidden"],
+                 batch_size=7, progress=False, discover=None, permutations=0, random_init=False)
+    for j in (3, 50):
+        manual = _manual(tiny_bridge, ckpt, res.stimuli["stimulus"][j], last="max")
+        for point in res.activations:
+            assert np.abs(res.activations[point][j] - manual[point]).max() < 1e-4, point
 
 
 def test_other_model_checkpoint_refused(tmp_path, tiny_bridge):
@@ -164,11 +176,12 @@ def test_outputs_written(tmp_path, ckpt, tiny_bridge):
     pq = pd.read_parquet(out / "screening.parquet")
     assert len(csv) == len(pq) == 128 and np.allclose(csv["p_ab"], pq["p_ab"], equal_nan=True)
     top = json.loads((out / "top.json").read_text())
-    assert top == res.top and len(top) == 5 and set(top[0]) == {"point", "feature", "F_ab", "p_ab", "q_ab"}
+    assert top == res.top and len(top) == 5
+    assert set(top[0]) == {"point", "feature", "F_ab", "p_ab", "q_ab", "p_perm", "p_perm_fwer", "p_random_init"}
     assert top[0]["p_ab"] == pytest.approx(float(pq["p_ab"].iloc[0]))
     summary = json.loads((out / "screen.json").read_text())
     assert summary["family_size"] == int(pq["p_ab"].notna().sum()) and summary["hook"] == HOOK
-    assert summary["n_stimuli"] == 96 and summary["aggregate"] == "mean" and "family" in summary
+    assert summary["n_stimuli"] == 96 and summary["aggregate"] == "last" and "family" in summary
     assert summary["provenance"]["config"]["points"] == ["sae.hook_latents"]
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(FisError, match="did not write .mine.txt"):
@@ -195,4 +208,8 @@ def test_cli_exit_codes(tmp_path, ckpt, tiny_bridge, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert code == 0 and loaded == ["tiny-random"], captured.err
     assert "features with interaction q < 0.05" in captured.out and "nfm.hook_hidden (32)" in captured.out
+    assert "label-permutation null (1000 relabellings, within items): median" in captured.out
+    assert "random-init checkpoint (seed 0)" in captured.out and "aggregate=last" in captured.out
+    assert main(base + ["--design", str(DESIGN), "--permutations", "-1"]) == 2
+    assert "--permutations must be >= 0" in capsys.readouterr().err
     assert len(json.loads((out / "top.json").read_text())) == 3

@@ -20,8 +20,9 @@ def screen_command(
     point: Annotated[list[str] | None, typer.Option("--point", help="named point to screen (repeatable); "
                                                     "default: sae.hook_latents, nfm.hook_hidden, "
                                                     "secondary.hook_latents where present")] = None,
-    aggregate: Annotated[str, typer.Option("--aggregate", help="mean over the stimulus tokens, or last token")
-                         ] = "mean",
+    aggregate: Annotated[str, typer.Option("--aggregate", help="last kept token (default), max over the kept "
+                                           "tokens, or mean over them (depends on sentence length: warned when "
+                                           "cells differ in length)")] = "last",
     top: Annotated[int, typer.Option("--top", help="features listed and written to top.json")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="stimuli per forward pass")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",
@@ -48,6 +49,13 @@ def screen_command(
                                                       "(repeatable)")] = None,
     contrast: Annotated[str | None, typer.Option("--contrast", help="readout contrast attributed; default: the "
                                                  "design's first")] = None,
+    permutations: Annotated[int, typer.Option("--permutations", help="label-permutation null: relabellings of "
+                                              "the cells (within items for matched designs); 0 skips it")] = 1000,
+    random_init: Annotated[bool, typer.Option("--random-init/--no-random-init", help="also screen a seeded "
+                                              "random-init model of the checkpoint's shapes (same forward pass)")
+                           ] = True,
+    null_seed: Annotated[int, typer.Option("--null-seed", help="seed of the permutations and the random-init "
+                                           "model")] = 0,
 ) -> None:
     """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
 
@@ -55,8 +63,11 @@ def screen_command(
     held-out confirmation items, on which a battery `from_screening` then tests the chosen features. Matched
     items are screened with the within-item model (by-item repeated-measures ANOVA), cell lists with OLS.
     Each unique stimulus (BOS + stimulus text, no prompt) is run to the checkpoint's hook, normalised and passed
-    through the joint SAE; feature values are averaged over the kept tokens (or read at the last one). Prints
-    the top features by interaction p and how many have q < 0.05 over the whole family screened.
+    through the joint SAE; feature values are read at the last kept token (default; or max / mean over them).
+    Features that look like artifacts (a factor level exactly zero, an F shared by many features, very few
+    stimuli firing) are flagged and listed apart, never as top features. Prints the top features by interaction
+    p, how many have q < 0.05 over the whole family screened, and the same count under a label-permutation null
+    and on a random-init model of the same shapes (docs/screening.md).
     """
     from ..screening import ALPHA, screen
 
@@ -65,7 +76,7 @@ def screen_command(
                     batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite,
                     discover=None if all_items else discover, split_seed=split_seed, cards=cards,
                     cards_activations=cards_activations, method=method, steps=steps, clamps=clamp or (),
-                    contrast=contrast)
+                    contrast=contrast, permutations=permutations, random_init=random_init, null_seed=null_seed)
     s = result.summary
     split = s["split"]
     if split["confirmation"]:
@@ -77,12 +88,18 @@ def screen_command(
                    f"model: {s['screen_model']}")
     typer.echo(f"{s['design_name']}: {s['n_stimuli']} stimuli, aggregate={s['aggregate']}, hook {s['hook']}, "
                f"points {', '.join(f'{p} ({n})' for p, n in s['features_per_point'].items())}")
+    null_cols = [c for c in ("p_perm", "p_perm_fwer", "p_random_init") if c in result.table.columns]
     if result.top:
-        typer.echo(format_table(result.top, ["point", "feature", "F_ab", "p_ab", "q_ab"]))
+        typer.echo(format_table(result.top, ["point", "feature", "F_ab", "p_ab", "q_ab", *null_cols]))
     elif top:
-        typer.echo("no feature varies across the stimuli (all degenerate)")
-    typer.echo(f"{s['n_q_below_alpha']} of {s['family_size']} features with interaction q < {ALPHA} "
-               "(BH over all points)")
+        typer.echo("no unflagged feature varies across the stimuli")
+    if s["flagged"]:
+        shown = s["flagged"][:top or 10]
+        typer.echo(f"flagged as likely artifacts, not hits ({s['n_flagged']} in all, {s['n_flagged_q_below_alpha']} "
+                   f"with q < {ALPHA}; first {len(shown)} by p):")
+        typer.echo(format_table(shown, ["point", "feature", "F_ab", "q_ab", "flags"]))
+    typer.echo(f"{s['baseline']} (BH over all points)")
+    typer.echo(f"{s['n_hits']} hits: q < {ALPHA} and not flagged")
     if "attribution" in s:
         from ..screening_attribution import echo_attribution
 

@@ -54,7 +54,8 @@ def _check_point(point: str, widths: dict[str, int]) -> int:
 
 
 def _from_screening(spec: FeatureSpec) -> list[Target]:
-    """Top features of a screening: from its full table (ranked within ``point`` when given), else top.json."""
+    """Top features of a screening: from its full table (ranked within ``point`` when given; degenerate and
+    flagged features skipped), else top.json (which holds unflagged features only)."""
     import pandas as pd
 
     path = Path(spec.from_screening)
@@ -65,6 +66,8 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
             df = df[df["point"] == spec.point]
         if "degenerate" in df.columns:
             df = df[~df["degenerate"].astype(bool)]
+        if "flagged" in df.columns:  # likely artifacts (fis screen's flags column) are never selected as top
+            df = df[~df["flagged"].astype(bool)]
         df = df.sort_values("p_ab", kind="stable").head(spec.top)
         top = df[["point", "feature"]].to_dict("records")
     else:
