@@ -192,7 +192,8 @@ def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], poi
 
 def check_aggregate(aggregate: str) -> None:
     if aggregate not in AGGREGATES:
-        raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate", fix=f"use one of: {', '.join(AGGREGATES)}")
+        raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate",
+                       fix=f"use one of: {', '.join(AGGREGATES)}")
 
 
 def length_warning(tokens: np.ndarray, rows: pd.DataFrame, cells: list[str], item: str | None) -> str | None:
@@ -222,7 +223,7 @@ def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str,
     """Concatenate per-point screens; ``q_ab`` is BH over every non-degenerate feature of every point.
 
     ``item``: the item column of matched designs (within-item model, item as a block); None for cell lists
-    (two-way OLS over the stimuli). ``flags`` lists why a feature is more likely an artifact than an effect
+    (two-way OLS over the stimuli). ``artifact_flags`` lists why a feature is more likely an artifact than an effect
     (:mod:`~fis_interventions.stats.screen_flags`: a factor level exactly zero, an F shared by many features,
     very few stimuli firing); ``flagged`` features are kept in the table but are not ``hit`` s and are never
     among the top features."""
@@ -235,14 +236,15 @@ def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str,
         part = screen_features(X, rows, a, b, levels=levels, item=item).rename(
             columns={"q_ab": "q_ab_within_point"})
         part.insert(0, "point", point)
-        part["flags"] = level_and_rarity_flags(X, rows, levels)
+        part["artifact_flags"] = level_and_rarity_flags(X, rows, levels)
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     table.insert(table.columns.get_loc("q_ab_within_point"), "q_ab", fdr_bh(table["p_ab"].to_numpy()))
     shared = shared_statistic_groups(table["F_ab"].to_numpy())
-    table["flags"] = join_flags(table["flags"].tolist(), [f"shared_F({n})" if n else "" for n in shared])
-    table.loc[table["p_ab"].isna(), "flags"] = ""  # degenerate features are out of the family already
-    table["flagged"] = table["flags"] != ""
+    table["artifact_flags"] = join_flags(table["artifact_flags"].tolist(),
+                                         [f"shared_F({n})" if n else "" for n in shared])
+    table.loc[table["p_ab"].isna(), "artifact_flags"] = ""  # degenerate features are out of the family already
+    table["flagged"] = table["artifact_flags"] != ""
     table["hit"] = (table["q_ab"] < ALPHA) & ~table["flagged"]
     return table.sort_values(["p_ab", "point", "feature"], na_position="last", kind="stable").reset_index(drop=True)
 
@@ -260,7 +262,8 @@ def flagged_features(table: pd.DataFrame, n: int = 20) -> list[dict[str, Any]]:
     """The ``n`` flagged features with the smallest interaction p: listed apart, never hits."""
     if "flagged" not in table.columns:
         return []
-    return [{**_top_entry(r), "flags": str(r.flags)} for r in table[table["flagged"].astype(bool)].head(n).itertuples()]
+    flagged = table[table["flagged"].astype(bool)].head(n)
+    return [{**_top_entry(r), "artifact_flags": str(r.artifact_flags)} for r in flagged.itertuples()]
 
 
 def _top_entry(r: Any) -> dict[str, Any]:
@@ -321,7 +324,8 @@ def baseline_line(n_sig: int, family: int, nulls: dict[str, Any]) -> str:
     perm = nulls.get("permutation")
     if perm:
         h = perm["hits"]
-        parts.append(f"label-permutation null ({perm['n_permutations']} relabellings, {perm['scheme'].split('permuted ')[-1]}): "
+        scheme = perm["scheme"].split("permuted ")[-1]
+        parts.append(f"label-permutation null ({perm['n_permutations']} relabellings, {scheme}): "
                      f"median {h['null_median']:g}, 95th percentile {h['null_q95']:g} (p = {h['p_count']:.3g}); "
                      f"{perm['n_fwer_below_alpha']} features beat the relabellings' maximum F (p_perm_fwer < {ALPHA})")
     rnd = nulls.get("random_init")
@@ -383,7 +387,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     items for matched designs; 0 skips) give each feature ``p_perm`` and ``p_perm_fwer`` and the BH count the
     relabelled screens reach; ``random_init`` screens a seeded random-init model of the checkpoint's shapes on the
     same forward pass (``p_random_init`` per feature, and its BH count). Features flagged as likely artifacts
-    (``flags``) are listed apart and are not hits (``hit``) nor top features.
+    (``artifact_flags``) are listed apart and are not hits (``hit``) nor top features.
     """
     from .attach import attach
     from .designs import design_warnings, read_design
@@ -502,7 +506,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
                                   kind="stable").reset_index(drop=True)
         top_list = ranked_top(table, methods[0], top)
     flagged_list = flagged_features(table)
-    flag_kinds = pd.Series([f.split("(")[0].split(":")[0] for fl in table["flags"] if fl for f in fl.split(";")])
+    flag_kinds = pd.Series([f.split("(")[0].split(":")[0] for fl in table["artifact_flags"] if fl
+                            for f in fl.split(";")])
     if discover is None:
         warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
                         "items they were selected on, so its tests can only be exploratory")
@@ -521,7 +526,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         "n_q_below_alpha_per_point": {p: int((table.loc[table["point"] == p, "q_ab"] < ALPHA).sum())
                                       for p in chosen},
         "n_hits": int(table["hit"].sum()),
-        "hits": "q_ab < alpha and not flagged (flags: zero_level, shared_F, rare; see flags column)",
+        "hits": "q_ab < alpha and not flagged (flags: zero_level, shared_F, rare; see the artifact_flags column)",
         "n_flagged": int(table["flagged"].sum()),
         "n_flagged_q_below_alpha": int((table["flagged"] & (table["q_ab"] < ALPHA)).sum()),
         "flag_counts": {str(k): int(v) for k, v in flag_kinds.value_counts().items()},

@@ -118,7 +118,8 @@ def test_length_artifact_is_flagged_and_never_a_top_feature():
                          item="item")
     art = table[table["feature"] < 15]
     assert (art["q_ab"] < 1e-6).all() and art["flagged"].all() and not art["hit"].any()
-    assert art["flags"].str.contains("zero_level:f=y").all() and art["flags"].str.contains(r"shared_F\(15\)").all()
+    flags = art["artifact_flags"]
+    assert flags.str.contains("zero_level:f=y").all() and flags.str.contains(r"shared_F\(15\)").all()
     top = top_features(table, 3)
     assert top[0]["feature"] == 15 and all(t["feature"] >= 15 for t in top)
     assert table.loc[table["feature"] == 15, "hit"].item()
@@ -143,7 +144,7 @@ def test_battery_never_selects_a_flagged_feature(tmp_path):
 
     table = pd.DataFrame({"point": ["sae.hook_latents"] * 4, "feature": [7, 8, 9, 10],
                           "p_ab": [1e-9, 1e-8, 1e-3, 1e-2], "degenerate": [False] * 4,
-                          "flags": ["zero_level:f=y;shared_F(2)", "shared_F(2)", "", ""],
+                          "artifact_flags": ["zero_level:f=y;shared_F(2)", "shared_F(2)", "", ""],
                           "flagged": [True, True, False, False]})
     table.to_csv(tmp_path / "screening.csv", index=False)
     spec = FeatureSpec(from_screening=tmp_path, top=2, role="top")

@@ -97,7 +97,7 @@ def screen_command(
         shown = s["flagged"][:top or 10]
         typer.echo(f"flagged as likely artifacts, not hits ({s['n_flagged']} in all, {s['n_flagged_q_below_alpha']} "
                    f"with q < {ALPHA}; first {len(shown)} by p):")
-        typer.echo(format_table(shown, ["point", "feature", "F_ab", "q_ab", "flags"]))
+        typer.echo(format_table(shown, ["point", "feature", "F_ab", "q_ab", "artifact_flags"]))
     typer.echo(f"{s['baseline']} (BH over all points)")
     typer.echo(f"{s['n_hits']} hits: q < {ALPHA} and not flagged")
     if "attribution" in s:

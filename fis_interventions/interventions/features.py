@@ -66,7 +66,7 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
             df = df[df["point"] == spec.point]
         if "degenerate" in df.columns:
             df = df[~df["degenerate"].astype(bool)]
-        if "flagged" in df.columns:  # likely artifacts (fis screen's flags column) are never selected as top
+        if "flagged" in df.columns:  # likely artifacts (fis screen's artifact_flags) are never selected as top
             df = df[~df["flagged"].astype(bool)]
         df = df.sort_values("p_ab", kind="stable").head(spec.top)
         top = df[["point", "feature"]].to_dict("records")
