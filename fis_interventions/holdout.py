@@ -85,7 +85,10 @@ def all_items(rows: pd.DataFrame) -> dict[str, Any]:
 
 def design_identity(design: Any) -> str:
     """SHA-256 of the design's validated content (canonical JSON): comments and layout do not change it."""
-    return json_digest(design.model_dump(mode="json"))
+    data = design.model_dump(mode="json")
+    if data.get("critical") is None:  # a field added later: designs without it keep their identity
+        data.pop("critical", None)
+    return json_digest(data)
 
 
 def check_same_origin(screening: dict[str, Any], source: Path, checkpoint: Path | str, checkpoint_id: str,

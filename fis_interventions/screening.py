@@ -37,10 +37,10 @@ from .holdout import DEFAULT_FRACTION, all_items, check_fraction, design_identit
 from .stats.screen import MODELS
 
 DEFAULT_POINTS: tuple[str, ...] = ("sae.hook_latents", "nfm.hook_hidden", "secondary.hook_latents")
-AGGREGATES = ("last", "max", "mean")
+AGGREGATES = ("last", "max", "mean", "critical")
 DEFAULT_AGGREGATE = "last"
 ALPHA = 0.05
-Aggregate = Literal["last", "max", "mean"]
+Aggregate = Literal["last", "max", "mean", "critical"]
 DEFAULT_PERMUTATIONS = 1000
 
 
@@ -110,7 +110,7 @@ class Collected:
 
 def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: int, aggregate: str) -> torch.Tensor:
     """``[b, width]``: the kept positions' values (``value`` [n_kept, width], ``row`` their stimulus) reduced."""
-    if aggregate == "mean":
+    if aggregate in ("mean", "critical"):  # critical: the mean over the critical region's kept tokens
         agg = value.new_zeros(b, value.shape[-1]).index_add_(0, row, value)
         return agg / counts.to(agg.device, agg.dtype).unsqueeze(1)
     if aggregate == "max":
@@ -125,9 +125,11 @@ def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: 
 @torch.no_grad()
 def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
             aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16, progress: bool = False,
-            extra_joints: Sequence[Any] = ()) -> Collected:
+            extra_joints: Sequence[Any] = (), regions: Sequence[Sequence[int]] | None = None) -> Collected:
     """Each point's value per stimulus over its kept positions, for the checkpoint and for ``extra_joints``
     (e.g. a random-init model of the same shapes) from ONE model forward pass per batch up to the hook.
+    ``regions`` (with ``aggregate="critical"``): the token positions of each stimulus's critical region (index
+    into its token list); only those positions are kept.
 
     Batches are right-padded; the exclusion rule (and padding) decides the kept positions, exactly as when the
     checkpoint is spliced into the model. Results are written batch by batch into preallocated arrays.
@@ -137,6 +139,8 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
     from .splice import pad_right
 
     check_aggregate(aggregate)
+    if (aggregate == "critical") != (regions is not None):
+        raise FisError("aggregate 'critical' needs the critical regions, and only it uses them", field="aggregate")
     if batch_size < 1:
         raise FisError(f"batch size must be positive, got {batch_size}", field="batch_size", fix="use e.g. 16")
     split, splice, joint = attached.split, attached.splice, attached.joint
@@ -151,10 +155,16 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
         ids, mask = pad_right(seqs, pad_id)
         resid, _ = split.prefix(ids, mask)
         keep = splice.keep_mask(ids, resid, mask)
+        if regions is not None:
+            region = torch.zeros_like(keep)
+            for r, positions in enumerate(regions[start:start + len(seqs)]):
+                region[r, list(positions)] = True
+            keep = keep & region
         counts = keep.sum(1)
         if bool((counts == 0).any()):
             bad = start + int((counts == 0).nonzero()[0, 0])
-            raise FisError(f"stimulus {bad} has no position left after the exclusion rule "
+            what = "of its critical region " if regions is not None else ""
+            raise FisError(f"stimulus {bad} has no position {what}left after the exclusion rule "
                            "(only special tokens or massive activations)", field="design",
                            fix="check the stimulus text")
         b = len(seqs)
@@ -194,6 +204,41 @@ def check_aggregate(aggregate: str) -> None:
     if aggregate not in AGGREGATES:
         raise FisError(f"unknown aggregate {aggregate!r}", field="aggregate",
                        fix=f"use one of: {', '.join(AGGREGATES)}")
+
+
+def critical_regions(design: Any, rows: pd.DataFrame, tokenizer: Any) -> list[list[int]]:
+    """Token positions (in ``[BOS] + tokens``) of the design's critical slot in each row's stimulus.
+
+    Refuses (one line, the item's line in the design file) an item whose critical region has different token
+    counts in its cells: a mean over it would depend on length again, so the cells cannot be aligned."""
+    from .designs.checks import fail
+
+    slot = design.critical
+    if slot is None:
+        raise FisError(f"design {design.name!r} names no critical region", source=design.source, field="critical",
+                       fix="add `critical: <slot>` (a slot of the template) to the design, or use --aggregate last")
+    index = {str(it.id): (i, it) for i, it in enumerate(design.items or [])}
+    positions: list[list[int]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for item_id, cell in zip(rows["item"].astype(str), rows["cell"].astype(str), strict=True):
+        _, item = index[item_id]
+        text, spans = design.render(item, cell)
+        lo, hi = spans[slot]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if "offset_mapping" not in enc:
+            raise FisError("the tokenizer gives no character offsets, so the critical region cannot be found",
+                           field="aggregate", fix="use --aggregate last, or a model with a fast tokenizer")
+        pos = [j + 1 for j, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo]
+        positions.append(pos)
+        counts.setdefault(item_id, {})[cell] = len(pos)
+    for item_id, by_cell in counts.items():
+        if len(set(by_cell.values())) > 1:
+            shown = ", ".join(f"{c} {n}" for c, n in by_cell.items())
+            fail(design, ("items", index[item_id][0]), f"item '{item_id}': the critical region '{slot}' has "
+                 f"different token counts in its cells ({shown}), so the cells cannot be aligned for "
+                 "--aggregate critical", f"give '{slot}' the same number of tokens in every cell of the item "
+                 "(or use --aggregate last)")
+    return positions
 
 
 def length_warning(tokens: np.ndarray, rows: pd.DataFrame, cells: list[str], item: str | None) -> str | None:
@@ -414,6 +459,10 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         from .attribution import choose_contrast
 
         contrast = choose_contrast(d, contrast)
+    if aggregate == "critical" and d.critical is None:  # before a model is loaded
+        raise FisError(f"design {d.name!r} names no critical region", source=d.source or str(design),
+                       field="critical", fix="add `critical: <slot>` (a slot of the template) to the design, or "
+                       "use --aggregate last")
     all_rows = stimulus_rows(d)
     split = (split_items(all_rows, discover, split_seed, d.shape, source=str(design)) if discover is not None
              else all_items(all_rows))
@@ -455,13 +504,26 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
                                                      flag="--cards-activations")), attached.checkpoint,
                       attached.split.hook.canonical)
 
-    rows = all_rows[all_rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+    in_discovery = all_rows["item"].astype(str).isin(set(split["discovery"])).to_numpy()
+    rows = all_rows[in_discovery].reset_index(drop=True)
+    regions = None
+    if aggregate == "critical":  # every item is checked for alignment, not only the screened ones
+        every = critical_regions(d, all_rows, bridge.tokenizer)
+        regions = [r for r, screened in zip(every, in_discovery, strict=True) if screened]
     a, b = list(d.factors)
     levels = {f: list(v) for f, v in d.factors.items()}
     token_lists = stimulus_tokens(bridge.tokenizer, rows["stimulus"].tolist())
     extra = [random_init_joint(attached.joint, null_seed)] if random_init else []
-    collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra)
+    collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra,
+                        regions=regions)
     acts = collected.values
+    if aggregate == "critical":
+        kept = pd.Series(collected.tokens).groupby(rows["item"].astype(str).to_numpy()).nunique()
+        if (kept > 1).any():
+            raise FisError(f"item {kept.index[kept > 1][0]!r}: the exclusion rule (massive activations) removed "
+                           f"tokens of the critical region '{d.critical}' in some cells only, so the cells cannot "
+                           "be aligned for --aggregate critical", source=d.source or str(design), field="critical",
+                           fix="use --aggregate last")
     item_col = "item" if d.shape == "items" else None
     table = screen_table(acts, rows, a, b, levels, item=item_col)
     if aggregate == "mean":
@@ -519,6 +581,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         "screen_model": MODELS["within_item" if item_col else "ols"], "n_items": int(rows["item"].nunique()),
         "features_per_point": {p: int(x.shape[1]) for p, x in acts.items()},
         "aggregate": aggregate, "n_stimuli": len(rows),
+        **({"critical_region": d.critical} if aggregate == "critical" else {}),
+        "tokens_per_cell": {c: float(v) for c, v in pd.Series(collected.tokens).groupby(
+            rows["cell"].astype(str).to_numpy()).mean().items()},
         "input": "BOS + stimulus text (no prompt); positions kept by the checkpoint's exclusion rule",
         "family": "interaction term (p_ab) of every non-degenerate feature of every point screened; "
                   "q_ab_within_point corrects within each point only",

@@ -203,3 +203,66 @@ def test_design_rows_have_cells():
 
     rows = stimulus_rows(read_design(DESIGN))
     assert set(rows["cell"]) == {"affirmed.positive", "affirmed.negative", "negated.positive", "negated.negative"}
+
+
+def _with_critical(tmp_path: Path, slot: str) -> Path:
+    path = tmp_path / f"negation_{slot}.yaml"
+    path.write_text(DESIGN.read_text(encoding="utf-8") + f"critical: {slot}\n", encoding="utf-8")
+    return path
+
+
+def test_critical_region_is_the_mean_over_the_slot_tokens(ckpt, tiny_bridge, tmp_path):
+    """'truly' / 'not' are one token each in every cell: the feature's value is the joint model's value there."""
+    import torch
+
+    from fis_interventions.sae import load_checkpoint
+    from test_screening import HOOK, SCALE
+
+    res = screen(ckpt, _with_critical(tmp_path, "polarity"), bridge=tiny_bridge, aggregate="critical",
+                 points=["sae.hook_latents"], batch_size=5, progress=False, discover=None, permutations=0,
+                 random_init=False)
+    assert res.summary["critical_region"] == "polarity" and set(res.summary["tokens_per_cell"].values()) == {1.0}
+    joint = load_checkpoint(ckpt).model
+    for j in (0, 37):
+        text = res.stimuli["stimulus"][j]
+        tokens = tiny_bridge.to_tokens(text)
+        words = [tiny_bridge.tokenizer.decode([t]).strip() for t in tokens[0].tolist()]
+        pos = [i for i, w in enumerate(words) if w in ("truly", "not")]
+        assert len(pos) == 1, words
+        _, cache = tiny_bridge.run_with_cache(tokens, names_filter=lambda n: n == HOOK)
+        with torch.no_grad():
+            expected = joint(cache[HOOK][0, pos] * SCALE, "full").latents.dense().mean(0).numpy()
+        assert np.abs(res.activations["sae.hook_latents"][j] - expected).max() < 1e-4
+
+
+def test_critical_region_that_cannot_be_aligned_is_refused(ckpt, tiny_bridge, tmp_path, monkeypatch, capsys):
+    """An adjective pair of different token counts: exit 2, one line with the item's line, nothing written."""
+    from fis_interventions.cli import main
+    from fis_interventions.errors import FisError
+
+    design = _with_critical(tmp_path, "adjective")
+    with pytest.raises(FisError, match=r"line \d+: item '\w+': the critical region 'adjective' has different "
+                                       r"token counts .* cannot be aligned"):
+        screen(ckpt, design, bridge=tiny_bridge, aggregate="critical", progress=False, discover=None)
+    import fis_interventions.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: tiny_bridge)
+    out = tmp_path / "out"
+    code = main(["screen", "--checkpoint", str(ckpt), "--design", str(design), "--aggregate", "critical",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be aligned" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    # no critical region named: refused before any model is loaded
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: pytest.fail("model loaded"))
+    code = main(["screen", "--checkpoint", str(ckpt), "--design", str(DESIGN), "--aggregate", "critical"])
+    assert code == 2 and "names no critical region" in capsys.readouterr().err
+
+
+def test_critical_region_must_be_a_template_slot(tmp_path):
+    from fis_interventions.designs import read_design
+    from fis_interventions.errors import FisError
+
+    with pytest.raises(FisError, match=r"line \d+: critical region 'nope' is not a slot of the template of item "
+                                       r"'soup' \(and \d+ more\)"):
+        read_design(_with_critical(tmp_path, "nope"))

@@ -21,8 +21,10 @@ def screen_command(
                                                     "default: sae.hook_latents, nfm.hook_hidden, "
                                                     "secondary.hook_latents where present")] = None,
     aggregate: Annotated[str, typer.Option("--aggregate", help="last kept token (default), max over the kept "
-                                           "tokens, or mean over them (depends on sentence length: warned when "
-                                           "cells differ in length)")] = "last",
+                                           "tokens, mean over them (depends on sentence length: warned when "
+                                           "cells differ in length), or critical: mean over the tokens of the "
+                                           "design's `critical` slot (same token count in every cell of an "
+                                           "item, else exit 2)")] = "last",
     top: Annotated[int, typer.Option("--top", help="features listed and written to top.json")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="stimuli per forward pass")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",

@@ -69,6 +69,7 @@ def check_design(design: Design) -> None:
     _check_factors(design)
     _check_stimuli(design)
     _check_readout(design)
+    _check_critical(design)
 
 
 def _check_factors(d: Design) -> None:
@@ -229,6 +230,20 @@ def _check_slot_values(d: Design, slots: dict[str, Any], item: Item, loc: tuple[
         if missing:
             fail(d, sloc, f"{label}: slot '{slot}' has no value for level(s) {', '.join(missing)} "
                  f"of factor '{factor}'", f"add {', '.join(missing)}: ...")
+
+
+def _check_critical(d: Design) -> None:
+    """The critical region is a slot every item's template fills, so its tokens can be found in every cell."""
+    if d.critical is None:
+        return
+    if d.items is None:
+        fail(d, ("critical",), f"critical region '{d.critical}' needs matched items rendered from a template "
+             "(cell lists have no slots)", "remove `critical`, or write the design as items with a template")
+    missing = [it.id for it in d.items if d.critical not in template_fields(d.item_template(it) or "")]
+    if missing:
+        fail(d, ("critical",), f"critical region '{d.critical}' is not a slot of the template of item "
+             f"'{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+             "name a {slot} that every item's template contains")
 
 
 def _check_readout(d: Design) -> None:

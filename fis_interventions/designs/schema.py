@@ -103,6 +103,10 @@ class Design(StrictModel):
     items: list[Item] | None = Field(default=None, description="matched items crossed with the design")
     cells: dict[str, list[str]] | None = Field(default=None, description="independent sentences per cell")
     readout: Readout = Field(default_factory=Readout)
+    critical: str | None = Field(
+        default=None, description="the template slot whose tokens are the critical region: `fis screen "
+        "--aggregate critical` averages a feature over them (they must have the same token count in every cell "
+        "of an item)")
 
     _source: str | None = PrivateAttr(default=None)
     _node: Any = PrivateAttr(default=None)
