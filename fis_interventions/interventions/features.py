@@ -55,7 +55,7 @@ def _check_point(point: str, widths: dict[str, int]) -> int:
 
 def _from_screening(spec: FeatureSpec) -> list[Target]:
     """Top features of a screening: from its full table (ranked within ``point`` when given; degenerate and
-    flagged features skipped), else top.json (which holds unflagged features only)."""
+    flagged features skipped), else top.json."""
     import pandas as pd
 
     path = Path(spec.from_screening)
