@@ -180,9 +180,16 @@ def main() -> None:
     ap.add_argument("--speed-reps", type=int, default=2)
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
     ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/validation.json"))
+    ap.add_argument("--trace-every", type=float, default=0.0, help="dump stacks every N seconds (0: off)")
     args = ap.parse_args()
+    if args.trace_every:  # where a slow run is: every N seconds, the stack of every thread to stderr
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.trace_every, repeat=True)
     torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
     bridge = load_model("smollm2-135m", device="cpu")
+    print(json.dumps({"model_load_seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     report = {}
     if args.skip != "speed":
         report["speed"] = speed(args, bridge)

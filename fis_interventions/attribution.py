@@ -32,7 +32,8 @@ estimate follows the model's curvature; it costs ``steps`` forward+backward pass
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,20 @@ def choose_contrast(design: Any, contrast: str | None) -> str:
     return contrast
 
 
+@contextmanager
+def _frozen(module: Any) -> Iterator[None]:
+    """The model's weights without ``requires_grad`` for the duration: the backward pass then computes (and
+    the forward keeps tensors for) the residual's gradient only, not the weights'. Restored afterwards."""
+    params = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "parameters") else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: torch.Tensor) -> torch.Tensor:
     """:meth:`SplitModel.suffix` with autograd on (the public one is ``no_grad``): the same code path."""
     return type(split).suffix.__wrapped__(split, resid, state, positions)
@@ -109,7 +124,7 @@ def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid:
     split, splice = attached.split, attached.splice
     base = prep.resid if resid is None else resid
     b, t, d = base.shape
-    with torch.enable_grad():
+    with torch.enable_grad(), _frozen(split.bridge):
         dr = torch.zeros_like(prep.x, requires_grad=True)
         delta = splice.normalizer.invert_delta(dr).to(base.dtype)
         flat = base.reshape(b * t, d).index_add(0, prep.keep_idx, delta)
