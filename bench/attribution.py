@@ -40,7 +40,6 @@ from fis_interventions.interventions.battery import Readouts, _prepare, _stacked
 from fis_interventions.interventions.features import Condition, Target  # noqa: E402
 from fis_interventions.models import load_model  # noqa: E402
 from fis_interventions.screening import DEFAULT_POINTS, screen, stimulus_rows  # noqa: E402
-from fis_interventions.stats.screen import screen_features  # noqa: E402
 
 
 def discovery_rows(design, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -87,16 +86,15 @@ def feature_max(attached, design, rows: pd.DataFrame, points) -> dict[str, np.nd
 
 
 def interaction(X: np.ndarray, rows: pd.DataFrame, design) -> np.ndarray:
-    """Within-item interaction contrast (a1b1 - a1b2 - a2b1 + a2b2, mean over items) of per-stimulus means."""
-    keys = list(zip(rows["item"].astype(str), rows["cell"].astype(str), strict=True))
-    frame = pd.DataFrame(X, index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1], sort=False).mean()
-    stim = rows.drop_duplicates(["item", "cell"]).reset_index(drop=True)
+    """Interaction contrast (a1b1 - a1b2 - a2b1 + a2b2) of the per-stimulus means (mean over prompts), averaged
+    over items: the screen's effect size, computable from a single item."""
     a, b = list(design.factors)
-    s = screen_features(frame.to_numpy(), stim, a, b, levels={k: list(v) for k, v in design.factors.items()},
-                        item="item")
     la, lb = design.factors[a], design.factors[b]
-    m = {(x, y): s[f"mean_{x}_{y}"].to_numpy() for x in la for y in lb}
-    return m[la[0], lb[0]] - m[la[0], lb[1]] - m[la[1], lb[0]] + m[la[1], lb[1]]
+    sign = {(la[0], lb[0]): 1.0, (la[0], lb[1]): -1.0, (la[1], lb[0]): -1.0, (la[1], lb[1]): 1.0}
+    w = np.array([sign[x, y] for x, y in zip(rows[a].astype(str), rows[b].astype(str), strict=True)])
+    per_cell = rows.groupby(["item", a, b]).size()  # rows per (item, cell): the prompts
+    n = np.array([per_cell[i, x, y] for i, x, y in zip(rows["item"], rows[a], rows[b], strict=True)])
+    return (w / n) @ X / rows["item"].nunique()
 
 
 def validate(args, bridge) -> dict:
