@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import sys
 import warnings
 from pathlib import Path
@@ -119,6 +120,19 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, read-only folder, locked file, name too long: one line, no traceback
+        from .io import fault_line
+
+        fault = fault_line(err)
+        if fault is None:
+            raise
+        print(f"error: {fault[0]}", file=sys.stderr)
+        return fault[1]
+    except sqlite3.OperationalError as err:  # SQLite reports disk full / read-only / locked in its own words
+        print(f"error: results store: {err}; nothing was half-written, rerun the same command to resume "
+              "(fix: free space, make the folder writable, or close the program holding the store)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

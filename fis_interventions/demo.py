@@ -20,7 +20,8 @@ import yaml
 
 from .activations import harvest
 from .evaluation import comparison_table, evaluate, format_table
-from .io import write_json
+from .fingerprint import own
+from .io import atomic_path, write_json
 from .models import DEFAULT_MODEL, default_hook, greedy_continuation, load_model, resolve_hook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +108,10 @@ def demo(out: Path = Path("runs/demo"), quick: bool = False, model: str = DEFAUL
     (out / "battery.yaml").write_text(yaml.safe_dump(battery_cfg, sort_keys=False), encoding="utf-8")
     store = battery(BatteryConfig.model_validate(battery_cfg), bridge=bridge, progress=progress)
     echo(f"[{stamp()}] battery results: {store}")
-    shutil.copy(screen_dir / "screening.csv", out / "battery" / "screening.csv")
-    (out / "battery" / "eval.json").write_text(json.dumps(table, default=str), encoding="utf-8")
+    own(out / "battery", ["screening.csv", "eval.json"])  # the report reads them beside the results
+    with atomic_path(out / "battery" / "screening.csv") as tmp:
+        shutil.copy(screen_dir / "screening.csv", tmp)
+    write_json(out / "battery" / "eval.json", table)
 
     rep = report(out / "battery", out=report_dir or (ROOT / "reports" / "demo" if not quick else out / "report"))
     html = Path(rep) / "report.html" if Path(rep).is_dir() else Path(rep)

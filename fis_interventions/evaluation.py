@@ -31,7 +31,8 @@ import torch
 from .activations import ActivationStore
 from .attach import Attached, attach
 from .errors import FisError, FisWarning
-from .io import write_json
+from .fingerprint import own
+from .io import atomic_path, write_json
 from .models import load_model
 from .provenance import provenance
 from .sae import COMPONENTS, load_checkpoint
@@ -187,10 +188,12 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         summary["organisation"] = organisation_tests(attached.joint, n_permutations=1000, seed=seed).to_dict("records")
     summary["provenance"] = provenance(seed)
     target = Path(out) if out else ckpt.path.parent
+    own(target, ["eval.json", "eval_per_context.npz", "organisation.png"])  # a training folder lists them
     if organisation and attached.joint.nfm is not None:
         summary["organisation_figure"] = str(organisation_figure(attached.joint, target / "organisation.png"))
     write_json(target / "eval.json", summary)
-    np.savez(target / "eval_per_context.npz", **per_context)
+    with atomic_path(target / "eval_per_context.npz") as tmp, tmp.open("wb") as fh:
+        np.savez(fh, **per_context)
     return CheckpointEval(summary["name"], summary, per_context)
 
 
@@ -214,8 +217,8 @@ def organisation_figure(joint: Any, path: Path) -> Path:
     axes[3].set_xlabel("decoder squared norm")
     axes[3].set_ylabel("interaction embedding norm")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -20,7 +20,8 @@ from . import distributed
 from .activations import ActivationStore, harvest
 from .config import load_config
 from .errors import FisError
-from .fingerprint import Fingerprint, check_output, checkpoint_identity, claim, folder_identity, package_version
+from .fingerprint import (Fingerprint, check_output, checkpoint_identity, claim, folder_identity, own, package_version,
+                          releases_locks, unclaim)
 from .sae import TrainConfig
 from .sae import train as train_joint
 from .sae.train import TrainResult
@@ -33,6 +34,7 @@ def _store_for(cfg: TrainConfig, out: Path, progress: bool) -> ActivationStore:
         folder = Path(cfg.activations)
     else:
         folder = out / "activations"
+        own(out, ["activations/"])  # a nested harvest folder: its own fingerprint lists its files
         harvest(model=cfg.model, hook=cfg.hook, corpus=[cfg.corpus], out=folder, tokens=cfg.tokens,
                 device=cfg.device, progress=progress, shard="0/1")  # every rank reads the whole folder
     return ActivationStore(folder, heldout_fraction=max(cfg.heldout_fraction, 0.01))
@@ -61,6 +63,7 @@ def train_fingerprint(cfg: TrainConfig) -> Fingerprint:
     return Fingerprint("train", inputs)
 
 
+@releases_locks
 def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = False, progress: bool = True,
           overwrite: bool = False, **overrides: Any) -> TrainResult:
     """Train a standalone SAE, a sequential or a joint model (``config.mode``) into ``out/checkpoint``.
@@ -79,12 +82,18 @@ def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = F
         raise FisError("on-the-fly harvest is single-process", field="activations",
                        fix="run `fis harvest` first and train on the shard folder under torchrun")
     fp = train_fingerprint(cfg)
+    state = "resume"
     if world.rank == 0:
-        claim(out, fp, owned=("checkpoint", "metrics.jsonl", "activations"), overwrite=overwrite)
+        state = claim(out, fp, overwrite=overwrite)
     else:  # rank 0 writes the fingerprint; the others only check (no race on the folder)
         check_output(out, fp)
-    with distributed.session(cfg.device) as world:
-        return _train(cfg, out, resume, progress, world)
+    try:
+        with distributed.session(cfg.device) as world:
+            return _train(cfg, out, resume, progress, world)
+    except FisError:
+        if state == "new":
+            unclaim(out, fp)  # refused before writing anything: the fixed config may use this folder
+        raise
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: distributed.World) -> TrainResult:
@@ -106,6 +115,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: dis
                        heldout=held, model_name=manifest["model"], hook=manifest["hook"])
 
 
+@releases_locks
 def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, overwrite: bool = False) -> Path:
     """`fis refit`: a standalone SAE whose decoder is refitted by least squares on its frozen codes.
 
@@ -124,7 +134,7 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, ov
                        fix="pass the checkpoint of a `mode: sae` run")
     fp = Fingerprint("refit", {"checkpoint": checkpoint_identity(ckpt.path), "activations": folder_identity(
         Path(acts)), "batch_size": batch_size, "package": package_version()})
-    claim(Path(out), fp, owned=("checkpoint",), overwrite=overwrite)  # the same refit again is simply redone
+    claim(Path(out), fp, overwrite=overwrite)  # the same refit again is simply redone
     store = ActivationStore(Path(acts), heldout_fraction=ckpt.train_config.get("heldout_fraction", 0.1))
 
     def batches():

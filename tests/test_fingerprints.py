@@ -13,7 +13,7 @@ import yaml
 from fis_interventions.activations import ActivationStore, harvest
 from fis_interventions.cli import main
 from fis_interventions.errors import FisError
-from fis_interventions.fingerprint import FINGERPRINT_FILE, Fingerprint, claim, differences, replace_folder
+from fis_interventions.fingerprint import FINGERPRINT_FILE, Fingerprint, claim, differences, own, replace_folder
 from fis_interventions.reports import report
 from fis_interventions.reports.synthetic import write_synthetic_run
 from fis_interventions.screening import screen
@@ -40,30 +40,31 @@ def test_digest_is_canonical_and_differences_name_the_keys():
 def test_claim_and_replace_rules(tmp_path):
     fp, other = Fingerprint("s", {"v": 1}), Fingerprint("s", {"v": 2})
     out = tmp_path / "o"
-    assert claim(out, fp, owned=("data.bin",)) == "new" and (out / FINGERPRINT_FILE).is_file()
+    assert claim(out, fp) == "new" and (out / FINGERPRINT_FILE).is_file()
+    own(out, ["data.bin"])  # a stage lists a file in its fingerprint before it writes it
     (out / "data.bin").write_bytes(b"1")
-    assert claim(out, fp, owned=("data.bin",)) == "resume"
+    assert claim(out, fp) == "resume"
     with pytest.raises(FisError, match=r"other settings \(v: 1 -> 2\).*--overwrite"):
-        claim(out, other, owned=("data.bin",))
+        claim(out, other)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FisError, match="did not write .notes.txt"):
-        claim(out, other, owned=("data.bin",), overwrite=True)
+        claim(out, other, overwrite=True)
     (out / "notes.txt").unlink()
-    assert claim(out, other, owned=("data.bin",), overwrite=True) == "new" and not (out / "data.bin").exists()
+    assert claim(out, other, overwrite=True) == "new" and not (out / "data.bin").exists()
     with pytest.raises(FisError, match="holds a s output, not a t"):
-        claim(out, Fingerprint("t", {}), owned=(), overwrite=True)
+        claim(out, Fingerprint("t", {}), overwrite=True)
     # another process's claim in flight (its fingerprint not renamed into place yet) is a new folder, not a foreign one
     racing = tmp_path / "r"
     racing.mkdir()
     (racing / f".{FINGERPRINT_FILE}.x1y2.tmp").write_text("")
-    assert claim(racing, fp, owned=()) == "new" and (racing / FINGERPRINT_FILE).is_file()
+    assert claim(racing, fp) == "new" and (racing / FINGERPRINT_FILE).is_file()
     (racing / FINGERPRINT_FILE).unlink()
     (racing / ".other.tmp").write_text("")
     with pytest.raises(FisError, match="did not write"):
-        claim(racing, fp, owned=())
+        claim(racing, fp)
     (tmp_path / "file").write_text("x")
     with pytest.raises(FisError, match="is a file"):
-        claim(tmp_path / "file", fp, owned=())
+        claim(tmp_path / "file", fp)
     # whole-folder stages: the fingerprint lists the files, so a user's file blocks a replacement
     whole = tmp_path / "w"
     with replace_folder(whole, fp) as tmp:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..config import StrictModel
 from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
-from ..fingerprint import Fingerprint, claim, package_version
+from ..fingerprint import Fingerprint, claim, package_version, releases_locks
 from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook, weights_device
 from ..provenance import provenance
 from .exclusion import ExclusionRule
@@ -58,7 +58,6 @@ def capture_hook(bridge: Any, tokens: torch.Tensor, hook_name: str, stop_at_laye
 
 
 # What a harvest writes into its out folder (a sharded harvest adds one manifest per rank).
-OUTPUT_FILES = (MANIFEST, "manifest.rank-*.json", "shard_*.safetensors")
 _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,6 +125,7 @@ def shard_pass(bridge: Any, hook: Any, rule: ExclusionRule, stats: Any, excluded
     return torch.cat(acts_parts), torch.cat(keep_parts), positions
 
 
+@releases_locks
 def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridge: Any = None,
             overwrite: bool = False, shard: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Harvest activations into ``config.out``; resume from the last complete shard; return the manifest.
@@ -155,7 +155,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     out = Path(cfg.out)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
     fresh = fresh_manifest(cfg, bridge, hook, contexts, n_requested, fp)
-    state = claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)
+    state = claim(out, fp, overwrite=overwrite)
     if state == "resume" and (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("complete") and manifest.get("n_contexts_planned") == len(contexts):

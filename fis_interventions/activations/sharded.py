@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FisError
-from ..fingerprint import claim
+from ..fingerprint import claim, own
 from ..io import write_json
 from ..models import default_hook, load_model, model_name, resolve_hook
 from .exclusion import ExclusionRule
@@ -43,14 +43,14 @@ def rank_manifest_name(i: int, n: int) -> str:
 def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, progress: bool = True
                   ) -> dict[str, Any]:
     """Harvest rank ``shard_i`` of ``shard_n``; return the merged manifest if this rank finished last, else its own."""
-    from .harvester import (OUTPUT_FILES, fresh_manifest, harvest_fingerprint, planned_contexts, shard_pass,
+    from .harvester import (fresh_manifest, harvest_fingerprint, planned_contexts, shard_pass,
                             store_dtype_of)
 
     out = Path(cfg.out)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
-    claim(out, fp, owned=OUTPUT_FILES)  # every rank: the same digest
+    claim(out, fp, shared=True)  # every rank: the same digest; the ranks share the folder's lock
     if (out / MANIFEST).exists():
         merged = read_manifest(out)
         if merged.get("shard_of") != shard_n:
@@ -61,6 +61,7 @@ def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, p
     contexts, n_requested = planned_contexts(cfg, bridge.tokenizer)
     fresh = fresh_manifest(cfg, bridge, hook, contexts, n_requested, fp, shard_of=shard_n, rank=shard_i)
     mine_file = out / rank_manifest_name(shard_i, shard_n)
+    own(out, [mine_file.name])
     manifest = json.loads(mine_file.read_text(encoding="utf-8")) if mine_file.exists() else fresh
     for key in _RANK_KEYS:
         if manifest.get(key) != fresh.get(key):

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import FisError
+from ..fingerprint import own
 from ..io import atomic_path, write_json
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, RunningStats
@@ -39,6 +40,7 @@ def write_shard(folder: Path, index: int, acts: torch.Tensor, tokens: torch.Tens
                 context_ids: torch.Tensor) -> Path:
     """Write one shard atomically."""
     path = Path(folder) / shard_name(index)
+    own(Path(folder), [path.name])
     with atomic_path(path) as tmp:
         save_file({"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
                    "keep": keep.to(torch.uint8).contiguous(), "context_ids": context_ids.to(torch.int64)},
@@ -58,6 +60,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    own(Path(folder), [MANIFEST])
     write_json(Path(folder) / MANIFEST, manifest)
 
 

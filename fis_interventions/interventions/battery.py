@@ -32,9 +32,9 @@ from ..distributed import parse_shard
 from .. import recorded_paths
 from ..errors import FisError
 from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
-                           package_version)
+                           lock_folder, own, package_version, refuse_links_inside, releases_locks)
 from ..holdout import design_identity
-from ..io import write_json
+from ..io import atomic_path, write_json
 from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import PrefixState, pad_right
@@ -44,10 +44,6 @@ from .features import (ActivationStats, Condition, Target, conditions, resolve_f
 from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
-
-# What a battery writes into its out folder (the demo adds screening.csv and eval.json for the report).
-OUTPUT_FILES = ("run.json", "results*.sqlite", "results*.sqlite-journal", "results.parquet", "results.csv",
-                "screening.csv", "eval.json")
 
 
 @dataclass
@@ -373,6 +369,12 @@ def store_path(out: Path, shard: tuple[int, int]) -> Path:
     return out / ("results.sqlite" if n == 1 else f"results.shard-{i}-of-{n}.sqlite")
 
 
+def _store_files(path: Path) -> list[str]:
+    """A SQLite store and the journals SQLite itself writes beside it."""
+    return [path.name, *(f"{path.name}-{s}" for s in ("journal", "wal", "shm"))]
+
+
+@releases_locks
 def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bridge: Any = None,
             progress: bool = True, overwrite: bool = False, max_batch_rows: int | None = None) -> Path:
     """Run (or resume) a battery; return the results store path. See the module docstring.
@@ -426,7 +428,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
 
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active, stats)
     fp = battery_fingerprint(cfg, model_name(bridge), checkpoint_id, list(design_ids.values()))
-    claim(out, fp, owned=OUTPUT_FILES, overwrite=overwrite)  # the folder is created now, every input checked
+    claim(out, fp, overwrite=overwrite, shared=shard_n > 1)  # the folder is created now, every input checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
     fmax = _feature_max(attached, targets, all_batches) if needs_max else {t: None for t in targets}
@@ -458,10 +460,12 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         "warnings": warnings + [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
+    own(out, ["run.json"])
     write_json(out / "run.json", run_meta)
 
     units = [(di, bi, ti) for di, plan in enumerate(plans) for bi in range(len(plan[2])) for ti in range(len(targets))]
     mine = [u for k, u in enumerate(units) if k % shard_n == shard_i]
+    own(out, _store_files(store_path(out, (shard_i, shard_n))))
     store = ResultStore(store_path(out, (shard_i, shard_n)),
                         StoreMeta(fingerprint=fp.digest, shard=shard_i, shards=shard_n, units=len(mine)))
     done = store.done_units()
@@ -612,18 +616,26 @@ def _active_latents(attached: Attached, batches: list[Encoded]) -> torch.Tensor:
 
 def export(out: Path) -> Path:
     """Write ``results.parquet`` (and ``results.csv``) from the store, for pandas users."""
-    df = read_results(Path(out) / "results.sqlite")
-    df.to_parquet(Path(out) / "results.parquet", index=False)
-    df.to_csv(Path(out) / "results.csv", index=False)
-    return Path(out) / "results.parquet"
+    out = Path(out)
+    df = read_results(out / "results.sqlite")
+    own(out, ["results.parquet", "results.csv"])
+    with atomic_path(out / "results.parquet") as tmp:  # a disk-full export leaves the old file or none
+        df.to_parquet(tmp, index=False)
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    return out / "results.parquet"
 
 
+@releases_locks
 def merge_shards(out: Path, *, partial: bool = False) -> int:
     """`fis battery merge`: combine ``results.shard-*.sqlite`` into ``results.sqlite`` and export.
 
     Every shard must come from the same run and be complete (``partial`` merges what is there)."""
     out = Path(out)
+    refuse_links_inside(out)
+    lock_folder(out)
     sources = sorted(out.glob("results.shard-*-of-*.sqlite"))
+    own(out, [*_store_files(out / "results.sqlite"), "run.json"])
     n = merge(sources, out / "results.sqlite", partial=partial)
     export(out)
     meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import FisError
-from ..io import atomic_path
+from ..io import atomic_path, refuse_link
 
 COLUMNS = ["design", "item", "cell", "a", "b", "prompt_id", "point", "feature", "role", "intervention", "value",
            "position", "readout", "readout_kind", "score_clean", "score_edited", "shift"]
@@ -54,6 +54,7 @@ class ResultStore:
     def __init__(self, path: Path, meta: StoreMeta | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_link(self.path, "results store")  # SQLite would write through it
         self.conn = sqlite3.connect(self.path)
         self.conn.executescript(_schema())
         if meta is not None:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import recorded_paths
 from ..errors import FisError
-from ..io import atomic_dir, write_json
+from ..fingerprint import own
+from ..io import atomic_dir, recover_dir, write_json
 from ..provenance import provenance
 from .config import TrainConfig
 from .model import JointArch, JointSAE
@@ -46,6 +47,9 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+CHECKPOINT_FILES = ("weights.safetensors", "cfg.json", "metrics.json", "optimizer.pt")
+
+
 def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook: str | None,
                     normalization: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
                     step: int = 0, tokens_seen: int = 0, complete: bool = True,
@@ -66,7 +70,11 @@ def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook
     }
     path = Path(path)
     meta["inputs"] = _recorded_inputs(path, cfg, normalization)
-    with atomic_dir(path) as tmp:
+
+    def record(tmp: Path) -> None:  # the training folder's fingerprint lists the files before they appear
+        own(path.parent, [f"{path.name}/{p.name}" for p in tmp.iterdir()])
+
+    with atomic_dir(path, old_files=CHECKPOINT_FILES, before_swap=record) as tmp:
         weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
         save_file(weights, str(tmp / "weights.safetensors"))
         write_json(tmp / "cfg.json", meta)
@@ -94,6 +102,8 @@ def recorded_input(ckpt: Checkpoint, name: str, marker: str | None = None) -> Pa
 def resolve(path: Path) -> Path:
     """Accept a checkpoint folder or a training output folder that holds ``checkpoint/``."""
     path = Path(path)
+    for folder in (path, path / "checkpoint"):
+        recover_dir(folder)  # a save killed between its two renames (where no atomic swap exists)
     if not (path / "cfg.json").exists() and (path / "checkpoint" / "cfg.json").exists():
         return path / "checkpoint"
     return path

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import FisError
+from ..fingerprint import own
+from ..io import atomic_path, refuse_link
 from ..models import resolve_device
 from ..provenance import seed_everything
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
@@ -133,12 +135,16 @@ class _MetricsLog:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_link(path)
+        own(path.parent, [path.name])
         if resume_step is None:
-            path.write_text("", encoding="utf-8")
+            with atomic_path(path) as tmp:
+                tmp.write_text("", encoding="utf-8")
         elif path.exists():
             keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
