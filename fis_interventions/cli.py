@@ -56,7 +56,7 @@ def _route_warnings() -> None:
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with log.open("a", encoding="utf-8") as fh:
                     fh.write(f"{category.__name__}: {text} ({filename}:{lineno})\n")
-            except OSError:
+            except (OSError, FisError):  # an unwritable or bad $FIS_CACHE must not break the command
                 pass
             return
         key = (category.__name__, text)

@@ -371,15 +371,22 @@ def claim(out: Path, fp: Fingerprint, *, overwrite: bool = False, shared: bool =
     first: exactly the listed files are deleted, never a link's target."""
     out = Path(out)
     check_output(out, fp, overwrite=overwrite)  # before creating anything: a refused folder stays untouched
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, shared=shared)
-    state = check_output(out, fp, overwrite=overwrite)  # again, now that no other process can change it
-    if state == "same":
-        return "resume"
-    if state == "replace":
-        owned, _ = classify(out, _listed(read_fingerprint(out)))
-        remove_listed(out, [o for o in owned if o != LOCK_FILE])  # checked above: nothing else is inside
-    write_fingerprint(out, fp)
+    try:
+        lock_folder(out, shared=shared)
+        state = check_output(out, fp, overwrite=overwrite)  # again, now that no other process can change it
+        if state == "same":
+            return "resume"
+        if state == "replace":
+            owned, _ = classify(out, _listed(read_fingerprint(out)))
+            remove_listed(out, [o for o in owned if o != LOCK_FILE])  # checked above: nothing else is inside
+        write_fingerprint(out, fp)
+    except BaseException:
+        if created and not (out / FINGERPRINT_FILE).exists():
+            release_folder(out)
+            remove_listed(out, [LOCK_FILE])  # a disk fault on the first write leaves no folder behind
+        raise
     return "new"
 
 

@@ -47,8 +47,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def cache_dir() -> Path:
-    """Where converted models and other caches live (``$FIS_CACHE`` overrides)."""
-    return Path(os.environ.get("FIS_CACHE", Path.home() / ".cache" / "fis-interventions"))
+    """Where converted models and other caches live (``$FIS_CACHE`` overrides; it must name a folder)."""
+    raw = os.environ.get("FIS_CACHE", "").strip()
+    path = Path(raw).expanduser() if raw else Path.home() / ".cache" / "fis-interventions"
+    if path.exists() and not path.is_dir() or any(p.exists() and not p.is_dir() for p in path.parents):
+        raise FisError("is not a folder", source=path, field="FIS_CACHE",
+                       fix="unset FIS_CACHE, or point it to a folder (it is created if missing)")
+    return path
 
 
 def _local_cuda() -> torch.device:

@@ -90,7 +90,7 @@ class PrimarySpec(StrictModel):
 class BatteryConfig(StrictModel):
     """A whole battery: model, checkpoint, designs, features, interventions, run settings."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)  # it names files and folders
     model: str = "smollm2-135m"
     checkpoint: Path
     designs: list[Path] = Field(min_length=1)
