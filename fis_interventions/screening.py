@@ -495,7 +495,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     checkpoint_id, design_id = checkpoint_identity(checkpoint), design_identity(d)  # hashed once each
     fp = screen_fingerprint(config, checkpoint_id, design_id)
     if out is not None:  # refused before any work is done
-        check_output(Path(out), fp, overwrite=overwrite)
+        check_output(Path(out), fp, overwrite=overwrite, replaces_same=True)
     if cards:  # check the harvest before the screening runs: nothing is written if the cards cannot be made
         from .activations import ActivationStore
         from .cards.build import check_harvest, harvest_folder

@@ -282,7 +282,7 @@ def features(checkpoint: Path | str, point: str, ids: Sequence[int] | str, *, ac
             "checkpoint": checkpoint_identity(Path(checkpoint)), "point": point, "ids": id_list, "top": top,
             "split": split, "activations": None if activations is None else folder_identity(Path(activations)),
             "package": package_version()})
-        check_output(Path(out), fp, overwrite=overwrite)
+        check_output(Path(out), fp, overwrite=overwrite, replaces_same=True)
     cards = build_cards(checkpoint, [FeatureKey(point, i) for i in id_list], activations=activations, top=top,
                         split=split, bridge=bridge, model=model, device=device, batch_size=batch_size,
                         progress=progress)

@@ -359,7 +359,7 @@ def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = 
     loaded = load_run(run)
     target = Path(out) if out is not None else Path("reports") / slug(loaded.info.name)
     fp = report_fingerprint(loaded)
-    check_output(target, fp, overwrite=overwrite)  # before the analysis, which takes a while
+    check_output(target, fp, overwrite=overwrite, replaces_same=True)  # before the analysis (slow)
     analysis = analyze_run(loaded)
     feature_cards, card_warnings = report_cards(loaded, cards, activations, bridge, card_top)
     for w in card_warnings:
