@@ -412,6 +412,7 @@ def replace_folder(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> It
     check_output(out, fp, overwrite=overwrite, replaces_same=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    had_lock = (out / LOCK_FILE).exists()
     try:
         lock_folder(out)
         check_output(out, fp, overwrite=overwrite, replaces_same=True)
@@ -429,6 +430,9 @@ def replace_folder(out: Path, fp: Fingerprint, *, overwrite: bool = False) -> It
         if created and out.is_dir() and sorted(p.name for p in out.iterdir()) in ([], [LOCK_FILE]):
             release_folder(out)
             remove_listed(out, [LOCK_FILE])  # a refused or failed first run leaves no folder behind
+        elif not had_lock and (out / LOCK_FILE).is_file() and not (out / LOCK_FILE).is_symlink():
+            release_folder(out)
+            (out / LOCK_FILE).unlink()  # the old result is left exactly as it was
         raise
     finally:
         release_folder(out)
