@@ -100,16 +100,16 @@ def test_code_change_refuses_a_resume_in_one_line(tmp_path, monkeypatch):
     from fis_interventions.errors import FisError
 
     out = tmp_path / "run"
-    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",)) == "new"
-    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",)) == "resume"
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1})) == "new"
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1})) == "resume"
     assert fingerprint.read_fingerprint(out)["code"] == fingerprint.code_identity()
     other = {**fingerprint.code_identity(), "source": "0" * 64}
     monkeypatch.setattr(fingerprint, "code_identity", lambda: other)
     with pytest.raises(FisError) as err:
-        fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",))
+        fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}))
     text = str(err.value)
     assert "\n" not in text and "other fis code" in text and "--overwrite" in text and "--out" in text
-    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}), owned=("*.csv",),
+    assert fingerprint.claim(out, fingerprint.Fingerprint("screen", {"a": 1}),
                              overwrite=True) == "new"
 
 
@@ -143,7 +143,7 @@ def test_extended_harvest_has_another_identity_and_a_resumed_training_refuses_it
     harvest(tokens=300, **kwargs)
     before, digest = folder_identity(tmp_path / "acts"), read_fingerprint(tmp_path / "acts")["digest"]
     cfg = TrainConfig(activations=tmp_path / "acts", d_sae=64, k=4, mode="sae", batch_size=32, tokens=64)
-    claim(tmp_path / "train", train_fingerprint(cfg), owned=("checkpoint", "metrics.jsonl", "activations"))
+    claim(tmp_path / "train", train_fingerprint(cfg))
     harvest(tokens=600, **kwargs)
     assert read_fingerprint(tmp_path / "acts")["digest"] == digest  # the same harvest, extended
     assert folder_identity(tmp_path / "acts") != before
