@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 from .errors import FisError  # noqa: E402
 from .fingerprint import file_digest  # noqa: E402
 
 if TYPE_CHECKING:
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,10 @@ TINY_MODEL = "tiny-random"
 SMOLLM2_FOLDER_ENV = "FIS_SMOLLM2_FOLDER"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# names only: torch is imported where it is used, so commands that need no model (``fis stimuli``, ``fis stats``,
+# ``--help``) start without it
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
 
 
 def cache_dir() -> Path:
@@ -61,6 +62,8 @@ def _local_cuda() -> torch.device:
 
     Why an explicit index: ``torch.device("cuda")`` means "the current device", which is cuda:0 on every rank
     unless someone called ``set_device``; and a comparison of devices needs the index."""
+    import torch
+
     local = os.environ.get("LOCAL_RANK")
     index = int(local) if local is not None and local.isdigit() else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
@@ -73,6 +76,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a user error.
 
     Plain ``cuda`` (and ``auto`` on a GPU machine) becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    import torch
+
     device = str(device)
     if device == "auto":
         if torch.cuda.is_available():
@@ -102,11 +107,13 @@ def weights_device(bridge: TransformerBridge) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a config string to a torch dtype."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
         raise FisError(f"unknown dtype '{dtype}'", field="dtype", fix="use float32 or bfloat16")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 def smollm2_gguf_path() -> Path:
@@ -151,6 +158,7 @@ def convert_gguf(gguf: Path) -> Path:
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").exists():
         return target
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to an fp32 folder in %s (once, ~40 s)", gguf.name, target)
@@ -236,6 +244,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
 
 
 def _tiny_hf_model(tokenizer: Any, seed: int = 0) -> Any:
+    import torch
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -252,6 +262,8 @@ def _tiny_hf_model(tokenizer: Any, seed: int = 0) -> Any:
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                seed: int = 0) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` on the chosen device and dtype, never touching the network."""
+    import torch
+
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from transformer_lens.model_bridge import TransformerBridge
@@ -338,6 +350,8 @@ def default_hook(bridge: TransformerBridge) -> str:
 
 def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
     """Dimensions, layers, hook points and tokenizer facts of a model (what `fis model info` prints)."""
+    import torch
+
     bridge = load_model(name_or_path, device=device, dtype=dtype)
     cfg = bridge.cfg
     tok = bridge.tokenizer
@@ -373,6 +387,8 @@ def _split_path_line(hf_model: Any) -> str:
 
 def greedy_continuation(bridge: TransformerBridge, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (a smoke test that the weights loaded correctly)."""
+    import torch
+
     tokens = bridge.to_tokens(prompt).to(weights_device(bridge))
     with torch.no_grad():
         for _ in range(max_new_tokens):

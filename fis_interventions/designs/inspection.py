@@ -20,10 +20,12 @@ from .tokens import TargetSets, target_tokens
 
 @functools.cache
 def default_tokenizer() -> Any:
-    """The default model's tokenizer, loaded once per process (it takes seconds)."""
-    from ..models import load_tokenizer
+    """The default model's tokenizer, loaded once per process from its ``tokenizer.json`` (no torch, no
+    transformers: validating a design takes well under a second; see :mod:`..file_tokenizer`)."""
+    from ..file_tokenizer import FileTokenizer
+    from ..models import DEFAULT_MODEL, resolve_model
 
-    return load_tokenizer()
+    return FileTokenizer(resolve_model(DEFAULT_MODEL).folder)
 
 
 @dataclass
