@@ -13,7 +13,8 @@ from .lmm import LmmResult, lmm_2x2, lmm_fit
 from .power import PowerSpec, power_curve
 from .structure import RANDOM_CHOICES
 from .screen import screen_features
+from .simple import simple_effects
 
 __all__ = ["Design2x2", "LmmResult", "PowerSpec", "RANDOM_CHOICES", "add_qvalues", "analyze_2x2",
            "anova_2x2", "fdr_bh", "interaction_contrast", "lmm_2x2", "lmm_fit", "power_curve", "prepare_2x2",
-           "read_table", "rm_anova_by_item", "screen_features", "stats"]
+           "read_table", "rm_anova_by_item", "screen_features", "simple_effects", "stats"]

@@ -207,9 +207,37 @@ def _varcorr(factors: list[RandomFactor], fit: MixedFit, names: dict[str, str]) 
     return rows
 
 
-def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool) -> MixedFit:
+WARM_FLOOR = 0.05  # a warm start never puts a relative SD at 0, where its gradient vanishes by symmetry
+
+
+def _warm_start(previous: list[RandomFactor], theta: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:
+    """Start values for a simplified structure from the previous fit: each kept term's relative SD
+    (no refit from scratch after a simplification step); a new correlation starts at 0."""
+    sds: dict[tuple[str, str], float] = {}
+    splits = np.cumsum([f.n_theta for f in previous])[:-1]
+    for f, t in zip(previous, np.split(theta, splits)):
+        T = f.factor(t)
+        for j, term in enumerate(f.terms):
+            sds[(f.name, term)] = float(np.sqrt((T @ T.T)[j, j]))
+    out = []
+    for f in factors:
+        sd = np.array([max(sds.get((f.name, term), 1.0), WARM_FLOOR) for term in f.terms])
+        if f.kind == "correlated":
+            T = np.diag(sd)
+            out.append(T[np.tril_indices(f.k)])
+        elif f.kind == "varcomp":
+            out.append(f.start())
+        else:
+            out.append(sd)
+    return np.concatenate(out)
+
+
+def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool,
+                   previous: tuple[list[RandomFactor], MixedFit] | None = None) -> MixedFit:
     X, _ = _design_matrix(data, structure)
-    return fit_mixed(data["y"].to_numpy(), X, _factors(data, structure), reml=reml)
+    factors = _factors(data, structure)
+    start = None if previous is None else _warm_start(previous[0], previous[1].theta, factors)
+    return fit_mixed(data["y"].to_numpy(), X, factors, reml=reml, start=start)
 
 
 def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None = None,
@@ -250,8 +278,9 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
             step = simplify(structure, fit.zero_terms)
             if step is None:
                 break
+            old_factors = _factors(data, structure)
             structure, _ = step
-            fit = _fit_structure(data, structure, reml)
+            fit = _fit_structure(data, structure, reml, previous=(old_factors, fit))
     except (np.linalg.LinAlgError, ValueError) as err:
         return _empty_result(method, terms, [f"LMM not fitted: {err}"], len(data), n_groups)
     if structure.steps:

@@ -56,12 +56,18 @@ class MixedFit:
 def _run(name: str, kwargs: dict[str, Any], dev: ProfiledDeviance, x0: np.ndarray) -> tuple[np.ndarray, float, bool]:
     with pywarnings.catch_warnings(), np.errstate(all="ignore"):
         pywarnings.simplefilter("ignore")
-        res = minimize(dev.deviance, x0, method=name, bounds=dev.bounds(), **kwargs)
+        if name == "L-BFGS-B":  # analytic gradient of the profiled deviance (profile.py)
+            res = minimize(dev.deviance_and_gradient, x0, method=name, jac=True, bounds=dev.bounds(), **kwargs)
+        else:
+            res = minimize(dev.deviance, x0, method=name, bounds=dev.bounds(), **kwargs)
     return np.asarray(res.x, float), float(res.fun), bool(res.success)
 
 
-def _optimise(dev: ProfiledDeviance) -> tuple[np.ndarray, float, str, dict[str, dict[str, Any]], list[str]]:
-    start = dev.start()
+def _optimise(dev: ProfiledDeviance, start: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float, str, dict[str, dict[str, Any]], list[str]]:
+    """L-BFGS-B with the analytic gradient; the derivative-free COBYQA only when it reports trouble
+    (no convergence or no finite deviance), then the better of the two, polished once more."""
+    start = dev.start() if start is None else start
     tried: dict[str, dict[str, Any]] = {}
     best: tuple[np.ndarray, float, str] | None = None
     for name, kwargs in OPTIMIZERS:
@@ -69,6 +75,8 @@ def _optimise(dev: ProfiledDeviance) -> tuple[np.ndarray, float, str, dict[str, 
         tried[name] = {"deviance": f if np.isfinite(f) else None, "converged": ok}
         if np.isfinite(f) and (best is None or f < best[1]):
             best = (x, f, name)
+        if ok and np.isfinite(f):
+            break
     notes: list[str] = []
     if best is None:
         raise np.linalg.LinAlgError("no optimiser reached a finite deviance")
@@ -84,8 +92,13 @@ def _optimise(dev: ProfiledDeviance) -> tuple[np.ndarray, float, str, dict[str, 
     return x, f, name, tried, notes
 
 
-def fit_mixed(y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], reml: bool = True) -> MixedFit:
-    """Fit ``y ~ X + random factors`` by (RE)ML like lme4 and report it on the scale of ``y``."""
+def fit_mixed(y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], reml: bool = True,
+              start: np.ndarray | None = None) -> MixedFit:
+    """Fit ``y ~ X + random factors`` by (RE)ML like lme4 and report it on the scale of ``y``.
+
+    ``start``: relative-factor parameters to start from (lme4's identity start when None), e.g. the previous
+    fit's estimates without the term a simplification step dropped (no refit from scratch).
+    """
     y = np.asarray(y, float)
     X = np.asarray(X, float)
     n, p = X.shape
@@ -95,7 +108,7 @@ def fit_mixed(y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], reml: b
     if not np.isfinite(s) or s <= 0:
         raise ValueError("the measure has no residual variance around the fixed effects")
     dev = ProfiledDeviance(resid / s, X, factors, reml)
-    theta, fmin, name, tried, notes = _optimise(dev)
+    theta, fmin, name, tried, notes = _optimise(dev, start)
     s2_scaled = dev.sigma2(theta)
     diag = np.concatenate([t[f.diagonal_index()] for f, t in zip(factors, dev.split(theta))])
     if any(f.kind == "varcomp" for f in factors):
@@ -138,32 +151,32 @@ def _satterthwaite(dev: ProfiledDeviance, theta: np.ndarray, s2: float
     k = idx.size
     base = 2e-3 * np.maximum(np.abs(varpar), 1e-2)
 
-    def at(steps: dict[int, float]) -> np.ndarray:
-        v = varpar.copy()
-        for i, d in steps.items():
-            v[i] += d
-        return v
-
-    def hessian(h: np.ndarray) -> np.ndarray:
-        f0 = dev.deviance_vp(varpar)
-        H = np.zeros((k, k))
-        for a, i in enumerate(idx):
-            H[a, a] = (dev.deviance_vp(at({i: h[i]})) - 2 * f0 + dev.deviance_vp(at({i: -h[i]}))) / h[i] ** 2
-            for b, j in enumerate(idx[:a]):
-                H[a, b] = H[b, a] = (dev.deviance_vp(at({i: h[i], j: h[j]})) - dev.deviance_vp(at({i: h[i], j: -h[j]}))
-                                     - dev.deviance_vp(at({i: -h[i], j: h[j]}))
-                                     + dev.deviance_vp(at({i: -h[i], j: -h[j]}))) / (4 * h[i] * h[j])
-        return H
-
-    def grads(h: np.ndarray) -> list[np.ndarray]:
-        return [(dev.cov_beta_vp(at({i: h[i]})) - dev.cov_beta_vp(at({i: -h[i]}))) / (2 * h[i]) for i in idx]
+    def jacobians(h: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Central differences of the analytic gradient (-> Hessian) and of the covariance, step ``h``."""
+        rows, covs = [], []
+        for i in idx:
+            e = np.zeros_like(varpar)
+            e[i] = h[i]
+            gp, cp = dev.deviance_vp_gradient(varpar + e)
+            gm, cm = dev.deviance_vp_gradient(varpar - e)
+            rows.append((gp - gm)[idx] / (2 * h[i]))
+            covs.append((cp - cm) / (2 * h[i]))
+        H = np.array(rows)
+        return (H + H.T) / 2, covs
 
     if k == 0:
         return (lambda L: None), ["Satterthwaite df not computed: no free variance parameter"]
-    H = (4 * hessian(base / 2) - hessian(base)) / 3
-    G = [(4 * g2 - g1) / 3 for g1, g2 in zip(grads(base), grads(base / 2))]
+    (H1, G1), (H2, G2) = jacobians(base), jacobians(base / 2)
+    H = (4 * H2 - H1) / 3
+    G = [(4 * g2 - g1) / 3 for g1, g2 in zip(G1, G2)]
     cov = dev.cov_beta_vp(varpar)
-    evals, evecs = np.linalg.eigh(H)
+    # Eigen-decomposition of the Hessian in unit-curvature coordinates (D H D, D = |diag H|^-1/2): with a
+    # variance 100x the residual the raw curvatures differ by 1e8 and a tolerance relative to the largest
+    # eigenvalue drops a well-determined direction (the intercept's df then became the residual df, issue 21).
+    # For a positive definite H the df are unchanged by the rescaling.
+    scale = 1.0 / np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
+    evals, evecs = np.linalg.eigh(H * np.outer(scale, scale))
+    evecs = evecs * scale[:, None]
     pos = evals > 1e-8 * max(float(np.abs(evals).max()), 1e-300)
     notes = []
     if not pos.all():

@@ -183,15 +183,17 @@ class ProfiledDeviance:
         T0 = self.first.factor(parts[0])
         A = T0.T @ self.ZtZ @ T0 + np.eye(self.first.k)
         L = _batched_cholesky(A)
-        B = T0.T @ self.ZtW
+        U = T0.T @ self.ZtW
+        V = _batched_forward(L, U)
         if self.dense:
             R = block_diag(*[np.kron(np.eye(f.n_levels), f.factor(t)) for f, t in zip(self.dense, parts[1:])],
                            np.eye(self.p + 1))
-            B = B @ R
+            Y = (V @ R).reshape(-1, self.d)
             WtW = R.T @ self.WtW @ R
         else:
+            R = None
+            Y = V.reshape(-1, self.d)
             WtW = self.WtW
-        Y = _batched_forward(L, B).reshape(-1, self.d)
         M = WtW - Y.T @ Y
         M[np.arange(self.q_dense), np.arange(self.q_dense)] += 1.0
         LM = np.linalg.cholesky(M)
@@ -200,7 +202,95 @@ class ProfiledDeviance:
         logdet_a = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2))) + 2.0 * np.sum(np.log(diag[:q]))
         logdet_rx = 2.0 * np.sum(np.log(diag[q:q + p]))
         return {"logdet_a": float(logdet_a), "logdet_rx": float(logdet_rx), "r2": float(diag[-1] ** 2),
-                "LM": LM, "M": M}
+                "LM": LM, "M": M, "L": L, "U": U, "V": V, "R": R, "T0": T0, "parts": parts}
+
+    def _logdet_grads(self, s: dict[str, float | np.ndarray], sizes: list[int]) -> list[np.ndarray]:
+        """``d log|Omega_S| / d theta`` for the leading blocks ``S`` of the augmented system (analytic).
+
+        ``Omega = Lambda' C Lambda + diag(I_q, 0)`` with ``C`` the cross-products of ``[Z, X, y]``; a leading
+        block keeps the first-factor columns and the first ``size`` columns of ``W = [Z_dense, X, y]``
+        (``q_dense``: the random part, ``q_dense + p``: REML's ``|A||R_X|^2``, ``d``: everything).
+        ``d log|Omega_S| = 2 tr(Omega_S^-1 Lambda_S' C_SS dLambda_S)``; the first factor's diagonal blocks of
+        ``Omega_S^-1`` come from the block elimination (``A_l^-1 (H_l + U_l P_S J_l)``), the dense part from
+        ``M_S^-1 R_S' N_SS`` with ``N = W'W - sum_l U_l' A_l^-1 U_l``.
+        """
+        L, U, V, LM, T0 = s["L"], s["U"], s["V"], s["LM"], s["T0"]
+        k = self.first.k
+        R = np.eye(self.d) if s["R"] is None else s["R"]
+        eye = np.broadcast_to(np.eye(k), L.shape)
+        Linv = _batched_forward(L, np.ascontiguousarray(eye))
+        Ainv = np.einsum("lji,ljk->lik", Linv, Linv)
+        H = T0.T @ self.ZtZ                                   # Lambda_l' Z_l'Z_l  [levels, k, k]
+        ZtWt = self.ZtW.transpose(0, 2, 1)
+        J = (ZtWt @ T0) @ (Ainv @ H) - ZtWt                  # [levels, d, k]
+        Vflat = V.reshape(-1, self.d)
+        N = self.WtW - Vflat.T @ Vflat
+        out = []
+        for size in sizes:
+            Ls = LM[:size, :size]
+            Rs = R[:size, :size]
+            P = Rs @ cho_solve((Ls, True), Rs.T)
+            inner = H + (U[:, :, :size] @ P) @ J[:, :size, :]   # BLAS, not einsum (10x faster here)
+            G = Ainv @ inner                                  # first-factor diagonal blocks
+            grad = [2.0 * self._factor_grad(self.first, s["parts"][0], G.sum(axis=0))]
+            if self.dense:
+                GW = cho_solve((Ls, True), Rs.T @ N[:size, :size])
+                off = 0
+                for f, t in zip(self.dense, s["parts"][1:]):
+                    blocks = GW[off:off + f.n_levels * f.k, off:off + f.n_levels * f.k]
+                    blocks = blocks.reshape(f.n_levels, f.k, f.n_levels, f.k)
+                    grad.append(2.0 * self._factor_grad(f, t, np.einsum("mimj->ij", blocks)))
+                    off += f.n_levels * f.k
+            out.append(np.concatenate(grad))
+        return out
+
+    @staticmethod
+    def _factor_grad(f: RandomFactor, theta: np.ndarray, Gsum: np.ndarray) -> np.ndarray:
+        """``tr(Gsum dT/dtheta_j)`` for each of the factor's parameters."""
+        if f.kind == "correlated":
+            rows, cols = np.tril_indices(f.k)
+            return Gsum[cols, rows]
+        if f.kind == "varcomp":
+            T = np.sqrt(f._vc @ (np.asarray(theta) ** 2))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dT = np.where(T[:, None] > 0, f._vc * np.asarray(theta)[None, :] / T[:, None], 0.0)
+            return np.diag(Gsum) @ dT
+        return np.diag(Gsum).copy()
+
+    def deviance_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """Profiled deviance and its analytic gradient in ``theta`` (inf and zeros where not PD)."""
+        try:
+            s = self._solve(theta)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros(len(theta))
+        if not s["r2"] > 0:
+            return np.inf, np.zeros(len(theta))
+        q, p = self.q_dense, self.p
+        if self.reml:
+            nu = self.n - p
+            g1, g2 = self._logdet_grads(s, [q + p, self.d])
+            f = s["logdet_a"] + s["logdet_rx"] + nu * (1.0 + np.log(2 * np.pi * s["r2"] / nu))
+            return f, (1 - nu) * g1 + nu * g2
+        g0, g1, g2 = self._logdet_grads(s, [q, q + p, self.d])
+        f = s["logdet_a"] + self.n * (1.0 + np.log(2 * np.pi * s["r2"] / self.n))
+        return f, g0 + self.n * (g2 - g1)
+
+    def deviance_vp_gradient(self, varpar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Analytic gradient of :meth:`deviance_vp` in ``(theta, sigma)`` and the fixed-effect covariance
+        there (one solve for both: the Satterthwaite df differentiate them once more)."""
+        theta, sigma = varpar[:-1], float(varpar[-1])
+        s = self._solve(theta)
+        q, p = self.q_dense, self.p
+        nu = self.n - p if self.reml else self.n
+        s2 = sigma * sigma
+        if self.reml:
+            g1, g2 = self._logdet_grads(s, [q + p, self.d])
+            gt = g1 + s["r2"] / s2 * (g2 - g1)
+        else:
+            g0, g1, g2 = self._logdet_grads(s, [q, q + p, self.d])
+            gt = g0 + s["r2"] / s2 * (g2 - g1)
+        inv = np.linalg.inv(s["LM"][q:q + p, q:q + p])
+        return np.append(gt, 2 * nu / sigma - 2 * s["r2"] / (s2 * sigma)), s2 * (inv.T @ inv)
 
     def deviance(self, theta: np.ndarray) -> float:
         """Profiled deviance (``-2 log L`` at the best ``b`` and ``s2`` for this ``theta``); inf if not PD."""

@@ -1,0 +1,97 @@
+"""CPU time of the primary LMM (`fis stats` default: maximal uncorrelated, Satterthwaite df) against lme4.
+
+R is not installed here: lme4 + lmerTest times are the ones stated in issue 24 (measured by its author on the
+same kind of machine), stored in :data:`R_REFERENCE` and printed as such. fis is measured in this run, as
+process CPU time of `fis_interventions.stats.lmm_2x2` (repeats interleaved across the designs; median shown).
+
+    python bench/stats_speed.py                 # both designs, 3 repeats
+    python bench/stats_speed.py --only crossed --repeats 1
+
+Designs (simulated with by-item and by-prompt random slopes, seed 0):
+* ``one``: one grouping factor, 80,000 rows (2,000 items x 4 cells x 10 observations);
+* ``crossed``: 600 items crossed with 24 prompts (random from 5 levels), every item in every cell under
+  4 of the prompts (9,600 rows), maximal uncorrelated slopes for both factors;
+* ``crossed-correlated``: the same data, ``--random correlated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import pandas as pd
+
+# lme4 1.1 + lmerTest (Satterthwaite) CPU seconds, from issue 24's text (not measured here: no R).
+R_REFERENCE = {"one": 22.0, "crossed": 4.3, "crossed-correlated": 12.0}
+R_SOURCE = ("issue 24: lme4+lmerTest 4.3 s crossed/600 items, 12 s correlated; 22 s for 84,667 rows, "
+            "one factor")
+
+
+def one_factor(seed: int = 0, items: int = 2000, reps: int = 10) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    it = np.repeat(np.arange(items), 4 * reps)
+    cell = np.tile(np.repeat(np.arange(4), reps), items)
+    xa, xb = np.where(cell >= 2, 0.5, -0.5), np.where(cell % 2 == 1, 0.5, -0.5)
+    u = rng.normal(size=(items, 4)) * [1.0, 0.5, 0.4, 0.3]
+    y = (0.3 * xa + 0.2 * xb + 0.1 * xa * xb + u[it, 0] + u[it, 1] * xa + u[it, 2] * xb
+         + u[it, 3] * xa * xb + rng.normal(size=it.size))
+    return pd.DataFrame({"item": it, "A": np.where(xa > 0, "a2", "a1"), "B": np.where(xb > 0, "b2", "b1"),
+                         "y": y})
+
+
+def crossed(seed: int = 0, items: int = 600, prompts: int = 24, per_item: int = 4) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(items):
+        for p in rng.choice(prompts, per_item, replace=False):
+            for c in range(4):
+                rows.append((i, p, c))
+    it, pr, cell = np.array(rows).T
+    xa, xb = np.where(cell >= 2, 0.5, -0.5), np.where(cell % 2 == 1, 0.5, -0.5)
+    u = rng.normal(size=(items, 4)) * [1.0, 0.5, 0.4, 0.3]
+    v = rng.normal(size=(prompts, 4)) * [0.6, 0.3, 0.2, 0.2]
+    y = (0.3 * xa + 0.2 * xb + 0.1 * xa * xb + u[it, 0] + u[it, 1] * xa + u[it, 2] * xb + u[it, 3] * xa * xb
+         + v[pr, 0] + v[pr, 1] * xa + v[pr, 2] * xb + v[pr, 3] * xa * xb + rng.normal(size=it.size))
+    return pd.DataFrame({"item": it, "prompt": pr, "A": np.where(xa > 0, "a2", "a1"),
+                         "B": np.where(xb > 0, "b2", "b1"), "y": y})
+
+
+def fit(name: str, data: pd.DataFrame) -> tuple[float, dict]:
+    from fis_interventions.stats import lmm_2x2
+
+    random = "correlated" if name == "crossed-correlated" else "uncorrelated"
+    prompt = "prompt" if name.startswith("crossed") else None
+    start = time.process_time()
+    res = lmm_2x2(data, "y", "A", "B", "item", extra_random=prompt, random=random)
+    cpu = time.process_time() - start
+    return cpu, {"structure": res.structure, "loglik": res.loglik, "df_AB": float(res.fixed["df"].iloc[3])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=sorted(R_REFERENCE), action="append")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    names = args.only or list(R_REFERENCE)
+    data = {"one": one_factor(), "crossed": crossed(), "crossed-correlated": None}
+    data["crossed-correlated"] = data["crossed"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    info: dict[str, dict] = {}
+    for _ in range(args.repeats):  # interleaved: one fit of each design per round
+        for n in names:
+            cpu, info[n] = fit(n, data[n])
+            times[n].append(cpu)
+    print(f"load average {os.getloadavg()[0]:.2f}; R times from {R_SOURCE}")
+    print(f"{'design':20s} {'rows':>7s} {'fis CPU s':>10s} {'lme4 CPU s':>10s} {'fis/lme4':>9s}  structure")
+    for n in names:
+        med = statistics.median(times[n])
+        print(f"{n:20s} {len(data[n]):7d} {med:10.2f} {R_REFERENCE[n]:10.1f} {med / R_REFERENCE[n]:9.2f}  "
+              f"{info[n]['structure']} (runs {', '.join(f'{t:.2f}' for t in times[n])}; "
+              f"logLik {info[n]['loglik']:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Model comparison between random-effect structures and profile-likelihood CIs for variance components.
+
+* **Likelihood-ratio test** (R's ``anova(m1, m2)``, which refits REML models by ML): both structures are
+  refitted by ML; ``Chisq = 2 (logLik_2 - logLik_1)`` on ``Df = npar_2 - npar_1`` (``npar``: fixed effects +
+  relative-factor parameters + residual SD), AIC/BIC as R prints them. Only nested structures are compared
+  (each grouping factor of the smaller model is in the larger with a subset of its terms; correlations only if
+  the larger has them).
+* **Profile CIs** (lme4's ``confint(method = "profile")``): for each random-effect SD and the residual SD,
+  the values where the (RE)ML deviance profiled over every other variance parameter rises by
+  ``qchisq(level, 1)`` above its minimum. Diagonal (``||`` or intercept-only) structures only.
+"""
+
+from __future__ import annotations
+
+import warnings as pywarnings
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+from scipy.optimize import brentq, minimize
+
+from ..errors import FisError
+from .design import Design2x2
+from .mixed import SINGULAR_TOL, fit_mixed
+from .profile import ProfiledDeviance
+from .structure import Structure
+
+
+def nested(small: Structure, large: Structure) -> bool:
+    """True when ``small``'s random part is a special case of ``large``'s (same fixed part)."""
+    if small.prompts != large.prompts:
+        return False
+    big = {f.label: f for f in large.factors}
+    for f in small.factors:
+        g = big.get(f.label)
+        if g is None or not set(f.terms) <= set(g.terms):
+            return False
+        if f.kind == "correlated" and g.kind != "correlated":
+            return False
+        if (f.kind == "varcomp") != (g.kind == "varcomp"):
+            return False
+    return True
+
+
+def _npar(structure: Structure, p: int) -> int:
+    n_theta = sum(len(f.terms) * (len(f.terms) + 1) // 2 if f.kind == "correlated" else len(f.terms)
+                  for f in structure.factors)
+    return p + n_theta + 1
+
+
+def ml_fit(design: Design2x2, structure: Structure) -> dict[str, Any]:
+    """ML refit of one structure: logLik, npar, AIC, BIC, deviance (R's ``anova`` row)."""
+    from .lmm import _design_matrix, _factors
+
+    data = design.data
+    X, _ = _design_matrix(data, structure)
+    fit = fit_mixed(data["y"].to_numpy(), X, _factors(data, structure), reml=False)
+    n, p = X.shape
+    k = _npar(structure, p)
+    ll = fit.loglik
+    return {"model": structure.formula(design.a, design.b), "npar": k, "AIC": -2 * ll + 2 * k,
+            "BIC": -2 * ll + k * np.log(n), "logLik": ll, "deviance": -2 * ll, "singular": fit.singular}
+
+
+def lrt(design: Design2x2, small: Structure, large: Structure) -> dict[str, Any]:
+    """``anova(small, large)`` with ML refits: both rows and ``chisq``, ``df``, ``p``."""
+    if not nested(small, large):
+        raise FisError(f"cannot compare '{small.formula(design.a, design.b)}' with "
+                       f"'{large.formula(design.a, design.b)}': the models are not nested", field="--random",
+                       fix="compare a structure with one that contains all its random terms")
+    r0, r1 = ml_fit(design, small), ml_fit(design, large)
+    chisq = max(2 * (r1["logLik"] - r0["logLik"]), 0.0)
+    df = r1["npar"] - r0["npar"]
+    p = float(sps.chi2.sf(chisq, df)) if df > 0 else None
+    return {"small": r0, "large": r1, "chisq": chisq, "df": df, "p": p}
+
+
+def _diagonal(structure: Structure) -> bool:
+    return all(f.kind == "diagonal" for f in structure.factors)
+
+
+def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, level: float = 0.95
+               ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Profile-likelihood CIs of every random-effect SD and the residual SD (lme4's ``confint``).
+
+    As lme4, the profile is of the ML deviance (``reml=False``; also for a model reported by REML: lme4's
+    ``profile`` of a REML fit does the same, checked against ``confint`` on the golden data); ``sd`` is the
+    ML estimate.
+
+    Rows: ``group``, ``term``, ``sd`` (estimate), ``lower``, ``upper``. A singular fit (an SD at zero) gets a
+    one-line warning: its lower limit is 0 and lme4's profile is unreliable there too.
+    """
+    from .lmm import _design_matrix, _factors
+
+    if not _diagonal(structure):
+        raise FisError("profile CIs need an uncorrelated or intercept-only structure", field="--random",
+                       fix="pass --random uncorrelated or --random intercept with --variance-ci")
+    data = design.data
+    X, _ = _design_matrix(data, structure)
+    factors = _factors(data, structure)
+    y = data["y"].to_numpy()
+    b_ols, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ b_ols
+    s = float(np.sqrt(resid @ resid / max(len(y) - X.shape[1], 1)))
+    fit = fit_mixed(y, X, factors, reml=reml)
+    dev = ProfiledDeviance(resid / s, X, factors, reml)
+    sigma = float(np.sqrt(dev.sigma2(fit.theta)))
+    est = np.append(fit.theta * sigma, sigma)          # SDs on the scaled data, residual SD last
+    m = est.size
+    dmin = dev.deviance_vp(np.append(fit.theta, sigma))
+    crit = float(sps.chi2.ppf(level, 1))
+    notes: list[str] = []
+    if reml:
+        notes.append("profile CIs on the REML criterion (lme4's confint profiles the ML deviance)")
+    if fit.singular:
+        notes.append("profile CIs on a singular fit: a variance is estimated at zero, so its lower limit is 0 "
+                      "and the intervals near the boundary are approximate")
+
+    def dev_sd(sd: np.ndarray) -> tuple[float, np.ndarray]:
+        sig = sd[-1]
+        th = sd[:-1] / sig
+        vp = np.append(th, sig)
+        try:
+            g, _ = dev.deviance_vp_gradient(vp)
+            f = dev.deviance_vp(vp)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros(m)
+        out = np.empty(m)
+        out[:-1] = g[:-1] / sig
+        out[-1] = g[-1] - float(np.dot(g[:-1], th)) / sig
+        return f, out
+
+    def profiled(j: int, v: float, x0: np.ndarray) -> tuple[float, np.ndarray]:
+        free = [i for i in range(m) if i != j]
+
+        def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
+            sd = np.empty(m)
+            sd[free] = z
+            sd[j] = v
+            f, g = dev_sd(sd)
+            return f, g[free]
+
+        # bounded search box (a step to sigma ~ 0 makes theta = sd / sigma explode and the solve fail)
+        bounds = [(0.0, 100 * sigma) if i < m - 1 else (sigma / 20, 20 * sigma) for i in free]
+        with pywarnings.catch_warnings(), np.errstate(all="ignore"):
+            pywarnings.simplefilter("ignore")
+            res = minimize(fun, x0[free], jac=True, method="L-BFGS-B", bounds=bounds,
+                           options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 2000})
+        x = x0.copy()
+        x[free] = res.x
+        x[j] = v
+        return float(res.fun) - dmin, x
+
+    rows = []
+    labels = [(f.name, t) for f in factors for t in f.terms] + [("Residual", None)]
+    for j in range(m):
+        start = est.copy()
+
+        def excess(v: float) -> float:
+            return profiled(j, v, start)[0] - crit
+
+        lo_bound = 0.0 if j < m - 1 else 1e-6 * sigma
+        limits = []
+        for side in (-1, 1):
+            if side < 0 and (est[j] <= SINGULAR_TOL * sigma or excess(lo_bound) < 0):
+                limits.append(0.0)
+                continue
+            step = max(est[j], 0.05 * sigma) * 0.5
+            near = est[j]
+            far = est[j] + side * step
+            while side > 0 and excess(far) < 0:
+                near, far = far, far + side * step
+                step *= 2
+            if side < 0:
+                far = max(far, lo_bound)
+                while excess(far) < 0 and far > lo_bound:
+                    near, far = far, max(lo_bound, far - step)
+            a, b = sorted((near, far))
+            limits.append(brentq(excess, a, b, xtol=1e-10 * max(sigma, 1e-300)))
+        rows.append({"group": labels[j][0], "term": labels[j][1], "sd": est[j] * s,
+                     "lower": limits[0] * s, "upper": limits[1] * s})
+    return rows, notes

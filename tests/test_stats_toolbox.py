@@ -1,0 +1,121 @@
+"""Simple effects, likelihood-ratio tests between random structures and profile CIs of variance components,
+against R (emmeans, anova(m1, m2), confint(method = "profile")) in tests/golden/factorial_slopes.toolbox.json;
+the high-ICC Satterthwaite df (issue 21) against the balanced design's analytic df."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fis_interventions.errors import FisError
+from fis_interventions.stats import lmm_2x2, prepare_2x2, simple_effects
+from fis_interventions.stats.compare import lrt, profile_ci
+from fis_interventions.stats.lmm import lmm_design
+from fis_interventions.stats.simple import simple_effects_design
+from fis_interventions.stats.structure import initial_structure
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+LEVELS = {"formality": ["formal", "informal"], "emotion": ["neutral", "emotional"]}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    data = pd.read_csv(GOLDEN / "factorial_slopes.csv")
+    ref = json.loads((GOLDEN / "factorial_slopes.toolbox.json").read_text())
+    design = prepare_2x2(data, "logit_shift", "formality", "emotion", item="item", levels=LEVELS)
+    return data, ref, design
+
+
+@pytest.fixture(scope="module")
+def lmm(golden):
+    _, _, design = golden
+    fit = lmm_design(design, random="uncorrelated")
+    assert fit.structure.endswith("(1 + formality + emotion + formality:emotion || item)")
+    return fit
+
+
+@pytest.mark.parametrize("factor,key,by", [("formality", "simple_formality_by_emotion", "emotion"),
+                                           ("emotion", "simple_emotion_by_formality", "formality")])
+def test_simple_effects_equal_emmeans(golden, lmm, factor, key, by):
+    _, ref, design = golden
+    ours = simple_effects_design(design, lmm, factor)
+    assert len(ours) == len(ref[key]) == 2
+    for (_, row), r in zip(ours.iterrows(), ref[key]):
+        assert row["contrast"] == r["contrast"] and row["at"] == r[by]
+        assert row["estimate"] == pytest.approx(r["estimate"], abs=1e-6)
+        assert row["se"] == pytest.approx(r["SE"], rel=1e-5)
+        assert row["df"] == pytest.approx(r["df"], rel=1e-3)
+        assert row["ci_low"] == pytest.approx(r["lower.CL"], abs=1e-5)
+        assert row["ci_high"] == pytest.approx(r["upper.CL"], abs=1e-5)
+        assert row["p"] == pytest.approx(r["p.value"], rel=1e-3)
+    # Holm across the two levels of the other factor: the smaller p doubled, the larger at least that
+    p = sorted(ours["p"])
+    assert sorted(ours["p_holm"]) == pytest.approx([min(1, 2 * p[0]), max(min(1, 2 * p[0]), p[1])])
+
+
+def test_simple_effects_api_and_unknown_factor(golden):
+    data, ref, _ = golden
+    table = simple_effects(data, "logit_shift", ["formality", "emotion"], "formality", item="item", levels=LEVELS)
+    assert table["estimate"].tolist() == pytest.approx([r["estimate"] for r in ref["simple_formality_by_emotion"]],
+                                                       abs=1e-6)
+    with pytest.raises(FisError, match="not one of the two factors"):
+        simple_effects(data, "logit_shift", ["formality", "emotion"], "formalty", item="item")
+
+
+def test_lrt_equals_r_anova(golden):
+    _, ref, design = golden
+    small = initial_structure(design.data, "intercept", "item", None)
+    large = initial_structure(design.data, "uncorrelated", "item", None)
+    out = lrt(design, small, large)
+    r_int, r_max = ref["lrt_intercept_vs_maximal"]
+    for ours, r in [(out["small"], r_int), (out["large"], r_max)]:
+        assert ours["npar"] == r["npar"]
+        assert ours["logLik"] == pytest.approx(r["logLik"], abs=1e-5)
+        assert ours["AIC"] == pytest.approx(r["AIC"], abs=1e-4)
+        assert ours["BIC"] == pytest.approx(r["BIC"], abs=1e-4)
+    assert out["chisq"] == pytest.approx(r_max["Chisq"], abs=1e-4)
+    assert out["df"] == r_max["Df"]
+    assert out["p"] == pytest.approx(r_max["Pr(>Chisq)"], rel=1e-3)
+    with pytest.raises(FisError, match="not nested"):
+        lrt(design, large, initial_structure(design.data, "correlated", "item", None).__class__(
+            factors=(large.factors[0].__class__("item", "other", ("1",), "diagonal"),)))
+
+
+def test_profile_ci_equals_r_confint(golden):
+    _, ref, design = golden
+    structure = initial_structure(design.data, "uncorrelated", "item", None)
+    rows, notes = profile_ci(design, structure)
+    r = {x["term"]: x for x in ref["profile_ci"]}
+    names = ["sd_(Intercept)|item", "sd_xa|item", "sd_xb|item", "sd_xab|item", "sigma"]
+    assert notes == []
+    for row, name in zip(rows, names):
+        assert row["lower"] == pytest.approx(r[name]["lower"], abs=1e-3), name
+        assert row["upper"] == pytest.approx(r[name]["upper"], abs=1e-3), name
+        assert row["lower"] < row["sd"] < row["upper"]
+
+
+def _balanced_high_icc(items: int = 30, reps: int = 1, sd_item: float = 100.0, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    it = np.repeat(np.arange(items), 4 * reps)
+    cell = np.tile(np.repeat(np.arange(4), reps), items)
+    xa, xb = np.where(cell >= 2, 0.5, -0.5), np.where(cell % 2 == 1, 0.5, -0.5)
+    y = 0.3 * xa + 0.2 * xb + sd_item * rng.normal(size=items)[it] + rng.normal(size=it.size)
+    return pd.DataFrame({"item": it, "A": np.where(xa > 0, "a2", "a1"), "B": np.where(xb > 0, "b2", "b1"), "y": y})
+
+
+@pytest.mark.parametrize("sd_item,reps", [(10.0, 1), (100.0, 1), (100.0, 2), (1000.0, 1)])
+def test_high_icc_intercept_df_is_items_minus_one(sd_item, reps):
+    """Balanced random-intercept design: the intercept's Satterthwaite df is n_items - 1 exactly (the intercept
+    is a mean of item means), the within-item effects' df the within-item residual df (issue 21: was 116)."""
+    items = 30
+    res = lmm_2x2(_balanced_high_icc(items, reps, sd_item), "y", "A", "B", "item", random="intercept")
+    df = res.fixed.set_index("term")["df"]
+    assert df["Intercept"] == pytest.approx(items - 1, rel=1e-3)
+    within = items * 4 * reps - items - 3
+    for term in ["A", "B", "A:B"]:
+        assert df[term] == pytest.approx(within, rel=1e-3)
+    assert not any("Hessian" in w for w in res.warnings)
