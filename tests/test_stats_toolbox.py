@@ -119,3 +119,108 @@ def test_high_icc_intercept_df_is_items_minus_one(sd_item, reps):
     for term in ["A", "B", "A:B"]:
         assert df[term] == pytest.approx(within, rel=1e-3)
     assert not any("Hessian" in w for w in res.warnings)
+
+
+def _small(tmp_path: Path, n_items: int = 12, prompts: int = 0, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_items):
+        for c in range(4):
+            for p in range(max(prompts, 1)):
+                rows.append({"item": f"i{i}", "A": "a2" if c >= 2 else "a1", "B": "b2" if c % 2 else "b1",
+                             "prompt": f"p{p}", "y": rng.normal() + (0.8 if c == 3 else 0.0)})
+    return pd.DataFrame(rows)
+
+
+def test_cli_simple_bad_factor_is_one_line_exit_2(tmp_path, capsys):
+    from fis_interventions.cli import main
+
+    path = tmp_path / "d.csv"
+    _small(tmp_path).to_csv(path, index=False)
+    base = [str(path), "--dv", "y", "--factor", "A", "--factor", "B", "--item", "item"]
+    assert main(["stats", *base, "--simple", "C", "--random", "intercept"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--simple" in err[0] and "not one of the two factors" in err[0]
+    assert main(["stats", *base, "--simple", "A", "--random", "intercept"]) == 0
+    out = capsys.readouterr().out
+    assert "Simple effects" in out and "a2 - a1" in out
+
+
+def test_variance_ci_on_correlated_or_singular(golden, tmp_path):
+    from fis_interventions.stats import stats
+
+    _, _, design = golden
+    with pytest.raises(FisError, match="uncorrelated or intercept-only"):
+        profile_ci(design, initial_structure(design.data, "correlated", "item", None))
+    data = _small(tmp_path)
+    data["y"] = data["y"] - data.groupby("item")["y"].transform("mean")  # item means equal: variance 0
+    res = stats(data, "y", ["A", "B"], item="item", random="intercept", variance_ci=True)
+    assert res["lmm"]["singular"]
+    assert any("singular fit" in w and "profile CIs" in w for w in res["warnings"])
+    assert res["variance_ci"][0]["lower"] == 0.0 and res["variance_ci"][0]["upper"] > 0
+
+
+@pytest.mark.parametrize("role,n_prompts,expected", [("auto", 3, "fixed"), ("auto", 6, "random"),
+                                                     ("random", 3, "random"), ("fixed", 6, "fixed")])
+def test_prompt_role_is_explicit_and_explained(tmp_path, role, n_prompts, expected):
+    from fis_interventions.stats import stats
+
+    data = _small(tmp_path, n_items=8, prompts=n_prompts)
+    res = stats(data, "y", ["A", "B"], item="item", random="intercept", prompt="prompt", prompt_role=role)
+    assert res["lmm"]["prompts"] == expected
+    reason = res["lmm"]["prompt_reason"]
+    assert ("default rule" in reason) == (role == "auto") and f"{n_prompts} levels" in reason
+    assert ("crossed random" in reason) == (expected == "random")
+    with pytest.raises(FisError, match="--prompt-role"):
+        stats(data, "y", ["A", "B"], item="item", prompt="prompt", prompt_role="sometimes")
+
+
+def test_simplification_reports_lrt(golden):
+    """A singular maximal fit is simplified; each step carries R's anova-style LRT against the maximal model."""
+    rng = np.random.default_rng(5)
+    data = _small(None, n_items=20)
+    data["y"] = rng.normal(size=len(data)) + np.repeat(rng.normal(size=20), 4)  # no slope variance at all
+    res = lmm_2x2(data, "y", "A", "B", "item")
+    assert res.simplification and len(res.comparisons) == len(res.simplification)
+    for c in res.comparisons:
+        assert c["df"] >= 1 and 0 <= c["chisq"] < 3.84 and c["p"] > 0.05
+        assert c["chisq"] == pytest.approx(2 * (c["loglik_maximal"] - c["loglik_simplified"]), abs=1e-9)
+
+
+def test_duplicate_columns_and_bad_value_rows(tmp_path, capsys):
+    from fis_interventions.cli import main
+
+    dup = tmp_path / "dup.csv"
+    dup.write_text("item,A,B,y,y\ni1,a1,b1,1,2\n")
+    assert main(["stats", str(dup), "--dv", "y", "--factor", "A", "--factor", "B"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'y' appears more than once" in err[0]
+    big = tmp_path / "big.csv"
+    data = _small(tmp_path, n_items=2000)
+    data["y"] = data["y"].astype(object)
+    data.loc[7000, "y"] = "n/a?"
+    data.to_csv(big, index=False)
+    assert main(["stats", str(big), "--dv", "y", "--factor", "A", "--factor", "B"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # no DtypeWarning line before the error
+    assert "'n/a?'" in err[0] and "row 7002" in err[0] and "'y'" in err[0]  # CSV line 7002 (header is line 1)
+
+
+def test_type3_anova_keeps_digits_at_large_mean():
+    """Mean 1e6, SD 1e-4: F equals numpy lstsq on the exactly shifted data (was 8e-5 relative off)."""
+    from fis_interventions.stats import anova_2x2
+
+    rng = np.random.default_rng(0)
+    n = 400
+    xa, xb = rng.choice([-0.5, 0.5], n), rng.choice([-0.5, 0.5], n)
+    y = 1e6 + 1e-4 * (rng.normal(size=n) + 0.3 * xa + 0.2 * xb + 0.4 * xa * xb)
+    data = pd.DataFrame({"A": np.where(xa > 0, "a2", "a1"), "B": np.where(xb > 0, "b2", "b1"), "y": y})
+    table = anova_2x2(data, "y", "A", "B", levels={"A": ["a1", "a2"], "B": ["b1", "b2"]}).set_index("term")
+    X = np.column_stack([np.ones(n), xa, xb, xa * xb])
+    yc = y - 1e6  # exact (Sterbenz)
+    rss = float(np.sum((yc - X @ np.linalg.lstsq(X, yc, rcond=None)[0]) ** 2))
+    for j, term in [(1, "A"), (2, "B"), (3, "A:B")]:
+        Xr = np.delete(X, j, axis=1)
+        rss_r = float(np.sum((yc - Xr @ np.linalg.lstsq(Xr, yc, rcond=None)[0]) ** 2))
+        F = (rss_r - rss) / (rss / (n - 4))
+        assert table.loc[term, "F"] == pytest.approx(F, rel=1e-9)

@@ -68,11 +68,24 @@ def format_report(result: dict[str, Any]) -> str:
                       f"Satterthwaite df"]
         if lmm.get("simplification"):
             lines.append(f"  requested {lmm['random']}: {'; '.join(lmm['simplification'])} (singular fit)")
+        for c in lmm.get("comparisons") or []:
+            lines.append(f"  likelihood-ratio test (ML refits) {c['simplified']} vs {c['maximal']}: "
+                         f"chisq({_fmt(c['df'])}) = {_fmt(c['chisq'])}, p = {_fmt(c['p'])}")
+        if lmm.get("prompt_reason"):
+            lines.append(f"  {lmm['prompt_reason']}")
         lines += [format_table(lmm["fixed"], ["term", "estimate", "se", "df", "t", "p", "ci_low", "ci_high"])]
         if lmm.get("random_effects"):
             lines += ["random effects", format_table(lmm["random_effects"], ["group", "term1", "term2", "vcov",
                                                                             "sdcor"])]
         lines.append(f"logLik {_fmt(lmm['loglik'])}")
+    if result.get("simple_effects"):
+        lines += ["", "Simple effects (LMM, Satterthwaite df, 95% CI; p_holm: Holm over the levels of the other "
+                      "factor)",
+                  format_table(result["simple_effects"], ["factor", "contrast", "at_factor", "at", "estimate", "se",
+                                                          "df", "t", "p", "p_holm", "ci_low", "ci_high"])]
+    if result.get("variance_ci"):
+        lines += ["", "Random-effect SDs: profile-likelihood 95% CIs (ML deviance, as lme4's confint)",
+                  format_table(result["variance_ci"], ["group", "term", "sd", "lower", "upper"])]
     contrast = result["contrast"]
     inter = contrast["interaction"]
     lines += ["", f"Interaction (difference of differences, {inter['source']}): {_fmt(inter['estimate'])} "
@@ -96,8 +109,16 @@ def stats_command(
     random: str = typer.Option("uncorrelated", "--random",
                                help="LMM random effects: intercept, uncorrelated (maximal, default) or "
                                     "correlated; a singular fit is simplified by a fixed rule."),
-    prompt: str | None = typer.Option(None, "--prompt", help="Prompt column: a fixed factor below 5 levels, "
-                                                             "crossed random effects from 5."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Second grouping column (prompts): its role is "
+                                                             "--prompt-role."),
+    prompt_role: str = typer.Option("auto", "--prompt-role",
+                                    help="auto (default: a fixed factor below 5 levels, crossed random effects "
+                                         "from 5), fixed, or random (crossed random effects)."),
+    simple: list[str] | None = typer.Option(None, "--simple",
+                                            help="Simple effects of this factor at each level of the other "
+                                                 "(give twice for both); Satterthwaite df, CIs, Holm."),
+    variance_ci: bool = typer.Option(False, "--variance-ci",
+                                     help="Profile-likelihood 95% CIs of the random-effect SDs (lme4's confint)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results (and provenance) here."),
 ) -> None:
     """Two-way (2x2) statistics of one measure: Type III ANOVA, by-item ANOVA, LMM, interaction, cell means.
@@ -111,10 +132,11 @@ def stats_command(
     method = "REML" if reml else "ML"
     check_output_file(json_out, "--json")
     result = stats(data, dv, factor, item=item, levels=parse_levels(levels), method=method, random=random,
-                   prompt=prompt)
+                   prompt=prompt, prompt_role=prompt_role, simple=list(simple or []), variance_ci=variance_ci)
     typer.echo(format_report(result))
     if json_out is not None:
         config = {"data": str(data), "dv": dv, "factors": list(factor), "item": item,
-                  "levels": parse_levels(levels), "method": method, "random": random, "prompt": prompt}
+                  "levels": parse_levels(levels), "method": method, "random": random, "prompt": prompt,
+                  "prompt_role": prompt_role, "simple": list(simple or []), "variance_ci": variance_ci}
         write_json(json_out, {**result, "provenance": provenance(config=config)})
         typer.echo(f"\nwrote {json_out}")

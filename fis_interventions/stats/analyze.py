@@ -21,15 +21,25 @@ log = logging.getLogger(__name__)
 
 def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = None,
                 levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
-                prompt: str | None = None) -> dict[str, Any]:
+                prompt: str | None = None, prompt_role: str = "auto", simple: Sequence[str] = (),
+                variance_ci: bool = False) -> dict[str, Any]:
     """Type III ANOVA, by-item RM-ANOVA, LMM, interaction contrast and cell means, as plain JSON data.
 
     Keys: ``anova``, ``rm_anova`` and ``lmm`` (None without ``item``), ``contrast`` (interaction, cells,
     effect sizes), ``levels``, ``n``, ``n_items``, ``warnings``. Nothing is NaN: what cannot be computed is
     None, and ``warnings`` says why. The LMM has the random effects of ``random`` (default: maximal,
-    uncorrelated; see :mod:`.structure`) and, with ``prompt``, prompts as a fixed (< 5) or crossed factor.
+    uncorrelated; see :mod:`.structure`) and, with ``prompt``, prompts as a fixed (< 5) or crossed factor
+    (``prompt_role``: auto / fixed / random). ``simple``: factors whose simple effects to add (key
+    ``simple_effects``); ``variance_ci``: profile CIs of the SDs (key ``variance_ci``).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=prompt if item else None)
+    from .simple import check_simple_factor, simple_effects_records
+
+    for name in simple:
+        check_simple_factor(design, name)
+    if (simple or variance_ci) and item is None:
+        raise FisError("--simple and --variance-ci need the LMM: pass --item", field="--item",
+                       fix="pass --item ITEM_COLUMN")
     warnings = list(design.warnings)
     anova, notes = anova_design(design)
     warnings += notes
@@ -41,9 +51,13 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
         warnings += info["warnings"]
         out["rm_anova"] = records(rm)
         out["n_items_complete"] = info["n_items_complete"]
-        lmm = lmm_design(design, method=method, random=random, extra_random=prompt)
+        lmm = lmm_design(design, method=method, random=random, extra_random=prompt, prompt_role=prompt_role)
         warnings += lmm.warnings
         out["lmm"] = lmm.to_dict()
+        if simple:
+            out["simple_effects"] = simple_effects_records(design, lmm, simple) if lmm.converged else []
+        if variance_ci:
+            out["variance_ci"] = _variance_ci(design, lmm, warnings)
     contrast = contrast_design(design, lmm, anova)
     warnings += contrast.pop("warnings")
     out["contrast"] = contrast
@@ -54,6 +68,18 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     for note in out["warnings"]:
         log.warning(note)
     return _json_safe(out)
+
+
+def _variance_ci(design: Any, lmm: Any, warnings: list[str]) -> list[dict[str, Any]]:
+    """Profile CIs of the fitted (possibly simplified) structure; a singular fit gets a stated warning."""
+    from .compare import profile_ci
+
+    if not lmm.converged or lmm.fitted_structure is None:
+        return []
+    structure = lmm.fitted_structure
+    rows, notes = profile_ci(design, structure)
+    warnings += notes
+    return rows
 
 
 def _json_safe(x: Any) -> Any:
@@ -73,17 +99,48 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise FisError("is a folder, expected a CSV or Parquet file", source=path)
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path)
+            table = pd.read_parquet(path)
+        else:
+            _refuse_duplicate_header(path)
+            # low_memory=False: one dtype per column from the whole file (no DtypeWarning from chunked
+            # inference); a bad value is then named by row and column in prepare_2x2
+            table = pd.read_csv(path, low_memory=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FisError(f"cannot read table: {first}", source=path,
                        fix="pass a UTF-8 CSV with a header row, or a .parquet file") from None
+    dup = [c for c in dict.fromkeys(map(str, table.columns)) if list(map(str, table.columns)).count(c) > 1]
+    if dup:
+        raise FisError(f"column name {dup[0]!r} appears more than once", source=path, field=dup[0],
+                       fix="give every column a different name")
+    # CSV rows are numbered from 2 (line 1 is the header), so an error naming "row N" points at line N
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        table.index = table.index + 2
+    return table
+
+
+def _refuse_duplicate_header(path: Path) -> None:
+    """pandas renames a repeated column to ``name.1`` and fis would silently use the first: refuse it."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return  # read_csv reports these
+    names = [h.strip() for h in header]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise FisError(f"column name {name!r} appears more than once in the header", source=path,
+                           field=name, fix="give every column a different name")
+        seen.add(name)
 
 
 def stats(data: pd.DataFrame | str | Path, dv: str, factors: Sequence[str], item: str | None = None,
           levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
-          prompt: str | None = None) -> dict[str, Any]:
+          prompt: str | None = None, prompt_role: str = "auto", simple: Sequence[str] = (),
+          variance_ci: bool = False) -> dict[str, Any]:
     """Python API of ``fis stats``: read ``data`` (DataFrame or CSV/Parquet path) and run :func:`analyze_2x2`."""
     source = None
     if not isinstance(data, pd.DataFrame):
@@ -99,11 +156,17 @@ def stats(data: pd.DataFrame | str | Path, dv: str, factors: Sequence[str], item
     if random not in RANDOM_CHOICES[:3]:
         raise FisError(f"--random must be intercept, uncorrelated or correlated, got {random!r}",
                        source=source, field="--random", fix="pass --random uncorrelated (the default)")
+    from .structure import PROMPT_ROLES
+
+    if prompt_role not in PROMPT_ROLES:
+        raise FisError(f"--prompt-role must be one of {', '.join(PROMPT_ROLES)}, got {prompt_role!r}",
+                       source=source, field="--prompt-role", fix="pass --prompt-role auto (the default)")
     if prompt is not None and item is None:
         raise FisError("--prompt needs --item", source=source, field="--prompt", fix="pass --item as well")
     try:
         return analyze_2x2(data, dv, factors[0], factors[1], item=item, levels=levels, method=method,
-                           random=random, prompt=prompt)
+                           random=random, prompt=prompt, prompt_role=prompt_role, simple=list(simple),
+                           variance_ci=variance_ci)
     except FisError as err:
         if source is None or err.source is not None:
             raise

@@ -46,16 +46,22 @@ def anova_design(design: Design2x2) -> tuple[pd.DataFrame, list[str]]:
     n = len(data)
     if n <= 4:
         return _empty_table(design), [f"ANOVA not computed: {n} observations leave no residual df"]
-    fit = smf.ols("y ~ xa + xb + xab", data=data).fit()
+    # Centre (and scale) the measure before solving: with mean 1e6 and SD 1e-4 the normal equations of the raw
+    # y lose ~5 digits of F (issue 21); Type III SS of xa, xb, xab are unchanged by a shift of y (the model
+    # has an intercept) and scale with its square.
+    y = data["y"].to_numpy(dtype=float)
+    centre = float(np.median(y))
+    spread = float(np.std(y - centre)) or 1.0
+    fit = smf.ols("y ~ xa + xb + xab", data=data.assign(y=(y - centre) / spread)).fit()
     with np.errstate(divide="ignore", invalid="ignore"):
         a3 = anova_lm(fit, typ=3)
-    ss_res = float(a3.loc["Residual", "sum_sq"])
+    ss_res = float(a3.loc["Residual", "sum_sq"]) * spread**2
     df_res = float(a3.loc["Residual", "df"])
     rows = []
     total = float(np.sum((data["y"] - data["y"].mean()) ** 2))
     noise = rounding_ss(data["y"].to_numpy())
     for name, col in zip(term_names(design), ["xa", "xb", "xab"]):
-        ss = max(float(a3.loc[col, "sum_sq"]), 0.0)
+        ss = max(float(a3.loc[col, "sum_sq"]), 0.0) * spread**2
         row: dict[str, Any] = {"term": name, "ss": ss, "df1": float(a3.loc[col, "df"]), "df2": df_res,
                                "F": float(a3.loc[col, "F"]), "p": float(a3.loc[col, "PR(>F)"]),
                                "partial_eta2": ss / (ss + ss_res) if ss + ss_res > 0 else np.nan}

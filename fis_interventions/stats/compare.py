@@ -152,7 +152,8 @@ def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, leve
         return float(res.fun) - dmin, x
 
     rows = []
-    labels = [(f.name, t) for f in factors for t in f.terms] + [("Residual", None)]
+    shown = {"1": "(Intercept)", "xa": design.a, "xb": design.b, "xab": f"{design.a}:{design.b}"}
+    labels = [(f.name, shown[t]) for f in factors for t in f.terms] + [("Residual", None)]
     for j in range(m):
         start = est.copy()
 

@@ -99,7 +99,12 @@ def prepare_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
                            fix="choose a different measure or factor")
     y = df[dv]
     if pd.api.types.is_bool_dtype(y) or not pd.api.types.is_numeric_dtype(y):
-        raise FisError(f"measure column '{dv}' is not numeric (dtype {y.dtype})", field=dv,
+        bad = pd.to_numeric(y, errors="coerce").isna() & y.notna()
+        where = ""
+        if bad.any():
+            first = bad.idxmax()
+            where = f": first non-numeric value {str(y.loc[first])[:40]!r} at row {first}"
+        raise FisError(f"measure column '{dv}' is not numeric (dtype {y.dtype}){where}", field=dv,
                        fix="choose a numeric column or clean its non-numeric values")
     levels = dict(levels or {})
     unknown = [k for k in levels if k not in (a, b)]

@@ -21,7 +21,7 @@ from scipy import stats as sps
 from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records, rounding_ss
 from .mixed import MixedFit, fit_mixed
 from .profile import RandomFactor
-from .structure import MIN_RANDOM_LEVELS, SLOTS, Structure, initial_structure, simplify
+from .structure import SLOTS, Structure, initial_structure, simplify
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class LmmResult:
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     singular: bool = False
     prompts: str | None = None
+    prompt_reason: str | None = None
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    fitted_structure: Structure | None = field(default=None, repr=False)
     _contrast: Callable[[np.ndarray], tuple[float, float, float | None]] | None = field(default=None,
                                                                                          repr=False)
 
@@ -73,10 +76,16 @@ class LmmResult:
                 "structure": self.structure,
                 "random_effects": [{k: finite_or_none(v) for k, v in r.items()} for r in self.random_effects],
                 "simplification": list(self.simplification), "singular": bool(self.singular),
-                "prompts": self.prompts,
+                "prompts": self.prompts, "prompt_reason": self.prompt_reason,
+                "comparisons": [_json_lrt(c) for c in self.comparisons],
                 "optimizers": {k: {kk: finite_or_none(vv) for kk, vv in v.items()}
                                for k, v in self.optimizers.items()},
                 "warnings": list(self.warnings)}
+
+
+def _json_lrt(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({kk: finite_or_none(vv) for kk, vv in v.items()} if isinstance(v, dict) else finite_or_none(v))
+            for k, v in c.items()}
 
 
 def _t_summary(est: float, se: float, df: float | None, level: float = 0.95) -> list[float | None]:
@@ -241,7 +250,7 @@ def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool,
 
 
 def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None = None,
-               random: str = "uncorrelated") -> LmmResult:
+               random: str = "uncorrelated", prompt_role: str = "auto", compare: bool = True) -> LmmResult:
     """``y ~ A*B`` with the random effects of ``random`` (see :mod:`.structure`), reported like lmerTest.
 
     ``extra_random`` names the prompt column (prepared into the design as ``extra``): a fixed factor below
@@ -268,8 +277,9 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
     if n_groups < 2:
         return _empty_result(method, terms, [f"LMM not fitted: {n_groups} level(s) of the item column (need 2)"],
                              len(data), n_groups)
-    structure = initial_structure(data, random, design.item, extra_random)
+    structure = initial_structure(data, random, design.item, extra_random, prompt_role)
     requested = structure.formula(design.a, design.b)
+    history = [structure]
     notes: list[str] = []
     reml = method == "REML"
     try:
@@ -280,6 +290,7 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                 break
             old_factors = _factors(data, structure)
             structure, _ = step
+            history.append(structure)
             fit = _fit_structure(data, structure, reml, previous=(old_factors, fit))
     except (np.linalg.LinAlgError, ValueError) as err:
         return _empty_result(method, terms, [f"LMM not fitted: {err}"], len(data), n_groups)
@@ -290,8 +301,9 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
         notes.append(f"singular fit: a random intercept variance ({zero}) is estimated as zero (held fixed "
                      "at zero for the Satterthwaite df)")
     notes += fit.warnings
-    if structure.prompts == "fixed":
-        notes.append(f"{structure.n_prompts} prompts (< {MIN_RANDOM_LEVELS}): prompt entered as a fixed factor")
+    if structure.prompts == "fixed" and structure.prompt_role == "auto":
+        notes.append(f"{structure.prompt_reason()}")
+    comparisons = _compare_steps(design, history, notes) if compare else []
     contrast, fixed = _fixed_effects(fit, terms)
     factors = _factors(data, structure)
     varcorr = _varcorr(factors, fit, {"1": "(Intercept)", **{k: names[k] for k in SLOTS[1:]}})
@@ -303,11 +315,30 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                      cov_fixed=fit.cov_beta[:4, :4], structure=structure.formula(design.a, design.b),
                      requested=requested, random=random, random_effects=varcorr, simplification=list(structure.steps),
                      optimizers=fit.optimizers, singular=fit.singular, prompts=structure.prompts,
-                     _contrast=contrast)
+                     prompt_reason=structure.prompt_reason(), comparisons=comparisons,
+                     fitted_structure=structure, _contrast=contrast)
+
+
+def _compare_steps(design: Design2x2, history: list[Structure], notes: list[str]) -> list[dict[str, Any]]:
+    """Likelihood-ratio test (ML refits, R's ``anova``) of each simplified structure against the one asked for."""
+    from .compare import lrt
+
+    out = []
+    for simpler in history[1:]:
+        try:
+            res = lrt(design, simpler, history[0])
+        except (np.linalg.LinAlgError, ValueError) as err:
+            notes.append(f"likelihood-ratio test of the simplification not computed: {err}")
+            continue
+        out.append({"simplified": res["small"]["model"], "maximal": res["large"]["model"], "chisq": res["chisq"],
+                    "df": res["df"], "p": res["p"], "loglik_simplified": res["small"]["logLik"],
+                    "loglik_maximal": res["large"]["logLik"]})
+    return out
 
 
 def lmm_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str, levels: Levels | None = None,
-            method: str = "REML", extra_random: str | None = None, random: str = "uncorrelated") -> LmmResult:
+            method: str = "REML", extra_random: str | None = None, random: str = "uncorrelated",
+            prompt_role: str = "auto") -> LmmResult:
     """``dv ~ a*b + (1 + a + b + a:b || item)`` (maximal, by default) with -0.5/+0.5 codes, like lmerTest.
 
     Terms: ``Intercept`` (grand mean of cell means), ``a``, ``b`` (differences between levels) and ``a:b``
@@ -316,7 +347,7 @@ def lmm_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str, levels: Levels
     prompt column (fixed below 5 levels, crossed random from 5).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=extra_random)
-    result = lmm_design(design, method=method, extra_random=extra_random, random=random)
+    result = lmm_design(design, method=method, extra_random=extra_random, random=random, prompt_role=prompt_role)
     result.warnings = design.warnings + result.warnings
     for note in result.warnings:
         log.warning(note)

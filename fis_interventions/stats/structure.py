@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 RANDOM_CHOICES = ("intercept", "uncorrelated", "correlated", "varcomp")
+PROMPT_ROLES = ("auto", "fixed", "random")  # auto: fixed below MIN_RANDOM_LEVELS levels, crossed random from it
 MIN_RANDOM_LEVELS = 5
 SLOTS = ["1", "xa", "xb", "xab"]
 DROP_ORDER = ["xab", "xb", "xa"]
@@ -44,6 +45,19 @@ class Structure:
     prompt_label: str | None = None
     n_prompts: int = 0
     steps: tuple[str, ...] = field(default=())
+    prompt_role: str = "auto"
+
+    def prompt_reason(self) -> str | None:
+        """Which role the second grouping factor got and why (for the report's methods)."""
+        if self.prompts is None:
+            return None
+        role = "a fixed factor" if self.prompts == "fixed" else "a crossed random factor"
+        if self.prompt_role == "auto":
+            rule = (f"< {MIN_RANDOM_LEVELS}" if self.prompts == "fixed" else f">= {MIN_RANDOM_LEVELS}")
+            why = f"default rule: {self.n_prompts} levels {rule}"
+        else:
+            why = f"requested with prompt_role={self.prompt_role}"
+        return f"{self.prompt_label} ({self.n_prompts} levels) entered as {role} ({why})"
 
     def formula(self, a: str, b: str) -> str:
         """lme4-style random part, e.g. ``(1 + a + b + a:b || item)``; with fixed prompts, ``+ prompt``."""
@@ -81,11 +95,18 @@ def supported_terms(data: pd.DataFrame, group: str) -> tuple[str, ...]:
     return tuple(terms)
 
 
-def initial_structure(data: pd.DataFrame, random: str, item_label: str, prompt_label: str | None
-                      ) -> Structure:
-    """The structure asked for, restricted to what the design supports."""
+def initial_structure(data: pd.DataFrame, random: str, item_label: str, prompt_label: str | None,
+                      prompt_role: str = "auto") -> Structure:
+    """The structure asked for, restricted to what the design supports.
+
+    ``prompt_role`` decides the second grouping factor: ``auto`` (documented default: a fixed factor below
+    :data:`MIN_RANDOM_LEVELS` levels, crossed random from it), ``fixed`` or ``random`` (crossed random effects
+    whatever the number of levels; at least 2).
+    """
     if random not in RANDOM_CHOICES:
         raise ValueError(f"random must be one of {RANDOM_CHOICES}, got {random!r}")
+    if prompt_role not in PROMPT_ROLES:
+        raise ValueError(f"prompt_role must be one of {PROMPT_ROLES}, got {prompt_role!r}")
     kind = {"intercept": "diagonal", "uncorrelated": "diagonal", "correlated": "correlated",
             "varcomp": "varcomp"}[random]
 
@@ -97,12 +118,13 @@ def initial_structure(data: pd.DataFrame, random: str, item_label: str, prompt_l
     prompts, n_prompts = None, 0
     if prompt_label is not None:
         n_prompts = int(data["extra"].nunique())
-        if n_prompts >= MIN_RANDOM_LEVELS:
+        role = prompt_role if prompt_role != "auto" else ("random" if n_prompts >= MIN_RANDOM_LEVELS else "fixed")
+        if n_prompts > 1 and role == "random":
             prompts = "random"
             factors.append(spec("extra", prompt_label))
         elif n_prompts > 1:
             prompts = "fixed"
-    return Structure(tuple(factors), prompts, prompt_label, n_prompts)
+    return Structure(tuple(factors), prompts, prompt_label, n_prompts, prompt_role=prompt_role)
 
 
 def simplify(structure: Structure, zero_terms: list[tuple[str, str]]) -> tuple[Structure, str] | None:
