@@ -21,8 +21,11 @@ import os
 import statistics
 import time
 
-import numpy as np
-import pandas as pd
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one core, as lme4 runs; idle BLAS threads would bill spin time as CPU
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 # lme4 1.1 + lmerTest (Satterthwaite) CPU seconds, from issue 24's text (not measured here: no R).
 R_REFERENCE = {"one": 22.0, "crossed": 4.3, "crossed-correlated": 12.0}

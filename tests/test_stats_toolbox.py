@@ -224,3 +224,23 @@ def test_type3_anova_keeps_digits_at_large_mean():
         rss_r = float(np.sum((yc - Xr @ np.linalg.lstsq(Xr, yc, rcond=None)[0]) ** 2))
         F = (rss_r - rss) / (rss / (n - 4))
         assert table.loc[term, "F"] == pytest.approx(F, rel=1e-9)
+
+
+def test_report_hook_lists_simple_effects_of_significant_interactions(golden):
+    from fis_interventions.reports.simple_effects import simple_effects_for_tests, simple_effects_section
+
+    data, ref, _ = golden
+    tests = pd.DataFrame({"label": ["sig", "not"], "q": [0.01, 0.5]})
+    spec = {"a": "formality", "b": "emotion", "levels": LEVELS}
+    calls = []
+
+    def rows_of(row):
+        calls.append(row["label"])
+        return data.rename(columns={"logit_shift": "shift"}), spec
+
+    effects = simple_effects_for_tests(tests, rows_of)
+    assert calls == ["sig"] and len(effects) == 4 and {e["test"] for e in effects} == {"sig"}
+    assert effects[0]["estimate"] == pytest.approx(ref["simple_formality_by_emotion"][0]["estimate"], abs=1e-6)
+    lines = simple_effects_section(effects)
+    assert lines[0].startswith("## Simple effects") and sum(line.startswith("| sig |") for line in lines) == 4
+    assert simple_effects_section([]) == []

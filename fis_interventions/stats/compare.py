@@ -48,13 +48,19 @@ def _npar(structure: Structure, p: int) -> int:
     return p + n_theta + 1
 
 
-def ml_fit(design: Design2x2, structure: Structure) -> dict[str, Any]:
-    """ML refit of one structure: logLik, npar, AIC, BIC, deviance (R's ``anova`` row)."""
-    from .lmm import _design_matrix, _factors
+def ml_fit(design: Design2x2, structure: Structure, start: np.ndarray | None = None) -> dict[str, Any]:
+    """ML refit of one structure: logLik, npar, AIC, BIC, deviance (R's ``anova`` row).
+
+    ``start``: relative-factor parameters to start from (e.g. the REML fit's), else lme4's start.
+    """
+    from .lmm import _design_matrix, _factors, _warm_start
 
     data = design.data
     X, _ = _design_matrix(data, structure)
-    fit = fit_mixed(data["y"].to_numpy(), X, _factors(data, structure), reml=False)
+    factors = _factors(data, structure)
+    if start is not None:
+        start = _warm_start(factors, start, factors)
+    fit = fit_mixed(data["y"].to_numpy(), X, factors, reml=False, start=start)
     n, p = X.shape
     k = _npar(structure, p)
     ll = fit.loglik
@@ -62,13 +68,15 @@ def ml_fit(design: Design2x2, structure: Structure) -> dict[str, Any]:
             "BIC": -2 * ll + k * np.log(n), "logLik": ll, "deviance": -2 * ll, "singular": fit.singular}
 
 
-def lrt(design: Design2x2, small: Structure, large: Structure) -> dict[str, Any]:
-    """``anova(small, large)`` with ML refits: both rows and ``chisq``, ``df``, ``p``."""
+def lrt(design: Design2x2, small: Structure, large: Structure, starts: tuple[np.ndarray | None, np.ndarray | None]
+        = (None, None)) -> dict[str, Any]:
+    """``anova(small, large)`` with ML refits: both rows and ``chisq``, ``df``, ``p`` (``starts``: each
+    model's REML relative-factor estimates, to start its ML refit from)."""
     if not nested(small, large):
         raise FisError(f"cannot compare '{small.formula(design.a, design.b)}' with "
                        f"'{large.formula(design.a, design.b)}': the models are not nested", field="--random",
                        fix="compare a structure with one that contains all its random terms")
-    r0, r1 = ml_fit(design, small), ml_fit(design, large)
+    r0, r1 = ml_fit(design, small, starts[0]), ml_fit(design, large, starts[1])
     chisq = max(2 * (r1["logLik"] - r0["logLik"]), 0.0)
     df = r1["npar"] - r0["npar"]
     p = float(sps.chi2.sf(chisq, df)) if df > 0 else None

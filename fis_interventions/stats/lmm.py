@@ -279,19 +279,20 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                              len(data), n_groups)
     structure = initial_structure(data, random, design.item, extra_random, prompt_role)
     requested = structure.formula(design.a, design.b)
-    history = [structure]
+    history: list[tuple[Structure, np.ndarray]] = []
     notes: list[str] = []
     reml = method == "REML"
     try:
         fit = _fit_structure(data, structure, reml)
+        history.append((structure, fit.theta))
         while fit.singular:
             step = simplify(structure, fit.zero_terms)
             if step is None:
                 break
             old_factors = _factors(data, structure)
             structure, _ = step
-            history.append(structure)
             fit = _fit_structure(data, structure, reml, previous=(old_factors, fit))
+            history.append((structure, fit.theta))
     except (np.linalg.LinAlgError, ValueError) as err:
         return _empty_result(method, terms, [f"LMM not fitted: {err}"], len(data), n_groups)
     if structure.steps:
@@ -319,14 +320,16 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                      fitted_structure=structure, _contrast=contrast)
 
 
-def _compare_steps(design: Design2x2, history: list[Structure], notes: list[str]) -> list[dict[str, Any]]:
-    """Likelihood-ratio test (ML refits, R's ``anova``) of each simplified structure against the one asked for."""
+def _compare_steps(design: Design2x2, history: list[tuple[Structure, np.ndarray]], notes: list[str]
+                   ) -> list[dict[str, Any]]:
+    """Likelihood-ratio test (ML refits, R's ``anova``) of each simplified structure against the one asked for;
+    each ML refit starts from that structure's REML estimates."""
     from .compare import lrt
 
     out = []
-    for simpler in history[1:]:
+    for simpler, theta in history[1:]:
         try:
-            res = lrt(design, simpler, history[0])
+            res = lrt(design, simpler, history[0][0], starts=(theta, history[0][1]))
         except (np.linalg.LinAlgError, ValueError) as err:
             notes.append(f"likelihood-ratio test of the simplification not computed: {err}")
             continue

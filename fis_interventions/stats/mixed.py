@@ -4,13 +4,15 @@
   back (``b = b_ols + s b*``, variances x ``s^2``, log-likelihood minus ``(n - p) log s`` for REML or
   ``n log s`` for ML). A measure with mean 1e8, or a fixed effect 1e6 times the noise, then gives the same
   deviance surface as well-scaled data: no cancellation in ``y'y - ...``.
-* **No trusted convergence flag.** Every optimiser in :data:`OPTIMIZERS` runs from lme4's start; the one with
-  the lowest deviance wins and is polished once more with L-BFGS-B; every optimiser's log-likelihood is kept
-  and a disagreement beyond :data:`AGREE` is a warning.
+* **Optimisers.** L-BFGS-B with the analytic gradient runs from lme4's start (or a simplified model's warm
+  start); the derivative-free COBYQA runs only when it reports trouble; the one with the lowest deviance wins
+  and is polished once more with L-BFGS-B; every optimiser's log-likelihood is kept and a disagreement beyond
+  :data:`AGREE` is a warning.
 * **Singular fits** follow lme4's ``isSingular``: a diagonal element of a relative factor below 1e-4.
 * **Satterthwaite df** as lmerTest: ``df = 2 (L C L')^2 / (g' A g)`` with ``C(theta, sigma)`` the fixed-effect
   covariance, ``g`` its gradient and ``A = 2 H^-1`` from the Hessian of the unprofiled deviance in
-  ``(theta, sigma)``; derivatives are central differences (lmerTest uses numDeriv). Parameters on the
+  ``(theta, sigma)``; the Hessian is a central difference of the analytic gradient (lmerTest uses numDeriv on
+  the deviance), inverted in unit-curvature coordinates. Parameters on the
   boundary (zero) are held fixed.
 """
 
