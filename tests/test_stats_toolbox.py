@@ -244,3 +244,18 @@ def test_report_hook_lists_simple_effects_of_significant_interactions(golden):
     lines = simple_effects_section(effects)
     assert lines[0].startswith("## Simple effects") and sum(line.startswith("| sig |") for line in lines) == 4
     assert simple_effects_section([]) == []
+
+
+def test_fis_stats_imports_no_torch(tmp_path):
+    """`fis stats` (help and a small fit) never imports torch or transformers (start-up time, issue 24)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "d.csv"
+    _small(tmp_path).to_csv(path, index=False)
+    code = ("import sys\nfrom fis_interventions.cli import main\n"
+            f"main(['stats', {str(path)!r}, '--dv', 'y', '--factor', 'A', '--factor', 'B', '--item', 'item'])\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout

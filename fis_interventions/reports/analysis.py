@@ -144,6 +144,7 @@ def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: di
         "p_lmm": lmm_fixed.get(inter_term, {}).get("p"),
         "standardized": res["contrast"]["effect_sizes"]["standardized_interaction"],
         "random_structure": structure or None, "prompts": lmm.get("prompts"),
+        "prompt_reason": lmm.get("prompt_reason"),
         "simplified": "; ".join(lmm.get("simplification") or []) or None}
     detail = {"anova": _term_rows(res["anova"], key, a, b), "rm_anova": _term_rows(res["rm_anova"], key, a, b),
               "lmm": _term_rows(lmm.get("fixed"), key, a, b, model=model),

@@ -181,6 +181,9 @@ def methods_lines(run: Run, analysis: Analysis) -> list[str]:
                  f"fixed factor below {MIN_RANDOM_LEVELS} prompts and as crossed random effects (with their "
                  f"slopes) from {MIN_RANDOM_LEVELS}, fitted by REML with Satterthwaite df (lme4/lmerTest-compatible).")
     lines += random_effects_lines(analysis.tests)
+    if "prompt_reason" in analysis.tests:  # which role the prompt factor had and why (--prompt-role / the rule)
+        for reason in sorted(set(analysis.tests["prompt_reason"].dropna())):
+            lines.append(f"Second grouping factor: {reason.replace('prompt_id', 'prompt')}.")
     lines.append("Primary test (columns estimate, CI, p, q of tests.csv): the interaction of that mixed model; "
                  "its random-effects structure per test is the column random_structure, every variance and "
                  "covariance is in tables/random_effects.csv.")

@@ -230,7 +230,7 @@ class ProfiledDeviance:
             Ls = LM[:size, :size]
             Rs = R[:size, :size]
             P = Rs @ cho_solve((Ls, True), Rs.T)
-            UP = (U[:, :, :size].reshape(-1, size) @ P).reshape(U.shape[0], k, size)  # one BLAS call
+            UP = (U[:, :, :size].reshape(U.shape[0] * k, size) @ P).reshape(U.shape[0], k, size)  # one BLAS call
             inner = H + UP @ J[:, :size, :]
             G = Ainv @ inner                                  # first-factor diagonal blocks
             grad = [2.0 * self._factor_grad(self.first, s["parts"][0], G.sum(axis=0))]
