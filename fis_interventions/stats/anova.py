@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+from scipy.special import fdtrc
 
 from ..errors import FisWarning
 from .design import Design2x2, Levels, prepare_2x2, rounding_ss
@@ -34,10 +34,29 @@ def _empty_table(design: Design2x2) -> pd.DataFrame:
     return table
 
 
+def _type3(codes: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Type III SS of each coded column (Wald: ``b_j^2 / [(X'X)^-1]_jj``, as ``car::Anova(type = 3)`` with
+    sum-to-zero codes) from one QR least-squares solve (numpy; no formula machinery at start-up)."""
+    n = len(y)
+    X = np.column_stack([np.ones(n), codes])
+    Q, R = np.linalg.qr(X)
+    beta = np.linalg.solve(R, Q.T @ y)
+    resid = y - X @ beta
+    ss_res = float(resid @ resid)
+    df_res = float(n - X.shape[1])
+    Rinv = np.linalg.inv(R)
+    diag = np.sum(Rinv**2, axis=1)
+    out: dict[str, Any] = {"ss_res": ss_res, "df_res": df_res, "ss": {}, "F": {}}
+    for j, col in enumerate(["xa", "xb", "xab"], start=1):
+        ss = float(beta[j] ** 2 / diag[j])
+        out["ss"][col] = ss
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["F"][col] = float(np.float64(ss) / np.float64(ss_res / df_res))
+    return out
+
+
 def anova_design(design: Design2x2) -> tuple[pd.DataFrame, list[str]]:
     """Type III ANOVA on a prepared design; returns the table and the warnings (NaN where not computable)."""
-    import statsmodels.formula.api as smf
-    from statsmodels.stats.anova import anova_lm
 
     data = design.data
     notes: list[str] = []
@@ -52,18 +71,17 @@ def anova_design(design: Design2x2) -> tuple[pd.DataFrame, list[str]]:
     y = data["y"].to_numpy(dtype=float)
     centre = float(np.median(y))
     spread = float(np.std(y - centre)) or 1.0
-    fit = smf.ols("y ~ xa + xb + xab", data=data.assign(y=(y - centre) / spread)).fit()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a3 = anova_lm(fit, typ=3)
-    ss_res = float(a3.loc["Residual", "sum_sq"]) * spread**2
-    df_res = float(a3.loc["Residual", "df"])
+    a3 = _type3(data[["xa", "xb", "xab"]].to_numpy(dtype=float), (y - centre) / spread)
+    ss_res = a3["ss_res"] * spread**2
+    df_res = a3["df_res"]
     rows = []
     total = float(np.sum((data["y"] - data["y"].mean()) ** 2))
     noise = rounding_ss(data["y"].to_numpy())
     for name, col in zip(term_names(design), ["xa", "xb", "xab"]):
-        ss = max(float(a3.loc[col, "sum_sq"]), 0.0) * spread**2
-        row: dict[str, Any] = {"term": name, "ss": ss, "df1": float(a3.loc[col, "df"]), "df2": df_res,
-                               "F": float(a3.loc[col, "F"]), "p": float(a3.loc[col, "PR(>F)"]),
+        ss = max(float(a3["ss"][col]), 0.0) * spread**2
+        F = a3["F"][col]
+        row: dict[str, Any] = {"term": name, "ss": ss, "df1": 1.0, "df2": df_res, "F": F,
+                               "p": float(fdtrc(1.0, df_res, F)) if np.isfinite(F) else np.nan,
                                "partial_eta2": ss / (ss + ss_res) if ss + ss_res > 0 else np.nan}
         if ss <= noise:  # rounding noise of an exactly null effect: report the exact zero
             row.update(ss=0.0, F=0.0, p=1.0, partial_eta2=0.0)
@@ -145,7 +163,7 @@ def rm_anova_design(design: Design2x2) -> tuple[pd.DataFrame, dict[str, Any]]:
             row.update(F=0.0, p=1.0, partial_eta2=0.0)
         elif ss_err > 0:
             row["F"] = ss / (ss_err / (m - 1))
-            row["p"] = float(sps.f.sf(row["F"], 1, m - 1))
+            row["p"] = float(fdtrc(1.0, m - 1, row["F"]))
         else:
             undefined = True
         rows.append(row)

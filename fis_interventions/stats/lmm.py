@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+from scipy.special import stdtr, stdtrit
 
 from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records, rounding_ss
 from .mixed import MixedFit, fit_mixed
@@ -92,8 +92,8 @@ def _t_summary(est: float, se: float, df: float | None, level: float = 0.95) -> 
     t = est / se if se > 0 else None
     if df is None or not np.isfinite(df) or df <= 0 or t is None:
         return [est, se, finite_or_none(df), t, None, None, None]
-    crit = float(sps.t.ppf(0.5 + level / 2, df))
-    p = float(2 * sps.t.sf(abs(t), df))
+    crit = float(stdtrit(df, 0.5 + level / 2))
+    p = float(2 * stdtr(df, -abs(t)))
     return [est, se, float(df), t, p, est - crit * se, est + crit * se]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+from scipy.special import fdtrc
 
 from ..errors import FisError
 from .design import Design2x2, Levels, prepare_2x2
@@ -86,7 +86,7 @@ def _fill(out: pd.DataFrame, name: str, ss: np.ndarray, err: np.ndarray, df_err:
     with np.errstate(divide="ignore", invalid="ignore"):
         F = np.where(invalid, np.nan, ss / (err / df_err))
         out[f"F_{name}"] = F
-        out[f"p_{name}"] = np.where(invalid, np.nan, sps.f.sf(F, 1, df_err))
+        out[f"p_{name}"] = np.where(invalid, np.nan, fdtrc(1, df_err, F))
         out[f"partial_eta2_{name}"] = np.where(tss_zero, np.nan, ss / (ss + err))
 
 
