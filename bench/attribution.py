@@ -105,10 +105,13 @@ def validate(args, bridge) -> dict:
     rows = rows[rows["item"].astype(str).isin(items)].reset_index(drop=True)
     points = [p for p in DEFAULT_POINTS if p in attached.joint.hook_points()]
     t0 = time.perf_counter()
-    lin = attribute(attached, design, rows, points, method="attribution", batch_size=8)
+    lin = attribute(attached, design, rows, args.points or points, method="attribution", batch_size=8)
     t_lin = time.perf_counter() - t0
+    if args.points:
+        points = [p for p in points if p in args.points]
     t0 = time.perf_counter()
-    ig = attribute(attached, design, rows, points, method="ig", steps=args.steps, batch_size=8)
+    ig = (attribute(attached, design, rows, points, method="ig", steps=args.steps, batch_size=8) if args.steps
+          else None)
     t_ig = time.perf_counter() - t0
     print(json.dumps({"rows": len(rows), "seconds_attribution": round(t_lin, 1), "seconds_ig": round(t_ig, 1)}),
           flush=True)
@@ -126,12 +129,14 @@ def validate(args, bridge) -> dict:
         chosen += list(rng.choice(rest, size=min(len(rest), args.features - len(chosen)), replace=False))
         chosen = np.array(sorted(chosen))
         entry: dict = {"features": len(chosen)}
-        for label, mult in (("zero", 0.0), (f"set_{args.clamp:g}x_max", args.clamp)):
+        for label, mult in (("zero", 0.0), (f"set_{args.clamp:g}x_max", args.clamp))[:1 if args.zero_only else 2]:
             values = [float(mult * fmax[point][j]) for j in chosen]
             real = measured_shifts(attached, design, rows, [(point, int(j), v) for j, v in zip(chosen, values)],
                                    lin.contrast)
             res = {}
             for name, r in (("attribution", lin), ("ig", ig)):
+                if r is None:
+                    continue
                 est = np.column_stack([r.A[point][:, j] * v - r.B[point][:, j] for j, v in zip(chosen, values)])
                 if name == "ig" and mult != 0:
                     continue  # ig integrates the zero-ablation path only
@@ -173,7 +178,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--features", type=int, default=40)
     ap.add_argument("--clamp", type=float, default=5.0, help="large clamp: set to this x the feature's max")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="integrated-gradient points (0: no ig leg)")
+    ap.add_argument("--points", nargs="+", default=None, help="only these points (default: every point)")
+    ap.add_argument("--zero-only", action="store_true", help="only zero ablation (no large-clamp leg)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speed-reps", type=int, default=2)
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
