@@ -1,4 +1,4 @@
-"""`fis screen`: screen a checkpoint's features against a 2x2 design (two-way ANOVA each, FDR over all)."""
+"""`fis screen`: screen a checkpoint's features against a 2x2 design (by-item RM-ANOVA or OLS each, FDR over all)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def screen_command(
                                              "top.json), written atomically")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a screening with other settings in "
                                             "--out")] = False,
-    cards: Annotated[int, typer.Option("--cards", help="feature cards for the N best features (top contexts from "
-                                       "the checkpoint's harvest, logit lens, driving pairs) in OUT/cards/")] = 0,
+    cards: Annotated[int, typer.Option("--cards", help="feature cards for the N best features over every point "
+                                       "screened (so mostly SAE latents, the most numerous; name --point "
+                                       "secondary.hook_latents for integration features): top contexts, logit "
+                                       "lens, driving pairs, in OUT/cards/")] = 0,
     cards_activations: Annotated[Path | None, typer.Option("--cards-activations", help="harvest folder for the "
                                                            "cards; default: the checkpoint's")] = None,
     method: Annotated[str, typer.Option("--method", help="activation, attribution (gradient x change: the "
@@ -59,7 +61,7 @@ def screen_command(
     null_seed: Annotated[int, typer.Option("--null-seed", help="seed of the permutations and the random-init "
                                            "model")] = 0,
 ) -> None:
-    """Which features respond to the design? One Type III two-way ANOVA per feature, BH-FDR over all points.
+    """Which features respond to the design? One 2x2 test per feature, BH-FDR over all points.
 
     Only the discovery items are screened (--discover, default half, seeded); screen.json lists them and the
     held-out confirmation items, on which a battery `from_screening` then tests the chosen features. Matched

@@ -12,6 +12,7 @@ same items" and corrected in a family of their own, never counted as significant
 from __future__ import annotations
 
 import logging
+import re
 import warnings as pywarnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +90,22 @@ class Analysis:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Library warnings a reader cannot act on in the library's words, said in ours (pattern -> our sentence).
+_OUR_WORDS: list[tuple[str, str]] = [
+    (r"covariance of constraints does not have full rank",
+     "an OLS contrast had no variance (every shift of one test equal, as with a no-op clamp): that test's "
+     "OLS numbers (F1) are not meaningful"),
+]
+
+
+def _in_our_words(category: str, message: str) -> str:
+    """A library warning as a reader of the report should see it: translated when we know it, else as is."""
+    for pattern, ours in _OUR_WORDS:
+        if re.search(pattern, message):
+            return ours
+    return f"{category}: {message}"
+
+
 @contextmanager
 def _quiet_engine() -> Iterator[list[str]]:
     """Collect (not print) the engine's per-test warnings: the report lists them, grouped."""
@@ -100,7 +117,7 @@ def _quiet_engine() -> Iterator[list[str]]:
         with pywarnings.catch_warnings(record=True) as caught:
             pywarnings.simplefilter("always")
             yield caught_msgs
-        caught_msgs += [f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
+        caught_msgs += [_in_our_words(w.category.__name__, str(w.message).splitlines()[0]) for w in caught
                         if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
     finally:
         logger.setLevel(old)
