@@ -27,7 +27,6 @@ from .errors import FisError
 from .model_adapters import FamilyAdapter, family_for
 from .models import HookSpec, hf_model_of, resolve_hook, weights_device
 
-_BLOCK_OUTPUT = "hook_out"
 FORCE_GENERIC_ENV = "FIS_SPLIT_PATH"  # "generic": take the bridge-hook path even for registered families
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -81,26 +80,28 @@ class SplitModel:
     def __init__(self, bridge: Any, hook: str | HookSpec, path: str = "auto") -> None:
         self.bridge = bridge
         self.hook = hook if isinstance(hook, HookSpec) else resolve_hook(bridge, hook)
-        if not self.hook.canonical.endswith(_BLOCK_OUTPUT):
-            raise FisError(f"interventions split the model at a block output; '{self.hook.name}' is inside a block",
-                           field="hook", fix="use blocks.L.hook_resid_post")
         self.hf = hf_model_of(bridge)
         self.config = self.hf.config
         if path == "auto" and os.environ.get(FORCE_GENERIC_ENV) == "generic":
             path = "generic"
-        family = family_for(self.hf) if path != "generic" else None
+        # the fast adapters run whole blocks: they can split only on the residual stream between two blocks
+        self.blocks_before = residual_split(self.hook)
+        family = family_for(self.hf) if path != "generic" and self.blocks_before is not None else None
         self.adapter: FamilyAdapter | BridgeHookPath
         if family is not None:
             self.adapter = FamilyAdapter(self.hf, family)
             self.path = f"fast:{family.name}"
         else:
+            check_spliceable(bridge, self.hook)
             self.adapter = BridgeHookPath(bridge, self.hook)
             self.path = "generic"
             arch = type(self.hf).__name__
-            if family_for(self.hf) is None and arch not in _warned:
-                _warned.add(arch)
-                log.warning("%s has no fast split adapter: interventions run a full forward pass per condition "
-                            "(correct, slower)", arch)
+            reason = (f"{self.hook.name} is inside block {self.hook.layer} (the fast split feeds only the residual "
+                      "stream between blocks)" if self.blocks_before is None
+                      else f"{arch} has no fast split adapter" if family_for(self.hf) is None else None)
+            if reason is not None and reason not in _warned:
+                _warned.add(reason)
+                log.warning("%s: interventions run a full forward pass per condition (correct, slower)", reason)
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +124,7 @@ class SplitModel:
         hidden = ad.embed(tokens, position_ids)
         state = PrefixState(tokens, attention_mask, position_ids, ad.masks(hidden, attention_mask, position_ids),
                             ad.position_embeddings(hidden, position_ids))
-        return self._blocks(hidden, state, range(self.hook.layer + 1)), state
+        return self._blocks(hidden, state, range(self.blocks_before or 0)), state
 
     def _blocks(self, hidden: torch.Tensor, state: PrefixState, layers: range) -> torch.Tensor:
         ad = self.adapter
@@ -140,7 +141,7 @@ class SplitModel:
             if positions is not None:
                 logits = logits.gather(1, positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             return logits
-        hidden = self._blocks(resid, state, range(self.hook.layer + 1, self.adapter.n_layers))
+        hidden = self._blocks(resid, state, range(self.blocks_before or 0, self.adapter.n_layers))
         if positions is not None:
             hidden = hidden.gather(1, positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self.adapter.finish(hidden)
@@ -149,6 +150,40 @@ class SplitModel:
         """Full forward through prefix and suffix (for tests and unedited runs)."""
         resid, state = self.prefix(tokens, attention_mask)
         return self.suffix(resid, state)
+
+
+def residual_split(hook: HookSpec) -> int | None:
+    """How many blocks run before ``hook`` when it is the residual stream between two blocks (``blocks.L.hook_in``
+    = resid_pre: L; ``blocks.L.hook_out`` = resid_post: L + 1); None for a hook inside a block."""
+    if hook.canonical == f"blocks.{hook.layer}.hook_out":
+        return hook.layer + 1
+    if hook.canonical == f"blocks.{hook.layer}.hook_in":
+        return hook.layer
+    return None
+
+
+def check_spliceable(bridge: Any, hook: HookSpec) -> None:
+    """Refuse (one line) a hook whose value is not one d_model vector per position, e.g. ``attn.hook_pattern``.
+
+    Why: an SAE reads and writes [batch, position, d_model] values; anything else (attention patterns, per-head
+    values, MLP hidden units) cannot be harvested for it nor spliced back. Checked on a 2-token probe so that the
+    refusal comes before any work is done or any file is written.
+    """
+    from .activations.harvester import capture_hook
+
+    probe = torch.full((1, 2), int(bridge.tokenizer.bos_token_id or 0), dtype=torch.long,
+                       device=weights_device(bridge))
+    try:
+        value = capture_hook(bridge, probe, hook.canonical, hook.stop_at_layer)
+    except KeyError:  # the hook never fired
+        value = None
+    d = int(bridge.cfg.d_model)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (1, 2, d):
+        shape = "no value" if not isinstance(value, torch.Tensor) else f"shape {list(value.shape)}"
+        raise FisError(f"hook point '{hook.name}' gives {shape}, not one {d}-dim vector per token, so an SAE "
+                       "cannot be harvested or spliced there", field="hook",
+                       fix=f"use a residual-stream hook such as blocks.{hook.layer}.hook_resid_post, or "
+                       f"blocks.{hook.layer}.hook_mlp_out / hook_attn_out")
 
 
 class BridgeHookPath:

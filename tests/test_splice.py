@@ -43,9 +43,10 @@ def test_state_repeat_for_conditions(tiny_bridge):
     assert torch.allclose(stacked[:2], single, atol=1e-6) and torch.allclose(stacked[4:], single, atol=1e-6)
 
 
-def test_unsupported_hook_is_clear_error(tiny_bridge):
-    with pytest.raises(FisError, match="inside a block"):
-        SplitModel(tiny_bridge, "blocks.1.hook_resid_mid")
+def test_hook_inside_a_block_takes_the_generic_path_and_a_pattern_is_refused(tiny_bridge):
+    assert SplitModel(tiny_bridge, "blocks.1.hook_resid_mid").path == "generic"  # exact there (tests/test_splice_hooks)
+    with pytest.raises(FisError, match="not one .*-dim vector per token"):
+        SplitModel(tiny_bridge, "blocks.1.attn.hook_pattern")
 
 
 @pytest.mark.real_model

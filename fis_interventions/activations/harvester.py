@@ -16,6 +16,7 @@ from ..config import StrictModel
 from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
 from ..fingerprint import Fingerprint, claim, package_version, releases_locks
+from ..splice import check_spliceable
 from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook, weights_device
 from ..provenance import provenance
 from .exclusion import ExclusionRule
@@ -149,6 +150,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
         return harvest_slice(cfg, shard_i, shard_n, bridge=bridge, progress=progress)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
+    check_spliceable(bridge, hook)
     tokenizer = bridge.tokenizer
     store_dtype = store_dtype_of(cfg.store_dtype)
     contexts, n_requested = planned_contexts(cfg, tokenizer)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import FisError
 from ..fingerprint import claim, own
 from ..io import write_json
+from ..splice import check_spliceable
 from ..models import default_hook, load_model, model_name, resolve_hook
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, RunningStats
@@ -49,6 +50,7 @@ def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, p
     out = Path(cfg.out)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
+    check_spliceable(bridge, hook)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
     claim(out, fp, shared=True)  # every rank: the same digest; the ranks share the folder's lock
     if (out / MANIFEST).exists():
