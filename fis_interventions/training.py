@@ -101,8 +101,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: dis
     manifest = store.manifest
     heldout = heldout_sample(store)
     if len(heldout) < cfg.batch_size // 4:
-        raise FisError(f"only {len(heldout)} held-out tokens", source=store.folder, field="heldout_fraction",
-                       fix="harvest more tokens or raise heldout_fraction")
+        every = store.heldout_every
+        raise FisError(f"only {len(heldout)} held-out tokens (heldout_fraction {cfg.heldout_fraction} holds out "
+                       f"every {every}th context; training needs at least batch_size/4 = {cfg.batch_size // 4})",
+                       source=store.folder, field="heldout_fraction",
+                       fix="raise heldout_fraction (0.1 holds out every 10th context), harvest more tokens, or "
+                       "lower batch_size")
     held = list(torch.split(heldout, cfg.batch_size))
 
     def batches(start: int):

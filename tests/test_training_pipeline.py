@@ -164,3 +164,28 @@ def test_eval_aggregates_seeds(shards, tmp_path, tiny_bridge):
     assert rows["full"]["fvu_mean"] == pytest.approx(sum(fvus) / 2)
     assert rows["full"]["fvu_sd"] == pytest.approx(abs(fvus[0] - fvus[1]) / 2**0.5)
     assert "across seeds" in format_table(table)
+
+
+def test_small_harvest_with_the_default_heldout_fraction_is_a_clear_error(shards, tmp_path):
+    cfg = _cfg(shards, "sae", batch_size=512)
+    del cfg["heldout_fraction"]  # the default 0.01 holds out every 100th context: ~2 contexts of this harvest
+    with pytest.raises(FisError, match=r"heldout_fraction 0\.01 holds out every 100th context.*batch_size/4 = 128"):
+        train(_to_cfg(cfg), tmp_path / "small", progress=False)
+    assert not (tmp_path / "small" / "checkpoint").exists()
+
+
+def test_train_device_defaults_to_auto_and_the_cli_overrides_it(shards, tmp_path, monkeypatch):
+    import fis_interventions.training as training
+
+    assert _to_cfg(_cfg(shards, "sae")).device == "auto"  # as harvest, eval, screen and battery
+    seen: dict = {}
+
+    def fake_train(config, out, **kw):
+        seen.update(kw)
+        raise FisError("stop here")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(shards, "sae")))
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "o"), "--device", "cuda:1", "--no-progress"]) == 2
+    assert seen["device"] == "cuda:1"

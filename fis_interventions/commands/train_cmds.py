@@ -15,13 +15,16 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
               out: Annotated[Path, typer.Option(help="run folder: checkpoint/, metrics.jsonl")] = Path("runs/train"),
               resume: Annotated[bool, typer.Option(help="continue the checkpoint in --out")] = False,
               overwrite: Annotated[bool, typer.Option(help="replace a run with other settings in --out")] = False,
+              device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; overrides the "
+                                                         "config's device: (default auto)")] = None,
               progress: bool = True) -> None:
     """Train a standalone SAE, sequential or joint model (mode in the config) on harvested activations."""
     from ..training import train
 
     import os
 
-    result = train(config, out, resume=resume, progress=progress, overwrite=overwrite)
+    overrides = {} if device is None else {"device": device}
+    result = train(config, out, resume=resume, progress=progress, overwrite=overwrite, **overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (and writes)
         state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
         typer.echo(f"checkpoint {result.checkpoint}: {state}")

@@ -55,7 +55,8 @@ class TrainConfig(StrictModel):
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 1000
     heldout_fraction: float = Field(0.01, ge=0.0, lt=0.5)
-    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto (cuda:LOCAL_RANK under torchrun)")
+    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N or mps "
+                                            "(cuda:LOCAL_RANK under torchrun); as every other stage")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="matmul precision: bfloat16 = autocast, weights and Adam stay float32; "
                                "float16 is refused")
