@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from fis_interventions.sae.synthetic import SyntheticActivations
 from fis_interventions.sae.trainers import JointTrainer, SAETrainer
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from interleave import ratio  # noqa: E402  (bench/interleave.py: the one rule for ratios)
 SAELENS_PY = HERE / ".venv-saelens" / "bin" / "python"
 
 
@@ -40,10 +43,10 @@ def sync(device: str) -> None:
 
 
 def timed(steps: dict[str, Callable[[int, torch.Tensor], None]], batches: list[torch.Tensor], warmup: int,
-          device: str) -> dict[str, float]:
-    """Median seconds per step after ``warmup`` steps for each named step function, called as
-    ``step(i, batch)``. With several, they take turns batch by batch, so load from other jobs on a shared
-    machine hits all alike; every batch is trained on, timed or not."""
+          device: str) -> dict[str, list[float]]:
+    """Seconds of every step after ``warmup`` for each named step function, called as ``step(i, batch)``; they
+    take turns batch by batch (A, B, A, B, ... on the same batch: ``bench/interleave.py``'s rule), so load
+    from other jobs on a shared machine hits all alike; every batch is trained on, timed or not."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i, x in enumerate(batches):
         for name, step in steps.items():
@@ -53,12 +56,12 @@ def timed(steps: dict[str, Callable[[int, torch.Tensor], None]], batches: list[t
             sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def run_ours(modes: list[str], batches, held, args) -> dict[str, tuple[float, float]]:
-    """Our SAE-only and joint steps, taking turns; median seconds per step and held-out FVU per mode."""
-    trainers = {}
+def make_ours(modes: list[str], batches, args) -> dict[str, tuple[Callable, Callable]]:
+    """Our SAE-only and joint steps, and per mode a function giving the held-out FVU after training."""
+    out = {}
     for mode in modes:
         cfg = TrainConfig(d_sae=args.d_in * args.expansion, k=args.k, mode=mode, emb_dim=64, hidden=64,
                           lr=args.lr, warmup_steps=0, lr_decay_to=1.0, batch_size=args.batch,
@@ -66,18 +69,18 @@ def run_ours(modes: list[str], batches, held, args) -> dict[str, tuple[float, fl
         torch.manual_seed(0)
         # fp32 master weights; with --bf16 the trainer runs the forward under bf16 autocast (as `fis train` does)
         model = JointSAE(cfg.arch(args.d_in)).to(args.device)
-        trainers[mode] = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
-    secs = timed({mode: trainer.update for mode, trainer in trainers.items()}, batches, args.warmup, args.device)
-    out = {}
-    for mode, trainer in trainers.items():
-        trainer.model.eval()
-        with torch.no_grad():
-            recon = trainer.model(held.float(), "sae" if mode == "sae" else "full").recon
-        out[mode] = secs[mode], float(fvu(held.float(), recon))
+        trainer = (SAETrainer if mode == "sae" else JointTrainer)(model, cfg, len(batches))
+
+        def held_fvu(held, trainer=trainer, mode=mode) -> float:
+            trainer.model.eval()
+            with torch.no_grad():
+                recon = trainer.model(held.float(), "sae" if mode == "sae" else "full").recon
+            return float(fvu(held.float(), recon))
+        out[mode] = (trainer.update, held_fvu)
     return out
 
 
-def run_sparsify(batches, held, args) -> tuple[float, float]:
+def make_sparsify(args) -> tuple[Callable, Callable]:
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
@@ -93,9 +96,10 @@ def run_sparsify(batches, held, args) -> tuple[float, float]:
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
 
-    sec = timed({"sparsify": step}, batches, args.warmup, args.device)["sparsify"]
-    with torch.no_grad():
-        return sec, float(fvu(held, sae(held).sae_out))
+    def held_fvu(held) -> float:
+        with torch.no_grad():
+            return float(fvu(held, sae(held).sae_out))
+    return step, held_fvu
 
 
 def run_saelens(data_path: Path, args) -> tuple[float, float] | str:
@@ -112,20 +116,16 @@ def run_saelens(data_path: Path, args) -> tuple[float, float] | str:
     return res["sec"], res["fvu"]
 
 
-def matmul_gflops(args) -> float:
-    """Dense fp32 matmul throughput at the encoder's shape [B, d] x [d, d_sae] (median of 5)."""
+def floor_step(args) -> Callable[[int, torch.Tensor], None]:
+    """The matmul floor as a leg: three dense [B, d] x [d, d_sae] products (encoder forward and its backward)."""
     dt = getattr(torch, args.dtype)
     a = torch.randn(args.batch, args.d_in, device=args.device, dtype=dt)
     w = torch.randn(args.d_in, args.d_in * args.expansion, device=args.device, dtype=dt)
-    times = []
-    for i in range(6):
-        sync(args.device)
-        t = time.perf_counter()
-        a @ w
-        sync(args.device)
-        if i:
-            times.append(time.perf_counter() - t)
-    return 2 * args.batch * args.d_in * args.d_in * args.expansion / statistics.median(times) / 1e9
+
+    def step(_, x) -> None:
+        for _ in range(3):
+            a @ w
+    return step
 
 
 def load_data(args) -> tuple[torch.Tensor, str]:
@@ -167,45 +167,47 @@ def main() -> None:
     held, batches = data[:args.batch], list(data[args.batch:].split(args.batch))
     wanted = args.only.split(",")
 
-    rows: dict[str, tuple[float, float] | str] = {}
-    names = {"sae": "ours: TopK SAE (SAE-only)", "joint": "ours: joint SAE + NFM"}
-    ours = run_ours([m for m in names if m in wanted], batches, held, args)
-    rows.update({names[mode]: res for mode, res in ours.items()})
+    names = {"sae": "ours: TopK SAE (SAE-only)", "joint": "ours: joint SAE + NFM",
+             "sparsify": "EleutherAI sparsify SparseCoder"}
+    legs = {mode: fns for mode, fns in make_ours([m for m in ("sae", "joint") if m in wanted], batches, args).items()}
+    missing: dict[str, str] = {}
     if "sparsify" in wanted:
         try:
-            rows["EleutherAI sparsify SparseCoder"] = run_sparsify(batches, held, args)
+            legs["sparsify"] = make_sparsify(args)
         except ImportError as err:
-            rows["EleutherAI sparsify SparseCoder"] = f"not installed ({err}); pip install -e '.[bench]'"
-    if args.saelens:
+            missing[names["sparsify"]] = f"not installed ({err}); pip install -e '.[bench]'"
+    legs["floor"] = (floor_step(args), None)
+    times = timed({name: step for name, (step, _) in legs.items()}, batches, args.warmup, args.device)
+    rows: dict[str, tuple[float, float] | str] = {
+        names[name]: (statistics.median(times[name]), held_fvu(held))
+        for name, (_, held_fvu) in legs.items() if held_fvu is not None}
+    rows.update(missing)
+    if args.saelens:  # another venv, another process: timed alone, so no ratio is printed against it
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "acts.pt"
             torch.save(data.float().cpu(), path)
-            rows["SAELens TopK training SAE"] = run_saelens(path, args)
+            rows["SAELens TopK training SAE (not interleaved)"] = run_saelens(path, args)
 
-    gflops = matmul_gflops(args)
     d_sae = args.d_in * args.expansion
-    floor = 3 * 2 * args.batch * args.d_in * d_sae / gflops / 1e9
+    floor = statistics.median(times["floor"])
+    gflops = 3 * 2 * args.batch * args.d_in * d_sae / floor / 1e9
     print(f"data: {note}")
     print(f"d_in={args.d_in} d_sae={d_sae} k={args.k} batch={args.batch} steps={args.steps} (median of "
-          f"{args.steps - args.warmup} timed) lr={args.lr} device={args.device} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()} cores={os.cpu_count()}")
+          f"{args.steps - args.warmup} timed, contenders in turns batch by batch) lr={args.lr} device={args.device} "
+          f"dtype={args.dtype} threads={torch.get_num_threads()} cores={os.cpu_count()}")
     print(f"dense matmul [B,d]x[d,d_sae]: {gflops:.1f} GFLOP/s -> floor (3 x 2 x B x d x d_sae) {floor:.3f} s/step")
-    print(f"{'contender':<34}{'s/step':>9}{'steps/s':>9}{'tokens/s':>11}{'FVU held-out':>14}")
+    print(f"{'contender':<44}{'s/step':>9}{'steps/s':>9}{'tokens/s':>11}{'FVU held-out':>14}")
     for name, res in rows.items():
         if isinstance(res, str):
-            print(f"{name:<34}  {res}")
+            print(f"{name:<44}  {res}")
         else:
-            print(f"{name:<34}{res[0]:>9.3f}{1 / res[0]:>9.2f}{args.batch / res[0]:>11.0f}{res[1]:>14.4f}")
-    ours = rows.get("ours: TopK SAE (SAE-only)")
-    peers = [r for n, r in rows.items() if not n.startswith("ours") and not isinstance(r, str)]
-    if isinstance(ours, tuple):
-        if peers:
-            best = min(p[0] for p in peers)
-            print(f"ours vs fastest peer: {best / ours[0]:.2f}x the speed (target >= 1.0)")
-        print(f"ours vs floor: {ours[0] / floor:.2f}x the floor time (target <= 1.5)")
-        joint = rows.get("ours: joint SAE + NFM")
-        if isinstance(joint, tuple):
-            print(f"joint / SAE-only time: {joint[0] / ours[0]:.3f} (target <= 1.15)")
+            print(f"{name:<44}{res[0]:>9.3f}{1 / res[0]:>9.2f}{args.batch / res[0]:>11.0f}{res[1]:>14.4f}")
+    if "sae" in times:
+        if "sparsify" in times:
+            print(f"ours vs sparsify: {ratio(times['sparsify'], times['sae'])} the speed (target >= 1.0)")
+        print(f"ours vs floor: {ratio(times['sae'], times['floor'])} the floor time (target <= 1.5)")
+        if "joint" in times:
+            print(f"joint / SAE-only time: {ratio(times['joint'], times['sae'])} (target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 import statistics
 
+from interleave import ratio  # bench/interleave.py: the one rule for ratios
 from train import compare  # bench/train.py: the two modes taking turns
 
 from fis_interventions.sae import TrainConfig
@@ -25,13 +26,14 @@ GRID = {"d_sae": [2304, 4608, 9216], "k": [16, 32, 64], "emb_dim": [32, 64, 128]
 
 
 def step_times(d_in: int, d_sae: int, k: int, emb_dim: int, batch: int, steps: int,
-               rounds: int) -> dict[str, float]:
-    """Median seconds per step for each mode."""
+               rounds: int) -> dict:
+    """Median seconds per step for each mode, and the per-step joint / SAE-only ratio (``ratio``)."""
     src = SyntheticActivations(d_in=d_in, n_features=4 * d_in, p_active=0.01, batch_size=batch)
     batches = [src.batch(i) for i in range(steps)]
     cfg = TrainConfig(d_sae=d_sae, k=k, emb_dim=emb_dim, hidden=64, batch_size=batch, lr=1e-4, warmup_steps=0,
                       tokens=batch * steps * (rounds + 1))
-    return {mode: statistics.median(ts) for mode, ts in compare(batches, cfg, warmup=2, rounds=rounds).items()}
+    times = compare(batches, cfg, warmup=2, rounds=rounds)
+    return {**{mode: statistics.median(ts) for mode, ts in times.items()}, "ratio": ratio(times["joint"], times["sae"])}
 
 
 def main() -> None:
@@ -52,9 +54,10 @@ def main() -> None:
             sizes = {**BASE, knob: v}
             sec = step_times(args.d_in, sizes["d_sae"], sizes["k"], sizes["emb_dim"], sizes["batch"], args.steps,
                              args.rounds)
-            per_tok = {mode: 1e6 * s / sizes["batch"] for mode, s in sec.items()}
+            per_tok = {mode: 1e6 * sec[mode] / sizes["batch"] for mode in ("sae", "joint")}
             print(f"{knob:<8}{v:>7}{sec['sae']:>12.4f}{sec['joint']:>14.4f}{per_tok['sae']:>12.1f}"
-                  f"{per_tok['joint']:>14.1f}{sec['joint'] / sec['sae']:>11.3f}")
+                  f"{per_tok['joint']:>14.1f}{sec['ratio'].median:>11.3f}  IQR {sec['ratio'].q1:.2f}-"
+                  f"{sec['ratio'].q3:.2f}, {sec['ratio'].load}")
 
 
 if __name__ == "__main__":

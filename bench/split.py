@@ -3,8 +3,8 @@
 What a battery pays per condition is the suffix from the hook (blocks L+1.., norm, unembedding at the readout
 position); without the split it would pay a full forward. Per family and size this prints the time of
 ``SplitModel.suffix`` from the middle layer (readout position only, and all positions), of the generic
-bridge-hook suffix, and of ``bridge(tokens)``, each the best of ``--repeats`` rounds on the same batch (taking turns), and the ratio
-full / suffix. Target (issue 15): >= 1.6x for the fast adapters on the mid-size configs at the middle layer.
+bridge-hook suffix, and of ``bridge(tokens)``, the legs in turns on the same batch (``--repeats`` rounds), and the median per-round ratio
+full / suffix with its IQR and the load average (``bench/interleave.py``). Target (issue 15): >= 1.6x for the fast adapters on the mid-size configs at the middle layer.
 
 Usage: python bench/split.py [--sizes tiny,mid] [--families llama,gpt2,...] [--batch 8] [--seq 64]
 """
@@ -12,8 +12,9 @@ Usage: python bench/split.py [--sizes tiny,mid] [--families llama,gpt2,...] [--b
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,21 +22,10 @@ from fis_interventions.models import default_hook, load_tokenizer
 from fis_interventions.splice import SplitModel
 from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import interleave, ratio  # noqa: E402  (bench/interleave.py: the one rule for ratios)
+
 SIZES = {"tiny": (4, 64), "mid": (12, 512)}
-
-
-def take_turns(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best time of each function, run in turns (one of each per round) so that load from other jobs on a
-    shared machine hits every contender alike; one warm-up round first."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(100, len(tok), (args.batch, args.seq), generator=gen)
     readout = torch.full((args.batch, 1), args.seq - 1)
-    print(f"batch {args.batch}x{args.seq}, fp32, threads {torch.get_num_threads()}, best of {args.repeats}")
+    print(f"batch {args.batch}x{args.seq}, fp32, threads {torch.get_num_threads()}, medians of {args.repeats} interleaved rounds")
     print(f"{'family':9} {'size':5} {'hook':26} {'full ms':>8} {'suffix@1':>9} {'suffix@all':>10} {'generic':>8} "
           f"{'ratio@1':>8} {'ratio@all':>9}")
     for size in args.sizes.split(","):
@@ -64,14 +54,17 @@ def main() -> None:
             resid, state = fast.prefix(tokens)
             _, gstate = generic.prefix(tokens)
             with torch.no_grad():
-                t = take_turns({"full": lambda: bridge(tokens),
+                t = interleave({"full": lambda: bridge(tokens),
                                 "one": lambda: fast.suffix(resid, state, readout),
                                 "all": lambda: fast.suffix(resid, state),
                                 "generic": lambda: generic.suffix(resid, gstate, readout)}, args.repeats)
-            t_full, t_one, t_all, t_gen = t["full"], t["one"], t["all"], t["generic"]
+            t_full, t_one, t_all, t_gen = (statistics.median(t[k]) for k in ("full", "one", "all", "generic"))
+            r_one, r_all = ratio(t["full"], t["one"]), ratio(t["full"], t["all"])
             print(f"{family:9} {size:5} {hook:26} {1e3 * t_full:8.1f} {1e3 * t_one:9.1f} {1e3 * t_all:10.1f} "
-                  f"{1e3 * t_gen:8.1f} {t_full / t_one:8.2f} {t_full / t_all:9.2f}", flush=True)
-    print("ratio = full forward / fast suffix (>1 is faster); generic = the fallback's suffix (a full forward + hook)")
+                  f"{1e3 * t_gen:8.1f} {r_one.median:8.2f} {r_all.median:9.2f}  "
+                  f"@1 IQR {r_one.q1:.2f}-{r_one.q3:.2f}, {r_one.load}", flush=True)
+    print("ratio = median over rounds of full forward / fast suffix (>1 is faster), legs in turns on the same batch "
+          "(bench/interleave.py); generic = the fallback's suffix (a full forward + hook)")
 
 
 if __name__ == "__main__":

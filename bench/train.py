@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from fis_interventions.sae import JointSAE, TrainConfig
 from fis_interventions.sae.synthetic import SyntheticActivations
 from fis_interventions.sae.trainers import JointTrainer, SAETrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import ratio  # noqa: E402  (bench/interleave.py: the one rule for ratios)
 
 
 def make_trainer(mode: str, batches: list[torch.Tensor], cfg: TrainConfig) -> SAETrainer | JointTrainer:
@@ -79,8 +84,7 @@ def main() -> None:
     print(f"{'mode':<8}{'fastest s/step':>16}{'median s/step':>15}{'tokens/s (median)':>19}")
     for mode, ts in times.items():
         print(f"{mode:<8}{min(ts):>16.4f}{statistics.median(ts):>15.4f}{args.batch / statistics.median(ts):>19.0f}")
-    ratio = statistics.median(times["joint"]) / statistics.median(times["sae"])
-    print(f"joint / sae-only time ratio (medians): {ratio:.3f} (target <= 1.2); "
+    print(f"joint / sae-only time ratio: {ratio(times['joint'], times['sae'])} (target <= 1.2); "
           f"fastest steps: {min(times['joint']) / min(times['sae']):.3f}")
 
 

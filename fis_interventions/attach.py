@@ -8,6 +8,7 @@ normalisation and exclusion rule saved with it (flaw 2).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from .errors import FisError
 from .models import model_name, weights_device
 from .sae import Checkpoint, load_checkpoint
 from .splice import JointSplice, SplitModel
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,7 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
         raise FisError("checkpoint does not record its hook point", source=ckpt.path, field="hook",
                        fix="train it with `fis train` on harvested activations")
     if saelens:
+        _warn_other_model(ckpt, bridge, name)
         # a SAELens SAE saw raw activations and comes with no harvest: our exclusion rule for this tokenizer
         # (special tokens; no massive-activation threshold, since no statistics were gathered)
         rule = ExclusionRule.for_tokenizer(bridge.tokenizer, norm_multiple=None)
@@ -71,3 +76,23 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
     normalizer, rule = checkpoint_preprocessing(ckpt.normalization, ckpt.path)
     split = SplitModel(bridge, ckpt.hook)
     return Attached(ckpt, split, JointSplice(ckpt.model, normalizer, rule))
+
+
+def _short(name: str) -> str:
+    """A model name without organisation, path or case: ``HuggingFaceTB/SmolLM2-135M`` -> ``smollm2-135m``."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _warn_other_model(ckpt: Checkpoint, bridge: Any, name: str) -> None:
+    """A SAELens SAE records the model it was trained on only as a free-form name (no fingerprint), so a
+    mismatch with the loaded model is a warning, not a refusal: d_model and the hook point still must match."""
+    theirs = ckpt.meta.get("saelens_model_name")
+    ours = {_short(name), _short(str(getattr(hf_config(bridge), "_name_or_path", "") or name))}
+    if theirs and _short(str(theirs)) not in ours:
+        log.warning("SAELens SAE %s was trained on model %r, the loaded model is %r: the splice is only meaningful "
+                    "if they are the same model (d_model %s and the hook point match)", ckpt.path, theirs, name,
+                    ckpt.d_in)
+
+
+def hf_config(bridge: Any) -> Any:
+    return getattr(getattr(bridge, "original_model", None), "config", None)

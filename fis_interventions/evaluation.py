@@ -130,7 +130,7 @@ def _reconstruction(attached: Attached, store: ActivationStore, batch_size: int,
     if len(x) == 0:
         raise FisError("the held-out split is empty", source=store.folder, fix="harvest more tokens")
     batches = list(torch.split(x, batch_size))
-    recon = evaluate_reconstruction(joint, batches, _components(attached))
+    recon = evaluate_reconstruction(joint, batches, _components(attached), invert=attached.splice.normalizer.invert)
     fired = torch.zeros(joint.sae.d_sae, dtype=torch.bool, device=device)
     for b in batches:
         latents = joint(b, "sae").latents
@@ -177,6 +177,9 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         "n_heldout_tokens": n_heldout,
         "n_heldout_contexts": int(len(contexts)), "seed": seed,
         "definitions": {"fvu": "sum squared error / sum squared deviation from the held-out mean, pooled",
+                        "mse_raw": "squared error per element in the residual stream's own units (normalisation "
+                                   "inverted; comparable across checkpoints); mse: the same in the SAE's input "
+                                   "space (normalised for fis checkpoints, raw for SAELens SAEs)",
                         "kl": "KL(clean || spliced) in nats, mean over kept positions",
                         "ce": "cross-entropy of the true next token, mean over predictions at kept positions",
                         "ce_recovered": "(ce_zero - ce) / (ce_zero - ce_clean)", "kl_score": "1 - kl / kl_zero",
@@ -187,7 +190,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
 
         summary["organisation"] = organisation_tests(attached.joint, n_permutations=1000, seed=seed).to_dict("records")
     summary["provenance"] = provenance(seed)
-    target = Path(out) if out else ckpt.path.parent
+    target = Path(out) if out else eval_folder(ckpt)
     own(target, ["eval.json", "eval_per_context.npz", "organisation.png"])  # a training folder lists them
     if organisation and attached.joint.nfm is not None:
         summary["organisation_figure"] = str(organisation_figure(attached.joint, target / "organisation.png"))
@@ -195,6 +198,13 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
     with atomic_path(target / "eval_per_context.npz") as tmp, tmp.open("wb") as fh:
         np.savez(fh, **per_context)
     return CheckpointEval(summary["name"], summary, per_context)
+
+
+def eval_folder(ckpt: Any) -> Path:
+    """Where ``eval.json`` goes by default: the run folder of a fis checkpoint (``RUN/checkpoint`` -> ``RUN``);
+    a SAELens SAE's own folder (its parent is shared by sibling SAEs, whose evaluations would overwrite each
+    other there)."""
+    return ckpt.path if ckpt.meta.get("format") == "saelens" else ckpt.path.parent
 
 
 def organisation_figure(joint: Any, path: Path) -> Path:
@@ -276,7 +286,7 @@ def comparison_table(evals: list[CheckpointEval], baseline: str | None = None, s
         for comp, rec in s["reconstruction"].items():
             sp = s["spliced"][comp]
             row = {"checkpoint": ev.name, "mode": s["mode"], "components": comp, "fvu": rec["fvu"],
-                   "mse": rec["mse"], "l0": rec["l0"], "kl": sp["kl"], "ce": sp["ce"],
+                   "mse_raw": rec.get("mse_raw"), "l0": rec["l0"], "kl": sp["kl"], "ce": sp["ce"],
                    "ce_recovered": sp["ce_recovered"], "kl_score": sp["kl_score"],
                    "params": _params_for(s["params"], comp)}
             own = s["reconstruction"]["sae"]

@@ -102,12 +102,17 @@ class FamilyAdapter:
 
     def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
               ) -> dict[str, Any]:
-        """The attention masks the layers need, built exactly as the HF model builds them."""
+        """The attention masks the layers need, built as the HF model builds them, always materialised.
+
+        ``allow_is_causal_skip=False``: with sdpa attention (what ``from_pretrained`` gives the real model) HF
+        otherwise checks on the host whether the padding mask is all ones to skip the mask (``is_causal``): two
+        host syncs per batch on a GPU, for a mask that is identical in value."""
         from transformers import masking_utils
 
         makers = {"full_attention": masking_utils.create_causal_mask,
                   "sliding_attention": masking_utils.create_sliding_window_causal_mask}
-        return {kind: makers[kind](self.config, embeds, attention_mask, None, position_ids=position_ids)
+        return {kind: makers[kind](self.config, embeds, attention_mask, None, position_ids=position_ids,
+                                   allow_is_causal_skip=False)
                 for kind in sorted(set(self.kinds))}
 
     def position_embeddings(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:

@@ -273,6 +273,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(source.name)
+    own_bos = tokenizer.bos_token_id is not None  # the bridge silently makes EOS the BOS of a tokenizer without one
     if source.folder is None:
         hf_model = _tiny_hf_model(tokenizer, seed=seed)
         boot_name = str(resolve_model(DEFAULT_MODEL).folder)
@@ -292,7 +293,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     _check_placement(bridge, dev, torch_dtype)
     bridge.fis_model_name = source.name  # type: ignore[attr-defined]
     bridge.fis_model_folder = source.folder  # type: ignore[attr-defined]  # None for tiny-random
+    bridge.fis_bos_substituted = not own_bos  # type: ignore[attr-defined]
+    if not own_bos:
+        log.warning("%s: the tokenizer has no BOS token; every context starts with its EOS token %r instead "
+                    "(recorded in the manifest)", source.name, tokenizer.eos_token)
     return bridge
+
+
+def prepended_token(bridge: TransformerBridge) -> dict[str, Any]:
+    """What really sits at position 0 of every context: the tokenizer's BOS, or its EOS where it has no BOS
+    (transformer-lens substitutes it silently); harvest manifests record this, not a blanket "BOS"."""
+    tok = bridge.tokenizer
+    substituted = bool(getattr(bridge, "fis_bos_substituted", False))
+    return {"token": tok.bos_token, "id": tok.bos_token_id,
+            "kind": "eos (the tokenizer has no BOS token)" if substituted else "bos"}
 
 
 def _check_placement(bridge: TransformerBridge, dev: torch.device, dtype: torch.dtype) -> None:
@@ -372,7 +386,7 @@ def model_info(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
         "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "bos": tok.bos_token,
                       "bos_id": tok.bos_token_id, "eos": tok.eos_token, "eos_id": tok.eos_token_id,
                       "pad": tok.pad_token, "special_tokens": list(tok.all_special_tokens),
-                      "prepends_bos": True},
+                      "prepends_bos": True, "prepended": prepended_token(bridge)},
     }
 
 

@@ -63,6 +63,26 @@ def train_fingerprint(cfg: TrainConfig) -> Fingerprint:
     return Fingerprint("train", inputs)
 
 
+def with_frozen_sae_shape(cfg: TrainConfig) -> TrainConfig:
+    """``d_sae`` and ``k`` of a sequential run on ``sae_checkpoint:`` are the frozen SAE's: read from it (so the
+    recorded config cannot contradict the SAE); values the user gave that differ are a one-line error."""
+    if cfg.sae_checkpoint is None:
+        return cfg
+    from .sae import load_checkpoint
+
+    sae = load_checkpoint(Path(cfg.sae_checkpoint)).model.cfg.sae
+    given = cfg.model_fields_set
+    wrong = [f"{name}: {value}" for name, value, ok in (
+        ("d_sae", cfg.d_sae, cfg.d_sae == sae.d_sae), ("expansion", cfg.expansion,
+                                                        (cfg.expansion or 0) * sae.d_in == sae.d_sae),
+        ("k", cfg.k, cfg.k == sae.k or sae.activation != "topk")) if name in given and value is not None and not ok]
+    if wrong:
+        raise FisError(f"{', '.join(wrong)} contradicts sae_checkpoint {cfg.sae_checkpoint} (d_sae {sae.d_sae}, "
+                       f"k {sae.k})", field=wrong[0].split(":")[0],
+                       fix="leave d_sae / expansion / k out: they are read from the SAE")
+    return cfg.model_copy(update={"d_sae": sae.d_sae, "expansion": None, "k": sae.k})
+
+
 @releases_locks
 def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = False, progress: bool = True,
           overwrite: bool = False, **overrides: Any) -> TrainResult:
@@ -72,7 +92,8 @@ def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = F
     settings is refused unless ``overwrite`` replaces it."""
     cfg = config if isinstance(config, TrainConfig) else load_config(TrainConfig, Path(config))
     if overrides:
-        cfg = TrainConfig.model_validate({**cfg.model_dump(), **overrides})
+        cfg = TrainConfig.model_validate({**cfg.model_dump(exclude_unset=True), **overrides})
+    cfg = with_frozen_sae_shape(cfg)
     out = Path(out)
     world = distributed.env_world()
     if cfg.batch_size % world.world_size:

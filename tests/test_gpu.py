@@ -44,7 +44,12 @@ def cpu_bridge():
 def gpu_bridge():
     from fis_interventions.models import load_model
 
-    return load_model("tiny-random", device=ACCEL)
+    bridge = load_model("tiny-random", device=ACCEL)
+    # the real model loads with sdpa attention (from_pretrained's default); the tiny one is built eager. sdpa's
+    # masks are made differently (and may read the padding mask on the host), so the budgets are checked with it
+    bridge.original_model.set_attn_implementation("sdpa")
+    assert bridge.original_model.config._attn_implementation == "sdpa"
+    return bridge
 
 
 @pytest.fixture(scope="module")

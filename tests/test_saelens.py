@@ -89,13 +89,15 @@ def test_sequential_training_on_a_saelens_sae(acts, tmp_path):
     from fis_interventions.activations import ActivationStore
     from fis_interventions.training import train
 
-    cfg = dict(activations=str(acts), mode="sequential", sae_checkpoint=str(DATA / "jumprelu"), d_sae=128, k=8,
+    cfg = dict(activations=str(acts), mode="sequential", sae_checkpoint=str(DATA / "jumprelu"),
                emb_dim=8, hidden=8, batch_size=64, tokens=64 * 12, lr=1e-3, warmup_steps=2, eval_every=6,
                checkpoint_every=6, heldout_fraction=0.1)
     (tmp_path / "seq.yaml").write_text(yaml.safe_dump(cfg))
     result = train(tmp_path / "seq.yaml", tmp_path / "seq", progress=False)
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.model.cfg.sae.activation == "jumprelu" and ckpt.normalization["kind"] == "expected_norm"
+    # d_sae and k were read from the SAE (none given), and the recorded config says what the SAE is
+    assert (ckpt.train_config["d_sae"], ckpt.train_config["k"]) == (ckpt.model.cfg.sae.d_sae, ckpt.model.cfg.sae.k)
     store = ActivationStore(acts)
     raw = store.activations("heldout", normalized=False)[:64]
     ours = ckpt.model(store.normalizer.apply(raw), "sae")

@@ -9,7 +9,7 @@ object (with the same frozen threshold) is saved in the manifest and checkpoint 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ class ExclusionRule:
     special_ids: list[int]
     norm_multiple: float | None = 10.0
     median_norm: float | None = None  # measured on the calibration batch; frozen afterwards
+    # the special ids as a tensor per (device, dtype): built and copied to a GPU once, not once per batch
+    _ids: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def norm_threshold(self) -> float | None:
@@ -28,7 +30,10 @@ class ExclusionRule:
         return self.norm_multiple * self.median_norm
 
     def special_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor(self.special_ids, dtype=tokens.dtype, device=tokens.device)
+        key = (str(tokens.device), tokens.dtype)
+        ids = self._ids.get(key)
+        if ids is None or ids.numel() != len(self.special_ids):
+            ids = self._ids[key] = torch.tensor(self.special_ids, dtype=tokens.dtype, device=tokens.device)
         return torch.isin(tokens, ids)
 
     def calibrate(self, tokens: torch.Tensor, acts: torch.Tensor) -> None:

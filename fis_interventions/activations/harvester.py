@@ -17,7 +17,8 @@ from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
 from ..fingerprint import Fingerprint, claim, package_version, releases_locks
 from ..splice import check_spliceable
-from ..models import DEFAULT_MODEL, default_hook, load_model, model_name, resolve_hook, weights_device
+from ..models import (DEFAULT_MODEL, default_hook, load_model, model_name, prepended_token, resolve_hook,
+                      weights_device)
 from ..provenance import provenance
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, NormKind
@@ -86,9 +87,17 @@ def fresh_manifest(cfg: HarvestConfig, bridge: Any, hook: Any, contexts: torch.T
                         store_dtype=cfg.store_dtype, norm_multiple=cfg.norm_multiple,
                         contexts_per_shard=cfg.contexts_per_shard, n_contexts_planned=len(contexts),
                         tokens_requested=cfg.tokens, corpus_exhausted=len(contexts) < n_requested,
-                        bos_handling="every context starts with BOS at position 0; BOS/EOS/pad excluded",
+                        bos_handling=bos_handling(bridge), prepended_token=prepended_token(bridge),
                         config=cfg.model_dump(mode="json"), provenance=provenance(), fingerprint=fp.digest,
                         **extra)
+
+
+def bos_handling(bridge: Any) -> str:
+    """The manifest's sentence on position 0, naming the token really prepended."""
+    first = prepended_token(bridge)
+    what = "BOS" if first["kind"] == "bos" else "EOS (the tokenizer has no BOS token)"
+    return (f"every context starts with {what} {first['token']!r} (id {first['id']}) at position 0; "
+            "BOS/EOS/pad excluded")
 
 
 def harvest_fingerprint(cfg: HarvestConfig, model: str, hook: str) -> Fingerprint:

@@ -55,6 +55,10 @@ class Encoded:
     readout: torch.Tensor  # [B] readout position
     stimulus_mask: torch.Tensor  # [B, T] positions inside the stimulus text
 
+    def to(self, device: torch.device) -> Encoded:
+        """The batch on ``device``: each tensor copied there once per batch (a no-op where it already is)."""
+        return Encoded(*(t.to(device) for t in (self.tokens, self.mask, self.readout, self.stimulus_mask)))
+
 
 def encode_rows(rows: pd.DataFrame, tokenizer: Any) -> Encoded:
     """Tokenise ``text`` with BOS first; find the readout token (holding char readout_end-1) and stimulus span."""
@@ -110,6 +114,15 @@ class Readouts:
         return cls(word_ids, positions, design.readout.contrast_terms(), design.readout.score, continuations,
                    list(sets.warnings))
 
+    def _index_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word ids and continuation columns on ``device``, built and copied once per run (not once per pass)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = (torch.tensor([i for _, i in self.word_ids], device=device),
+                          torch.tensor(list(self.continuations), dtype=torch.long, device=device))
+        return cache[key]
+
     def scores(self, logits: torch.Tensor, extra: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-word scores [N, n_words] and per-contrast scores (mean of set A - mean of set B).
@@ -117,10 +130,9 @@ class Readouts:
         ``extra`` [N, n_continuations]: log-probabilities of the later tokens of split words, added to their
         first token's log-probability (``sum_logprob``)."""
         base = logits.float().log_softmax(-1) if self.score == "logprob" else logits.float()
-        ids = torch.tensor([i for _, i in self.word_ids], device=logits.device)
+        ids, cols = self._index_tensors(logits.device)
         words = base[:, ids]
         if extra is not None and self.continuations:
-            cols = torch.tensor(list(self.continuations), device=logits.device)
             words = words.index_add(1, cols, extra.to(words))
         contrast = {name: words[:, self.sets[a]].mean(1) - words[:, self.sets[b]].mean(1)
                     for name, (a, b) in self.contrasts.items()}
@@ -136,6 +148,10 @@ class Extended:
     targets: torch.Tensor  # [B*M, P] those tokens
     valid: torch.Tensor  # [B*M, P]
     n_words: int  # M
+
+    def to(self, device: torch.device) -> Extended:
+        return Extended(self.enc.to(device), self.positions.to(device), self.targets.to(device),
+                        self.valid.to(device), self.n_words)
 
 
 def extend_rows(enc: Encoded, continuations: dict[int, tuple[int, ...]], pad_id: int) -> Extended:
@@ -179,14 +195,16 @@ class Prepared:
 @torch.no_grad()
 def _prepare(attached: Attached, enc: Encoded) -> Prepared:
     """Prefix pass, kept positions and where-masks of a batch: its one host sync (the number of kept
-    positions is data-dependent); every condition after it reuses these tensors."""
+    positions is data-dependent); every condition after it reuses these tensors. The batch's tensors reach
+    the device here, once (tokens, mask, readout and stimulus positions)."""
+    enc = enc.to(attached.split.device)
     resid, state = attached.split.prefix(enc.tokens, enc.mask)
     keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
     keep_idx = keep.reshape(-1).nonzero().squeeze(1)
     x = attached.splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
     readout = torch.zeros_like(enc.mask, dtype=torch.bool)
-    readout[torch.arange(len(readout)), enc.readout] = True
-    masks = torch.stack([enc.mask.bool(), enc.stimulus_mask, readout]).to(resid.device)  # one copy for all
+    readout[torch.arange(len(readout), device=readout.device), enc.readout] = True
+    masks = torch.stack([enc.mask.bool(), enc.stimulus_mask, readout])
     masks = masks.reshape(len(WHERE), -1).index_select(1, keep_idx)
     return Prepared(enc, resid, state, keep_idx, x, dict(zip(WHERE, masks, strict=True)))
 
@@ -541,7 +559,7 @@ def _run_batch(attached: Attached, enc: Encoded, meta: pd.DataFrame, readouts: R
     prep = _prepare(attached, enc)
     ext = None
     if readouts.continuations:
-        extended = extend_rows(enc, readouts.continuations, pad_id)
+        extended = extend_rows(enc, readouts.continuations, pad_id).to(attached.split.device)  # built on the host
         ext = (_prepare(attached, extended.enc), extended)
     qfun = qfun or {}
     per_target = [conditions(cfg.interventions, fmax[t] if fmax[t] is not None else 1.0, qfun.get(t))

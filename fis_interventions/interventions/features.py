@@ -302,8 +302,18 @@ def stacked_edit(blocks: list[tuple[Target, Condition]], point: str, n_rows: int
     add: add = amount; zero: mul = 0), so all conditions of all features cost one elementwise pass and the
     tables reach the device in one copy. An identity copy is ``value * 1 + 0``, bit-identical to copy 0.
     """
+    built: dict[tuple[int, torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
     def fn(value: torch.Tensor) -> torch.Tensor:
         width = value.shape[-1]
+        key = (width, value.dtype, str(value.device))
+        if key not in built:
+            built[key] = _tables(width, value)
+        mul, add = built[key]
+        stacked = value.view(len(blocks) + 1, n_rows, width)
+        return (stacked * mul + add).view_as(value)
+
+    def _tables(width: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tables = torch.zeros(2, len(blocks) + 1, width, dtype=value.dtype)
         tables[0] = 1.0
         for b, (target, cond) in enumerate(blocks, start=1):
@@ -318,8 +328,7 @@ def stacked_edit(blocks: list[tuple[Target, Condition]], point: str, n_rows: int
                 tables[1, b, idx] = cond.amount
             else:
                 tables[0, b, idx] = 0.0
-        mul, add = tables.to(value.device).unsqueeze(2)  # [copies, 1, width] each
-        stacked = value.view(len(blocks) + 1, n_rows, width)
-        return (stacked * mul + add).view_as(value)
+        mul, add = tables.to(value.device).unsqueeze(2)  # [copies, 1, width] each: one copy, built once
+        return mul, add
 
     return fn

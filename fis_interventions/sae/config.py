@@ -63,8 +63,11 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if (self.d_sae is None) == (self.expansion is None):
+        if self.d_sae is not None and self.expansion is not None:
             raise ValueError("give exactly one of d_sae and expansion")
+        if self.d_sae is None and self.expansion is None and self.sae_checkpoint is None:
+            raise ValueError("give exactly one of d_sae and expansion (with sae_checkpoint: neither, they are read "
+                             "from the SAE)")
         if self.activations is not None and self.model is not None:
             raise ValueError("give either activations (a shard folder) or model/hook/corpus, not both")
         if self.model is not None and (self.hook is None or self.corpus is None):

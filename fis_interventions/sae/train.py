@@ -78,13 +78,18 @@ def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
 
 @torch.no_grad()
 def evaluate_reconstruction(model: JointSAE, batches: Iterable[torch.Tensor],
-                            components: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
-    """Pooled MSE (mean per element), FVU and L0 of each component setting over the given batches."""
+                            components: Iterable[str] | None = None, invert: Any = None
+                            ) -> dict[str, dict[str, float]]:
+    """Pooled MSE (mean per element), FVU and L0 of each component setting over the given batches.
+
+    ``mse`` is in the model's input space (normalised for our checkpoints, raw for a SAELens SAE); with
+    ``invert`` (the normaliser's inverse) ``mse_raw`` is added, in the residual stream's own units, the one MSE
+    that compares across checkpoints."""
     if components is None:
         components = COMPONENTS if model.nfm is not None else ("sae",)
     was_training = model.training
     model.eval()
-    sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0, 0.0] for c in components}  # sq err, sq dev, l0, n
+    sums: dict[str, list[float]] = {c: [0.0, 0.0, 0.0, 0.0, 0.0] for c in components}  # sq err, sq dev, l0, n, raw
     xs = list(batches)
     mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().mean(0)
     for x in xs:
@@ -95,9 +100,12 @@ def evaluate_reconstruction(model: JointSAE, batches: Iterable[torch.Tensor],
             s[1] += float((x.double() - mean).square().sum())
             s[2] += float(l0(out.latents)) * x.shape[0]
             s[3] += x.shape[0]
+            if invert is not None:
+                s[4] += float((invert(out.recon) - invert(x)).double().square().sum())
     model.train(was_training)
     d = xs[0].shape[-1]
-    return {c: {"mse": s[0] / (s[3] * d), "fvu": s[0] / s[1], "l0": s[2] / s[3]} for c, s in sums.items()}
+    return {c: {"mse": s[0] / (s[3] * d), "fvu": s[0] / s[1], "l0": s[2] / s[3],
+                **({"mse_raw": s[4] / (s[3] * d)} if invert is not None else {})} for c, s in sums.items()}
 
 
 def _take(it: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
