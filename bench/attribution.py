@@ -14,7 +14,8 @@ interaction effect (within-item contrast of the per-stimulus shift) between esti
 
 Speed: ``fis screen`` (the Python API, the model loaded once) with ``--method activation`` and with
 ``--method attribution`` (which computes the activation screen too) on every point of the checkpoint and every
-discovery item of the design, legs interleaved, ``--speed-reps`` each; prints the ratio of the medians.
+discovery item of the design, legs interleaved, ``--speed-reps`` rounds; prints the median per-round ratio, its
+IQR and min-max and the load average (``bench/interleave.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import interleave, ratio  # noqa: E402  (bench/interleave.py: the one rule for ratios)
 
 from fis_interventions.attach import attach  # noqa: E402
 from fis_interventions.attribution import attribute  # noqa: E402
@@ -158,14 +161,14 @@ def validate(args, bridge) -> dict:
 
 
 def speed(args, bridge) -> dict:
-    times: dict[str, list[float]] = {"activation": [], "attribution": []}
-    for _ in range(args.speed_reps):
-        for method in ("activation", "attribution"):  # interleaved legs
-            t0 = time.perf_counter()
-            screen(args.checkpoint, args.design, bridge=bridge, method=method, progress=False, batch_size=16)
-            times[method].append(time.perf_counter() - t0)
+    legs = {method: (lambda method=method: screen(args.checkpoint, args.design, bridge=bridge, method=method,
+                                                  progress=False, batch_size=16))
+            for method in ("activation", "attribution")}
+    times = interleave(legs, rounds=args.speed_reps, warmup=0)  # legs in turns (bench/interleave.py)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    out = {"seconds": times, "median": med, "ratio": med["attribution"] / med["activation"]}
+    r = ratio(times["attribution"], times["activation"])
+    out = {"seconds": times, "median": med, "ratio": r.median, "ratio_iqr": [r.q1, r.q3],
+           "ratio_min_max": [r.low, r.high], "load": r.load}
     print(json.dumps({"speed": out}), flush=True)
     return out
 

@@ -84,6 +84,16 @@ def test_saelens_sae_in_eval_screen_and_battery(gpt2, acts, tmp_path, arch):
     assert (df[df.value == 1.0]["shift"] == 0).all()
 
 
+def test_feature_cards_of_a_saelens_sae(gpt2, acts):
+    """`fis features` and the report's cards take the SAELens SAEs the battery splices (raw activations)."""
+    from fis_interventions.cards import FeatureKey, build_cards
+
+    cards = build_cards(DATA / "topk", [FeatureKey("sae.hook_latents", 3), FeatureKey("sae.hook_latents", 5)],
+                        activations=acts, bridge=gpt2, top=3, split="all")
+    assert [c["feature"] for c in cards] == [3, 5]
+    assert any(c["top_contexts"] for c in cards), "a top-k SAE fires somewhere on the harvest"
+
+
 def test_sequential_training_on_a_saelens_sae(acts, tmp_path):
     """``sae_checkpoint:`` a SAELens folder: the NFM is fitted on its latents; the harvest's scale is folded in."""
     from fis_interventions.activations import ActivationStore

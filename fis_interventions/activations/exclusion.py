@@ -21,7 +21,7 @@ class ExclusionRule:
     norm_multiple: float | None = 10.0
     median_norm: float | None = None  # measured on the calibration batch; frozen afterwards
     # the special ids as a tensor per (device, dtype): built and copied to a GPU once, not once per batch
-    _ids: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _ids: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def norm_threshold(self) -> float | None:
@@ -30,9 +30,9 @@ class ExclusionRule:
         return self.norm_multiple * self.median_norm
 
     def special_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        key = (str(tokens.device), tokens.dtype)
+        key = (str(tokens.device), tokens.dtype, tuple(self.special_ids))
         ids = self._ids.get(key)
-        if ids is None or ids.numel() != len(self.special_ids):
+        if ids is None:
             ids = self._ids[key] = torch.tensor(self.special_ids, dtype=tokens.dtype, device=tokens.device)
         return torch.isin(tokens, ids)
 

@@ -183,19 +183,26 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
     keys = list(dict.fromkeys(keys))
     for point in dict.fromkeys(k.point for k in keys):
         check_ids(joint, point, [k.index for k in keys if k.point == point])
-    normalizer, _ = checkpoint_preprocessing(ckpt.normalization, ckpt.path)
+    if ckpt.meta.get("format") == "saelens":  # it reads raw activations and records no harvest of its own
+        from ..activations import Normalizer
+
+        normalizer = Normalizer.from_dict(ckpt.normalization)
+    else:
+        normalizer, _ = checkpoint_preprocessing(ckpt.normalization, ckpt.path)
     folder = harvest_folder(ckpt, activations)
     frac = (ckpt.train_config or {}).get("heldout_fraction")  # training read max(frac, 0.01): the same split
     store = ActivationStore(folder, heldout_fraction=0.1 if frac is None else max(float(frac), 0.01))
     check_harvest(store, ckpt)
     if bridge is None:
-        if ckpt.model_name is None:
+        # a SAELens SAE names its model only in free form: the model is the harvest's (or --model)
+        recorded_model = ckpt.model_name or model or store.manifest.get("model")
+        if recorded_model is None:
             raise FisError("the checkpoint does not record its model", source=ckpt.path, field="model",
-                           fix="retrain with `fis train` on a harvest")
-        if model is not None and model != ckpt.model_name:
-            raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {model!r}", source=ckpt.path,
-                           field="model", fix=f"use --model {ckpt.model_name}")
-        bridge = load_model(ckpt.model_name, device=device)
+                           fix="pass --model")
+        if model is not None and model != recorded_model:
+            raise FisError(f"checkpoint was trained on model {recorded_model!r}, not {model!r}", source=ckpt.path,
+                           field="model", fix=f"use --model {recorded_model}")
+        bridge = load_model(recorded_model, device=device)
     elif ckpt.model_name is not None and model_name(bridge) != ckpt.model_name:
         raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {model_name(bridge)!r}",
                        source=ckpt.path, field="model", fix=f"load {ckpt.model_name!r}")
