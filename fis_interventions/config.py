@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from typing import Any, TypeVar
+import types
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import FisError
 from .safe_yaml import read_yaml_file
@@ -19,10 +21,53 @@ from .safe_yaml import read_yaml_file
 M = TypeVar("M", bound=BaseModel)
 
 
-class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default."""
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1; one rule for every stage
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed, 0 .. 2**32 - 1")]
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _parts(annotation: Any) -> list[Any]:
+    """The plain types an annotation admits (unions and ``Annotated`` unwrapped; a list's element type kept as
+    ``("list", element)``)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _parts(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [p for arg in get_args(annotation) for p in _parts(arg)]
+    if origin in (list, tuple, set):
+        args = get_args(annotation)
+        return [("list", args[0] if args else Any)]
+    return [annotation]
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is true/false (or a list holding one) where only numbers are meant: pydantic would
+    read ``k: true`` as k = 1."""
+    parts = _parts(annotation)
+    if isinstance(value, bool):
+        return bool(parts) and all(p in (int, float) or p is type(None) for p in parts) and any(
+            p in (int, float) for p in parts)
+    if isinstance(value, list):
+        elements = [p[1] for p in parts if isinstance(p, tuple)]
+        return len(elements) == 1 and any(_bool_for_number(elements[0], v) for v in value)
+    return False
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default;
+    NaN and infinity are refused in every float field, and true/false where a number is meant."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is not None and _bool_for_number(field.annotation, value):
+                    raise PydanticCustomError("bool_for_number", "true/false given where a number is meant",
+                                              {"key": name})
+        return data
 
 
 def read_text_utf8(path: Path, *, limit: int | None = None) -> str:
@@ -115,11 +160,16 @@ def validate(model: type[M], data: dict[str, Any], *, source: Path | str,
     except ValidationError as err:
         first = err.errors()[0]
         loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        fix = None
+        if first["type"] == "bool_for_number":
+            loc = (*loc, first["ctx"]["key"])
+            fix = "write the number (YAML reads true as 1)"
+        elif first["type"] == "finite_number":
+            fix = "write a finite number (NaN and infinity are refused)"
         line = line_of(node, loc)
         where = f"line {line}: " if line else ""
         kind = first["type"]
         msg = first["msg"]
-        fix = None
         if kind == "extra_forbidden":
             msg = "unknown key"
             fix = "remove it or check its spelling against the documented keys"

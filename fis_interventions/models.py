@@ -149,24 +149,42 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:12]}-fp32"
 
 
+def _check_gguf(gguf: Path) -> None:
+    """A file named .gguf that is not one (wrong magic, too short for a header) is one line, before the
+    conversion reads it."""
+    try:
+        with open(gguf, "rb") as fh:
+            head = fh.read(24)
+    except OSError as err:
+        raise FisError(f"cannot read it ({err.strerror})", source=gguf, fix="check the path") from None
+    if head[:4] != b"GGUF" or len(head) < 24:
+        raise FisError("not a GGUF file (no GGUF header)", source=gguf,
+                       fix="pass a .gguf model file, a Hugging Face folder or a built-in model name")
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint into an fp32 HF folder in the cache, atomically; return the folder.
 
     Why a fresh model class: a GGUF-loaded model keeps a ``quantization_config`` that makes
     ``save_pretrained`` fail, so we copy its state dict into a plain model built from the cleaned config.
     """
+    _check_gguf(gguf)
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").exists():
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to an fp32 folder in %s (once, ~40 s)", gguf.name, target)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the header first
+        log.info("converting %s to an fp32 folder in %s (once, ~40 s)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # a damaged GGUF fails deep in transformers' reader (struct, value, key errors)
+        raise FisError(f"cannot be read as a GGUF model ({type(err).__name__}: {str(err).splitlines()[0][:160]})",
+                       source=gguf, fix="the file is damaged or not a model: download it again") from None
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     clean_cfg = AutoConfig.for_model(**cfg)

@@ -169,6 +169,9 @@ def power_figure(curve: pd.DataFrame, spec: PowerSpec, path: Path) -> Path:
     return path
 
 
+MAX_SIMS = 1_000_000  # per item count: more is a typo, not precision (1,000 already gives a 1.6-point SE)
+
+
 def power(pilot: str | Path | None = None, out: str | Path | None = None, items: Sequence[int] = DEFAULT_ITEMS,
           sims: int = 1000, seed: int = 0, alpha: float = 0.05, engine: str = "auto",
           select: dict[str, Any] | None = None, overwrite: bool = False, sesoi: float | None = None,
@@ -190,6 +193,12 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
     """
     from .fingerprint import Fingerprint, check_output, package_version, replace_folder
 
+    from .provenance import check_seed
+
+    check_seed(seed, "--seed")
+    if not 1 <= sims <= MAX_SIMS:
+        raise FisError(f"--sims {sims} is out of range ({sims * len(items):,} simulated data sets in all)",
+                       field="--sims", fix=f"use 1 .. {MAX_SIMS:,} (1,000 gives power with a standard error of at most 1.6 points)")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     notes: list[str] = []
     if sesoi is not None:

@@ -38,10 +38,22 @@ def git_hash(path: Path | None = None) -> str | None:
         return None
 
 
+def check_seed(seed: Any, field: str = "seed") -> None:
+    """A seed outside 0 .. 2**32 - 1 (or a boolean) is a one-line error: numpy refuses negative seeds, torch
+    wraps huge ones silently."""
+    from .errors import FisError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise FisError(f"seed {seed!r} is out of range", field=field, fix="use a whole number from 0 to 4294967295")
+
+
 def seed_everything(seed: int) -> None:
-    """Seed every RNG we use; CPU runs are then bit-for-bit repeatable."""
+    """Seed every RNG we use; CPU runs are then bit-for-bit repeatable. A seed outside 0 .. 2**32 - 1 (or a
+    boolean) is a one-line error: numpy refuses negative seeds and torch wraps huge ones silently."""
     import numpy as np
     import torch
+
+    check_seed(seed)
 
     random.seed(seed)
     np.random.seed(seed % (2**32))

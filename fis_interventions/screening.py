@@ -454,6 +454,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     from .screening_attribution import check_method_args
 
     methods = check_method_args(method, steps)
+    from .provenance import check_seed
+
+    check_seed(split_seed, "--split-seed")
     d = read_design(design)
     if methods != ["activation"]:
         from .attribution import choose_contrast
@@ -513,6 +516,11 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     a, b = list(d.factors)
     levels = {f: list(v) for f, v in d.factors.items()}
     token_lists = stimulus_tokens(bridge.tokenizer, rows["stimulus"].tolist())
+    from .limits import check_stimuli_fit
+
+    check_stimuli_fit(bridge, [len(t) for t in token_lists],
+                      [f"item {i}, cell {c}" for i, c in zip(rows["item"], rows["cell"], strict=True)],
+                      source=str(design))
     extra = [random_init_joint(attached.joint, null_seed)] if random_init else []
     collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra,
                         regions=regions)

@@ -11,6 +11,8 @@ the effective batch is the configured ``batch_size`` (see ``bench/README.md``, "
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from .fingerprint import (Fingerprint, check_output, checkpoint_identity, claim,
 from .sae import TrainConfig
 from .sae import train as train_joint
 from .sae.train import TrainResult
+
+log = logging.getLogger(__name__)
 
 MAX_HELDOUT_TOKENS = 16_384
 
@@ -50,6 +54,64 @@ def heldout_sample(store: ActivationStore, max_tokens: int = MAX_HELDOUT_TOKENS)
         if n >= max_tokens:
             break
     return store.normalizer.apply(torch.cat(parts))
+
+
+MAX_PASSES = 10_000  # passes over a harvest's training split: beyond this, a typo in `tokens`, not a plan
+WARN_PASSES = 100
+BYTES_PER_PARAM = 16  # float32 weights, gradients and Adam's two moments
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def train_bytes(cfg: TrainConfig, d_in: int) -> int:
+    """Estimated memory of training: parameters x (weights, gradients, Adam moments) plus one batch's dense
+    activations of the widest layer (SAE pre-activations and the decoder's output)."""
+    arch = cfg.arch(d_in)
+    d_sae = arch.sae.d_sae
+    params = 2 * d_in * d_sae + d_sae + d_in
+    if arch.nfm is not None:
+        params += d_sae * (arch.nfm.emb_dim + d_in) + arch.nfm.emb_dim * arch.nfm.hidden + arch.nfm.hidden * d_in
+    if cfg.secondary is not None:
+        params += 2 * cfg.hidden * cfg.secondary.d_sae
+    return BYTES_PER_PARAM * params + 4 * 3 * cfg.batch_size * (d_sae + d_in)
+
+
+def preflight(cfg: TrainConfig, *, allow_incomplete: bool = False) -> None:
+    """Checks that cost milliseconds and save hours, before anything is written: the harvest's manifest
+    (structure, counts, completeness), the memory the model needs against this machine, and how many passes
+    over the harvest ``tokens`` asks for (refused past :data:`MAX_PASSES`, warned past :data:`WARN_PASSES`)."""
+    from .activations.shards import check_manifest, read_manifest
+
+    if cfg.activations is None:
+        return
+    folder = Path(cfg.activations)
+    manifest = read_manifest(folder)
+    check_manifest(folder, manifest)
+    if manifest.get("complete") is False and not allow_incomplete:
+        raise FisError(f"the harvest is incomplete (complete: false, {len(manifest['shards'])} shards): a crash or "
+                       "an interrupted run left it", source=folder / "manifest.json", field="activations",
+                       fix="rerun the same `fis harvest` to finish it, or pass --allow-incomplete to train on it")
+    d_in = int(manifest["d_model"])
+    need, have = train_bytes(cfg, d_in), machine_memory()
+    if have and need > have:
+        raise FisError(f"training needs about {need / 2**30:.1f} GiB (d_sae {cfg.arch(d_in).sae.d_sae:,} x d_in "
+                       f"{d_in}: weights, gradients, Adam state, one batch), this machine has {have / 2**30:.1f} GiB",
+                       field="expansion" if cfg.expansion else "d_sae", fix="use a smaller expansion / d_sae")
+    available = sum(s["n_tokens"] for s in manifest["shards"]) * (1 - cfg.heldout_fraction)
+    passes = cfg.tokens / max(available, 1.0)
+    if passes > MAX_PASSES:
+        raise FisError(f"tokens: {cfg.tokens:,} is {passes:,.0f} passes over the harvest's ~{available:,.0f} "
+                       f"training tokens ({cfg.steps():,} steps)", field="tokens",
+                       fix=f"use at most {int(available * MAX_PASSES):,} tokens, or harvest more")
+    if passes > WARN_PASSES:
+        log.warning("tokens: %s is %.0f passes over the harvest's ~%.0f training tokens (%s steps): expect "
+                    "overfitting; harvest more tokens", f"{cfg.tokens:,}", passes, available, f"{cfg.steps():,}")
 
 
 def train_fingerprint(cfg: TrainConfig) -> Fingerprint:
@@ -85,15 +147,18 @@ def with_frozen_sae_shape(cfg: TrainConfig) -> TrainConfig:
 
 @releases_locks
 def train(config: TrainConfig | Path | str, out: Path | str, *, resume: bool = False, progress: bool = True,
-          overwrite: bool = False, **overrides: Any) -> TrainResult:
+          overwrite: bool = False, allow_incomplete: bool = False, **overrides: Any) -> TrainResult:
     """Train a standalone SAE, a sequential or a joint model (``config.mode``) into ``out/checkpoint``.
 
     ``out`` follows the fingerprint rule: ``resume`` continues a run of the same settings; a folder of other
-    settings is refused unless ``overwrite`` replaces it."""
+    settings is refused unless ``overwrite`` replaces it. A harvest left incomplete (``complete: false``, e.g.
+    by a crash) is refused unless ``allow_incomplete``; sizes are checked against the machine first
+    (:func:`preflight`)."""
     cfg = config if isinstance(config, TrainConfig) else load_config(TrainConfig, Path(config))
     if overrides:
         cfg = TrainConfig.model_validate({**cfg.model_dump(exclude_unset=True), **overrides})
     cfg = with_frozen_sae_shape(cfg)
+    preflight(cfg, allow_incomplete=allow_incomplete)
     out = Path(out)
     world = distributed.env_world()
     if cfg.batch_size % world.world_size:

@@ -92,17 +92,26 @@ def test_merge_refuses_conflicts_incomplete_and_foreign_shards(tiny_bridge, tiny
         row = a.execute("SELECT * FROM results LIMIT 1").fetchone()
         b.execute(f"INSERT INTO results VALUES ({', '.join('?' * len(row))})",
                   tuple(v + 1.0 if i == len(row) - 1 else v for i, v in enumerate(row)))
+    with pytest.raises(FisError, match="shard store is damaged: .* 1 result rows, but its finished units "
+                                       "recorded 0"):
+        merge_shards(out)  # an added row is caught by the row counts first ...
+    with sqlite3.connect(shards[1]) as b:  # ... and with its unit's count raised too, by the value check
+        b.execute("INSERT INTO done (unit, n_rows) VALUES (?, 1)", (f"x|{row[0]}|0|{row[6]}|{row[7]}",))
     with pytest.raises(FisError, match="disagree"):
         merge_shards(out)
     with sqlite3.connect(shards[1]) as b:
         b.execute("DELETE FROM results WHERE rowid = (SELECT MAX(rowid) FROM results)")
+        b.execute("DELETE FROM done WHERE unit LIKE 'x|%'")
 
-    # an incomplete shard: refused unless --partial
+    # an incomplete shard (its last unit never committed: neither its rows nor its done mark): refused unless
+    # --partial, which merges what is there
     with sqlite3.connect(shards[1]) as b:
+        n_last = b.execute("SELECT n_rows FROM done WHERE rowid = (SELECT MAX(rowid) FROM done)").fetchone()[0]
         b.execute("DELETE FROM done WHERE rowid = (SELECT MAX(rowid) FROM done)")
+        b.execute(f"DELETE FROM results WHERE rowid IN (SELECT rowid FROM results ORDER BY rowid DESC LIMIT {n_last})")
     with pytest.raises(FisError, match="incomplete"):
         merge_shards(out)
-    assert merge_shards(out, partial=True) == len(single)
+    assert merge_shards(out, partial=True) == len(single) - n_last
 
     # a shard of another run (other fingerprint)
     with sqlite3.connect(shards[1]) as b:

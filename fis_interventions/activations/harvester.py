@@ -12,10 +12,11 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import StrictModel
+from ..config import StrictModel, validate
 from ..corpus import DEFAULT_CORPUS, ContextBatcher, describe
 from ..errors import FisError
 from ..fingerprint import Fingerprint, claim, package_version, releases_locks
+from ..limits import check_context_length
 from ..splice import check_spliceable
 from ..models import (DEFAULT_MODEL, default_hook, load_model, model_name, prepended_token, resolve_hook,
                       weights_device)
@@ -43,7 +44,7 @@ class HarvestConfig(StrictModel):
     store_dtype: str = Field("float32", description="dtype of the saved activations (float32, bfloat16, float16)")
     device: str = "auto"
     normalization: NormKind = "expected_norm"
-    norm_multiple: float | None = Field(10.0, description="exclude positions with norm > this x median; null: off")
+    norm_multiple: float | None = Field(10.0, gt=0, description="exclude positions with norm > this x median; null: off")
 
 
 def capture_hook(bridge: Any, tokens: torch.Tensor, hook_name: str, stop_at_layer: int) -> torch.Tensor:
@@ -145,7 +146,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     WORLD_SIZE under ``torchrun``) harvests only this rank's slice of the contexts into the same folder (see
     :mod:`.sharded`; the same fingerprint rule, without ``overwrite``).
     """
-    cfg = config.model_copy(update=overrides) if config else HarvestConfig(**overrides)
+    cfg = validate(HarvestConfig, {**(config.model_dump() if config else {}), **overrides}, source="fis harvest")
     from ..distributed import parse_shard
 
     shard_i, shard_n = parse_shard(shard)
@@ -160,6 +161,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     check_spliceable(bridge, hook)
+    check_context_length(bridge, cfg.context_length)
     tokenizer = bridge.tokenizer
     store_dtype = store_dtype_of(cfg.store_dtype)
     contexts, n_requested = planned_contexts(cfg, tokenizer)
@@ -191,9 +193,9 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
         harvested_now += n_pos
         bar.set_postfix(tok_s=f"{harvested_now / (time.perf_counter() - start):.0f}")
         ids = torch.arange(shard_start, shard_start + len(shard_tokens))
-        write_shard(out, shard_index, acts_all, shard_tokens, keep_all, ids)
+        digest = write_shard(out, shard_index, acts_all, shard_tokens, keep_all, ids)
         manifest["shards"].append({"file": shard_name(shard_index), "n_contexts": len(shard_tokens),
-                                   "n_tokens": int(acts_all.shape[0])})
+                                   "n_tokens": int(acts_all.shape[0]), "sha256": digest})
         manifest["token_count"] += int(acts_all.shape[0])
         manifest["exclusion"] = rule.to_dict()
         manifest["running_stats"] = stats.to_dict()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import FisError
 from ..fingerprint import claim, own
 from ..io import write_json
+from ..limits import check_context_length
 from ..splice import check_spliceable
 from ..models import default_hook, load_model, model_name, resolve_hook
 from .exclusion import ExclusionRule
@@ -51,6 +52,7 @@ def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, p
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     check_spliceable(bridge, hook)
+    check_context_length(bridge, cfg.context_length)
     fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
     claim(out, fp, shared=True)  # every rank: the same digest; the ranks share the folder's lock
     if (out / MANIFEST).exists():
@@ -86,9 +88,9 @@ def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, p
         shard_tokens = contexts[start:start + cfg.contexts_per_shard]
         acts, keep, _ = shard_pass(bridge, hook, rule, stats, manifest["excluded"], shard_tokens, cfg.batch_size,
                                    store_dtype)
-        write_shard(out, g, acts, shard_tokens, keep, torch.arange(start, start + len(shard_tokens)))
+        digest = write_shard(out, g, acts, shard_tokens, keep, torch.arange(start, start + len(shard_tokens)))
         manifest["shards"].append({"file": shard_name(g), "index": g, "n_contexts": len(shard_tokens),
-                                   "n_tokens": int(acts.shape[0])})
+                                   "n_tokens": int(acts.shape[0]), "sha256": digest})
         manifest["token_count"] += int(acts.shape[0])
         manifest["exclusion"] = rule.to_dict()
         manifest["running_stats"] = stats.to_dict()

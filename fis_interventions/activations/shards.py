@@ -11,7 +11,9 @@ atomically after each one, so an interrupted harvest resumes from the last compl
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from ..errors import FisError
 from ..fingerprint import own
 from ..io import atomic_path, write_json
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, RunningStats
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -37,15 +43,57 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(folder: Path, index: int, acts: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
-                context_ids: torch.Tensor) -> Path:
-    """Write one shard atomically."""
+                context_ids: torch.Tensor) -> str:
+    """Write one shard atomically; return the SHA-256 of its bytes, for the manifest entry (``sha256``), so
+    every reader can check the shard it reads is the one written (hashed in memory: no second read)."""
     path = Path(folder) / shard_name(index)
     own(Path(folder), [path.name])
+    data = save_bytes({"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
+                       "keep": keep.to(torch.uint8).contiguous(), "context_ids": context_ids.to(torch.int64)})
     with atomic_path(path) as tmp:
-        save_file({"acts": acts.contiguous(), "tokens": tokens.to(torch.int32).contiguous(),
-                   "keep": keep.to(torch.uint8).contiguous(), "context_ids": context_ids.to(torch.int64)},
-                  str(tmp))
-    return path
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bad_manifest(folder: Path, what: str) -> FisError:
+    return FisError(f"manifest.json is damaged: {what}", source=Path(folder) / MANIFEST,
+                    fix="restore the harvest folder, or harvest again into a new --out")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest(folder: Path, manifest: Any) -> None:
+    """The manifest's structure, its counts, and that every shard it lists is a plain file name inside the
+    folder (an entry such as ``../../acts/shard_00000.safetensors`` would read outside the harvest)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise _bad_manifest(folder, "no list of shards")
+    for key in ("d_model", "context_length"):
+        if not _count(manifest.get(key)) or manifest[key] == 0:
+            raise _bad_manifest(folder, f"{key} is {manifest.get(key)!r}, not a positive whole number")
+    for key in ("normalization", "exclusion"):
+        if not isinstance(manifest.get(key), dict):
+            raise _bad_manifest(folder, f"no {key} record")
+    names: set[str] = set()
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise _bad_manifest(folder, f"shards[{i}] is not a record")
+        name = entry.get("file")
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise _bad_manifest(folder, f"shards[{i}].file {name!r} is not a file name inside the harvest folder")
+        if name in names:
+            raise _bad_manifest(folder, f"shard {name} is listed twice")
+        names.add(name)
+        for key in ("n_contexts", "n_tokens"):
+            if not _count(entry.get(key)):
+                raise _bad_manifest(folder, f"shards[{i}].{key} is {entry.get(key)!r}, not a count")
+        digest = entry.get("sha256")
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+            raise _bad_manifest(folder, f"shards[{i}].sha256 is not a SHA-256 hex digest")
+    total = sum(e["n_tokens"] for e in manifest["shards"])
+    if "token_count" in manifest and manifest["token_count"] != total:
+        raise _bad_manifest(folder, f"token_count is {manifest['token_count']!r} but the shards hold {total}")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -56,7 +104,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise FisError(f"manifest.json is not valid JSON ({err.msg})", source=path) from None
+        raise FisError(f"manifest.json is not valid JSON ({err.msg})", source=path,
+                       fix="restore the harvest folder, or harvest again into a new --out") from None
+    except UnicodeDecodeError:
+        raise FisError("manifest.json is not UTF-8 text", source=path,
+                       fix="restore the harvest folder, or harvest again into a new --out") from None
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -79,6 +131,12 @@ class ActivationStore:
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
         self.manifest = read_manifest(self.folder)
+        check_manifest(self.folder, self.manifest)
+        self._entries = {self.folder / s["file"]: s for s in self.manifest["shards"]}
+        self._verified: set[Path] = set()
+        if self.manifest["shards"] and not all("sha256" in s for s in self.manifest["shards"]):
+            log.warning("%s: the manifest carries no shard hashes (written before fis checked them): its shards' "
+                        "counts are checked, their contents cannot be", self.folder)
         if not self.manifest["shards"]:
             raise FisError("the activation folder has no complete shard", source=self.folder,
                            fix="rerun `fis harvest` to finish it")
@@ -103,11 +161,7 @@ class ActivationStore:
 
     def load_shard(self, path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(activations of the split as float32, the split's context tokens) of one shard."""
-        with safe_open(str(path), framework="pt") as f:
-            acts = f.get_tensor("acts")
-            keep = f.get_tensor("keep").bool()
-            ctx = f.get_tensor("context_ids")
-            tokens = f.get_tensor("tokens").long()
+        acts, keep, ctx, tokens = self._read_shard(Path(path))
         held = (ctx % self.heldout_every) == 0
         want = held if split == "heldout" else ~held
         if split not in ("train", "heldout"):
@@ -116,6 +170,48 @@ class ActivationStore:
         row_ctx = torch.repeat_interleave(torch.arange(len(ctx)), counts)
         rows = want[row_ctx]
         return acts[rows].float(), tokens[want]
+
+    def _read_shard(self, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A listed shard's tensors, checked: its content hash on first use (one read: the bytes hashed are the
+        bytes loaded), its counts against the manifest on every use. Damage is a one-line error."""
+        entry = self._entries.get(path)
+        if entry is None:
+            raise FisError("shard is not listed in the manifest", source=path, fix="read shards through the manifest")
+        try:
+            if path not in self._verified:
+                data = path.read_bytes()
+                digest = entry.get("sha256")
+                if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+                    raise FisError("shard content does not match the SHA-256 in manifest.json (damaged or changed "
+                                   "after the harvest)", source=path,
+                                   fix="restore the harvest folder, or harvest again into a new --out")
+                t = load_bytes(data)
+                del data
+                self._verified.add(path)
+                acts, keep, ctx, tokens = t["acts"], t["keep"].bool(), t["context_ids"], t["tokens"].long()
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    acts = f.get_tensor("acts")
+                    keep = f.get_tensor("keep").bool()
+                    ctx = f.get_tensor("context_ids")
+                    tokens = f.get_tensor("tokens").long()
+        except FileNotFoundError:
+            raise FisError("shard listed in manifest.json is missing", source=path,
+                           fix="restore the harvest folder, or harvest again into a new --out") from None
+        except (SafetensorError, KeyError, OSError, ValueError) as err:
+            raise FisError(f"shard cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+                           source=path, fix="restore the harvest folder, or harvest again into a new --out") from None
+        problem = None
+        if acts.dim() != 2 or acts.shape[1] != self.d_model:
+            problem = f"activations are {tuple(acts.shape)}, the manifest says width {self.d_model}"
+        elif len(acts) != entry["n_tokens"] or int(keep.sum()) != len(acts):
+            problem = f"{len(acts)} activation rows, {int(keep.sum())} kept positions, manifest n_tokens {entry['n_tokens']}"
+        elif len(ctx) != entry["n_contexts"] or len(tokens) != len(ctx) or len(keep) != len(ctx):
+            problem = f"{len(ctx)} contexts, manifest n_contexts {entry['n_contexts']}"
+        if problem is not None:
+            raise FisError(f"shard does not match manifest.json: {problem}", source=path,
+                           fix="restore the harvest folder, or harvest again into a new --out")
+        return acts, keep, ctx, tokens
 
     def activations(self, split: str = "train", normalized: bool = True) -> torch.Tensor:
         """All activations of a split in memory (fine for tests and small runs; training streams)."""
@@ -189,9 +285,10 @@ def write_tensor_folder(folder: Path, shards: Iterable[torch.Tensor], context_le
                                     normalization=normalization or {"kind": "expected_norm", "scale": 1.0},
                                     exclusion={"special_ids": [0], "norm_multiple": None, "median_norm": None})
         ids = torch.arange(n_ctx_total, n_ctx_total + n_ctx)
-        write_shard(folder, i, acts, torch.ones(n_ctx, context_length, dtype=torch.int32),
-                    torch.ones(n_ctx, context_length, dtype=torch.uint8), ids)
-        manifest["shards"].append({"file": shard_name(i), "n_contexts": n_ctx, "n_tokens": int(acts.shape[0])})
+        digest = write_shard(folder, i, acts, torch.ones(n_ctx, context_length, dtype=torch.int32),
+                             torch.ones(n_ctx, context_length, dtype=torch.uint8), ids)
+        manifest["shards"].append({"file": shard_name(i), "n_contexts": n_ctx, "n_tokens": int(acts.shape[0]),
+                                   "sha256": digest})
         manifest["token_count"] += int(acts.shape[0])
         n_ctx_total += n_ctx
     if manifest is None:

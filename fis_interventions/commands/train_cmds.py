@@ -17,6 +17,8 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
               overwrite: Annotated[bool, typer.Option(help="replace a run with other settings in --out")] = False,
               device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; overrides the "
                                                          "config's device: (default auto)")] = None,
+              allow_incomplete: Annotated[bool, typer.Option(
+                  help="train on a harvest left incomplete (complete: false in its manifest)")] = False,
               progress: bool = True) -> None:
     """Train a standalone SAE, sequential or joint model (mode in the config) on harvested activations."""
     from ..training import train
@@ -24,7 +26,8 @@ def train_cmd(config: Annotated[Path, typer.Argument(help="training YAML (see RE
     import os
 
     overrides = {} if device is None else {"device": device}
-    result = train(config, out, resume=resume, progress=progress, overwrite=overwrite, **overrides)
+    result = train(config, out, resume=resume, progress=progress, overwrite=overwrite,
+                   allow_incomplete=allow_incomplete, **overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (and writes)
         state = "complete" if result.complete else f"incomplete (stopped at step {result.step})"
         typer.echo(f"checkpoint {result.checkpoint}: {state}")

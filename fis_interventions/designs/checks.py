@@ -36,6 +36,7 @@ def fail(design: Design | None, loc: tuple[Any, ...], message: str, fix: str | N
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+KL_READOUT = "__kl__"  # the battery's KL row (interventions/battery.py)
 
 
 def check_yaml_booleans(node: yaml.Node | None, source: str, loc: tuple[Any, ...] = ()) -> None:
@@ -295,6 +296,11 @@ def _check_readout(d: Design) -> None:
                      f"define it under readout.targets (defined: {', '.join(r.targets) or 'none'})")
         if m.group(1) == m.group(2):
             fail(d, cloc, f"contrast '{name}' subtracts a set from itself", "use two different sets")
+        words = {w for ws in r.targets.values() for w in ws}
+        if name in words or name == KL_READOUT:
+            what = "the KL readout's reserved name" if name == KL_READOUT else "a target word"
+            fail(d, cloc, f"contrast '{name}' has the same name as {what} (results are keyed by readout name)",
+                 f"rename the contrast, e.g. '{name}_contrast'")
     if r.multi_token == "sum_logprob" and r.score == "logit":
         fail(d, (*loc, "multi_token"), "multi_token 'sum_logprob' scores log-probabilities, but score is "
              "'logit'", "set 'score: logprob' (or use multi_token: first_token)")

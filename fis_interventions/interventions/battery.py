@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..attach import Attached, attach
 from ..config import load_config
 from ..designs import expand, load_design, target_tokens
+from ..designs.checks import KL_READOUT
 from ..distributed import parse_shard
 from .. import recorded_paths
 from ..errors import FisError
@@ -35,6 +36,7 @@ from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest,
                            lock_folder, own, package_version, refuse_links_inside, releases_locks)
 from ..holdout import design_identity
 from ..io import atomic_path, write_json
+from ..limits import check_stimuli_fit
 from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import PrefixState, pad_right
@@ -101,9 +103,14 @@ class Readouts:
         word_ids: list[tuple[str, int]] = []
         positions: dict[str, list[int]] = {}
         continuations: dict[int, tuple[int, ...]] = {}
+        index: dict[str, int] = {}  # a word in two sets is scored once (one result row) and used by both
         for name, words in sets.items():
             positions[name] = []
             for w in words:
+                if w.word in index:
+                    positions[name].append(index[w.word])
+                    continue
+                index[w.word] = len(word_ids)
                 positions[name].append(len(word_ids))
                 if len(w.token_ids) > 1:
                     continuations[len(word_ids)] = tuple(w.token_ids)
@@ -268,7 +275,7 @@ def _chunk_scores(attached: Attached, prep: Prepared, ext: tuple[Prepared, Exten
 def _rows_frame(meta: pd.DataFrame, blocks: list[Block], readouts: Readouts, scores: torch.Tensor, a: str, b: str
                 ) -> pd.DataFrame:
     """Result rows of a chunk, built column-wise: one per block x stimulus row x readout (words, contrasts, KL)."""
-    names = [w for w, _ in readouts.word_ids] + list(readouts.contrasts) + ["__kl__"]
+    names = [w for w, _ in readouts.word_ids] + list(readouts.contrasts) + [KL_READOUT]
     kinds = ["word"] * len(readouts.word_ids) + ["contrast"] * len(readouts.contrasts) + ["kl"]
     vals = scores.numpy()
     n_blocks, n, n_read = len(blocks), vals.shape[1], vals.shape[2]
@@ -285,7 +292,7 @@ def _rows_frame(meta: pd.DataFrame, blocks: list[Block], readouts: Readouts, sco
         "a": take(meta[a].astype(str)), "b": take(meta[b].astype(str)),
         "prompt_id": take(meta["prompt_id"].astype(str)),
         "point": per_block(lambda t, c: t.point), "feature": per_block(lambda t, c: t.label),
-        "role": per_block(lambda t, c: t.role), "intervention": per_block(lambda t, c: c.kind),
+        "role": per_block(lambda t, c: t.role), "intervention": per_block(lambda t, c: c.label),
         "value": np.asarray([c.value for _, c in blocks], dtype=np.float64)[blk],
         "position": per_block(lambda t, c: c.where),
         "readout": np.asarray(names, dtype=object)[col], "readout_kind": np.asarray(kinds, dtype=object)[col],
@@ -407,6 +414,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     seed_everything(cfg.seed)
     shard_i, shard_n = parse_shard(shard)
     designs = [load_design(p) for p in cfg.designs]
+    _check_design_names(designs, cfg.designs)
     checkpoint_id = checkpoint_identity(cfg.checkpoint)  # hashed once: the screenings' check and the fingerprint
     design_ids = {d.name: design_identity(d) for d in designs}
     screened = screened_designs(cfg.features, cfg.checkpoint, checkpoint_id, design_ids)  # before anything is written
@@ -432,6 +440,7 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                    for s in range(0, len(rows), cfg.batch_size)]
         all_batches += [enc for _, enc in batches]
         plans.append((design, rows, batches, Readouts.for_design(design, tokenizer)))
+        _check_fit(bridge, design, batches, plans[-1][3])
 
     primary = primary_test(cfg, designs)
     active = None
@@ -478,14 +487,15 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         "warnings": warnings + [w for plan in plans for w in plan[3].warnings],
         "shards": shard_n,
     }
-    own(out, ["run.json"])
-    write_json(out / "run.json", run_meta)
-
     units = [(di, bi, ti) for di, plan in enumerate(plans) for bi in range(len(plan[2])) for ti in range(len(targets))]
     mine = [u for k, u in enumerate(units) if k % shard_n == shard_i]
     own(out, _store_files(store_path(out, (shard_i, shard_n))))
-    store = ResultStore(store_path(out, (shard_i, shard_n)),
+    store = ResultStore(store_path(out, (shard_i, shard_n)),  # a damaged store is refused before run.json
                         StoreMeta(fingerprint=fp.digest, shard=shard_i, shards=shard_n, units=len(mine)))
+    _check_unit_rows(store, {_unit_key(fp, plans, targets, u): _unit_size(plans, cfg, u) for u in mine})
+    own(out, ["run.json"])
+    write_json(out / "run.json", run_meta)
+
     done = store.done_units()
     todo = [u for u in mine if _unit_key(fp, plans, targets, u) not in done]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, desc=f"battery {cfg.name}",
@@ -505,6 +515,43 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if shard_n == 1:
         export(out)
     return store_path(out, (shard_i, shard_n))
+
+
+def _check_fit(bridge: Any, design: Any, batches: list[tuple[pd.DataFrame, Encoded]], readouts: Readouts) -> None:
+    """Every stimulus row, with a split word's appended tokens, fits the model's context (else refused)."""
+    extra = max((len(ids) - 1 for ids in readouts.continuations.values()), default=0)
+    for meta, enc in batches:
+        labels = [f"design {design.name!r}: item {i}, cell {c}, prompt {p}"
+                  for i, c, p in zip(meta["item"], meta["cell"], meta["prompt_id"], strict=True)]
+        check_stimuli_fit(bridge, [n + extra for n in enc.mask.sum(1).tolist()], labels, source=design.source)
+
+
+def _unit_size(plans: list, cfg: BatteryConfig, unit: tuple[int, int, int]) -> int:
+    """Rows a unit writes: its stimulus rows x conditions x readouts (words, contrasts, KL)."""
+    di, bi, _ = unit
+    readouts = plans[di][3]
+    n_conds = sum(len(spec.values) for spec in cfg.interventions)
+    return len(plans[di][2][bi][0]) * n_conds * (len(readouts.word_ids) + len(readouts.contrasts) + 1)
+
+
+def _check_unit_rows(store: ResultStore, expected: dict[str, int]) -> None:
+    """On resume: every finished unit recorded the rows it should have produced."""
+    for unit, n in store.unit_rows().items():
+        if n is not None and unit in expected and n != expected[unit]:
+            store.close()
+            raise FisError(f"results store is damaged: unit {unit.split('|', 1)[1]} recorded {n} rows, it should "
+                           f"have {expected[unit]}", source=store.path,
+                           fix="rerun with --overwrite, or into a new out folder")
+
+
+def _check_design_names(designs: list[Any], paths: list[Path]) -> None:
+    """Results are keyed by design name: two files with one ``name:`` would write the same rows twice."""
+    first: dict[str, Path] = {}
+    for design, path in zip(designs, paths, strict=True):
+        if design.name in first:
+            raise FisError(f"designs {first[design.name]} and {path} have the same name '{design.name}'",
+                           field="designs", fix="give each design file its own `name:`")
+        first[design.name] = path
 
 
 def _select_items(rows: pd.DataFrame, name: str, screened: dict[str, Any] | None, items: str | None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
-from ..config import StrictModel
+from ..config import Seed, StrictModel
 
 Where = Literal["all", "stimulus", "readout"]
 
@@ -17,7 +17,7 @@ class FeatureSpec(StrictModel):
 
     point: str | None = Field(None, description="named point of the joint model, e.g. secondary.hook_latents")
     index: int | None = Field(None, ge=0, description="one feature")
-    indices: list[int] | None = Field(None, description="a group of features edited together")
+    indices: list[NonNegativeInt] | None = Field(None, description="a group of features edited together")
     random: PositiveInt | None = Field(None, description="this many random features of the point (a control)")
     from_screening: Path | None = Field(None, description="a screening folder or its top.json")
     top: PositiveInt = Field(3, description="with from_screening: how many of its top features")
@@ -96,7 +96,7 @@ class BatteryConfig(StrictModel):
     designs: list[Path] = Field(min_length=1)
     features: list[FeatureSpec] = Field(min_length=1)
     interventions: list[InterventionSpec] = Field(min_length=1)
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: PositiveInt = 16

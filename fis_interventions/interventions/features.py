@@ -184,20 +184,60 @@ def matched_controls(spec: FeatureSpec, targets: list[Target], stats: Callable[[
 def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
                      active_latents: torch.Tensor | None = None,
                      stats: Callable[[str], ActivationStats] | None = None) -> list[Target]:
-    """Concrete targets, in config order, without duplicates (random picks avoid already chosen ones; linear
-    and matched controls are never screen hits). ``stats(point)``: activation statistics on the stimuli, needed
-    by matched controls."""
+    """Concrete targets, in config order, each with exactly one role.
+
+    Chosen features (index, indices, from_screening) are resolved first; controls (random, top_linear,
+    matched) after them, and never pick a chosen feature or an earlier control's, wherever they stand in the
+    config (a ``random`` control listed before an explicit feature used to be able to draw it); linear and
+    matched controls are never screen hits. A feature chosen twice with the same role is kept once; with two
+    roles it is a config error (one row per feature and condition cannot carry two roles). ``stats(point)``:
+    activation statistics on the stimuli, needed by matched controls."""
     widths = point_widths(joint, d_in)
-    targets: list[Target] = []
     rng = np.random.default_rng(seed)
     hits = screen_hits(specs)
-    for spec in specs:
+    resolved: dict[int, list[Target]] = {}
+    owner: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}  # feature -> (role, spec index)
+
+    def keep(i: int, new: list[Target]) -> None:
+        kept = []
+        for t in new:
+            _check_point(t.point, widths)
+            key = (t.point, t.indices)
+            if key in owner:
+                role, first = owner[key]
+                if role != t.role:
+                    raise FisError(f"feature {t.label} at {t.point} is listed with two roles, '{role}' "
+                                   f"(features[{first}]) and '{t.role}' (features[{i}])", field=f"features[{i}]",
+                                   fix="list each feature once, with one role")
+                continue
+            owner[key] = (t.role, i)
+            kept.append(t)
+        resolved[i] = kept
+
+    def so_far() -> list[Target]:
+        return [t for i in sorted(resolved) for t in resolved[i]]
+
+    controls = [i for i, spec in enumerate(specs)
+                if spec.random is not None or spec.top_linear is not None or spec.matched is not None]
+    for i, spec in enumerate(specs):
+        if i in controls:
+            continue
         if spec.from_screening is not None:
-            new = _from_screening(spec)
-        elif spec.matched is not None:
+            keep(i, _from_screening(spec))
+            continue
+        width = _check_point(spec.point, widths)
+        idx = tuple(spec.indices) if spec.indices is not None else (int(spec.index),)
+        bad = [j for j in idx if j >= width]
+        if bad:
+            raise FisError(f"feature {bad[0]} is out of range for {spec.point} (width {width})",
+                           field=f"features[{i}].index", fix=f"use 0..{width - 1}")
+        keep(i, [Target(spec.point, idx, spec.role)])
+    for i in controls:
+        spec = specs[i]
+        if spec.matched is not None:
             if stats is None:
                 raise FisError("matched controls need the stimuli's activation statistics", field="features.matched")
-            new = matched_controls(spec, targets, stats, hits)
+            keep(i, matched_controls(spec, so_far(), stats, hits))
         elif spec.top_linear is not None:
             if getattr(joint, "nfm", None) is None:
                 raise FisError("top_linear needs a checkpoint with an integration module", field="features")
@@ -207,27 +247,16 @@ def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int
             for pt, f in hits:  # a screen hit is an alternative explanation, not a null control
                 if pt == "sae.hook_latents" and f < len(norms):
                     norms[f] = -1.0
-            order = torch.argsort(norms, descending=True)[:spec.top_linear].tolist()
-            new = [Target("sae.hook_latents", (i,), spec.role) for i in order]
+            taken = {k[1] for k in owner if k[0] == "sae.hook_latents"}
+            order = [j for j in torch.argsort(norms, descending=True).tolist() if (j,) not in taken]
+            keep(i, [Target("sae.hook_latents", (j,), spec.role) for j in order[:spec.top_linear]])
         else:
             width = _check_point(spec.point, widths)
-            if spec.random is not None:
-                taken = {t.indices for t in targets if t.point == spec.point}
-                pool = [i for i in range(width) if (i,) not in taken]
-                picks = rng.choice(pool, size=min(spec.random, len(pool)), replace=False)
-                new = [Target(spec.point, (int(i),), spec.role) for i in picks]
-            else:
-                idx = tuple(spec.indices) if spec.indices is not None else (int(spec.index),)
-                bad = [i for i in idx if i >= width]
-                if bad:
-                    raise FisError(f"feature {bad[0]} is out of range for {spec.point} (width {width})",
-                                   field="features.index", fix=f"use 0..{width - 1}")
-                new = [Target(spec.point, idx, spec.role)]
-        for t in new:
-            _check_point(t.point, widths)
-            if all((t.point, t.indices) != (o.point, o.indices) for o in targets):
-                targets.append(t)
-    return targets
+            taken = {k[1] for k in owner if k[0] == spec.point}
+            pool = [j for j in range(width) if (j,) not in taken]
+            picks = rng.choice(pool, size=min(spec.random, len(pool)), replace=False)
+            keep(i, [Target(spec.point, (int(j),), spec.role) for j in picks])
+    return [t for i in range(len(specs)) for t in resolved[i]]
 
 
 @dataclass(frozen=True)
@@ -238,6 +267,13 @@ class Condition:
     value: float
     where: str
     amount: float  # the number actually used (value x feature max for relative sets)
+    relative: bool = False  # a set relative to the feature's largest activation
+
+    @property
+    def label(self) -> str:
+        """The ``intervention`` column: a relative set is its own condition ('set_relative_to_max'), so
+        ``{set 1.0 relative_to_max}`` and ``{set 1.0}`` are two rows, not one key twice."""
+        return f"{self.kind}_relative_to_max" if self.relative else self.kind
 
 
 def conditions(specs: list[InterventionSpec], feature_max: float,
@@ -247,11 +283,16 @@ def conditions(specs: list[InterventionSpec], feature_max: float,
     out = []
     for spec in specs:
         for v in spec.values:
+<<<<<<< HEAD
             if spec.quantile:
                 amount = quantiles(v) if quantiles is not None else 0.0
             else:
                 amount = v * feature_max if spec.relative_to_max else v
             out.append(Condition(spec.kind, float(v), spec.where, float(amount)))
+=======
+            amount = v * feature_max if spec.relative_to_max else v
+            out.append(Condition(spec.kind, float(v), spec.where, float(amount), bool(spec.relative_to_max)))
+>>>>>>> 0158574 (Input integrity and bounds: battery store keys every condition (set_relative_to_max), scores a word in two sets once, refuses contrasts named like a word or __kl__ and two designs with one name, records rows per unit and checks them on resume and merge, wraps sqlite errors; shard SHA-256 in the manifest checked on first use, manifest entries inside the folder, counts checked, incomplete harvests need --allow-incomplete; NaN/inf and booleans-for-numbers refused in every config, seeds 0..2**32-1, indices >= 0, norm_multiple > 0; contexts and stimuli longer than the model refused; training memory and passes estimated before allocation; power --sims bounded; damaged cfg.json/weights/NaN weights/optimizer.pt/fake .gguf one line; feature roles: controls drawn after chosen features, two roles an error; tests/faults/{test_config_bounds,test_integrity,test_store_integrity}.py; docs/input-checks.md)
     return out
 
 

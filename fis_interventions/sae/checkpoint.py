@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from .. import recorded_paths
@@ -145,8 +146,15 @@ def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: st
             raise FisError(f"checkpoint was trained on {label} {meta.get(key)!r}, not {expected!r}",
                            source=path, field=key,
                            fix=f"use a checkpoint trained on {expected!r}, or use {label} {meta.get(key)!r}")
-    model = JointSAE(JointArch.model_validate(meta["architecture"]))
-    state = load_file(str(path / "weights.safetensors"), device=str(device))
+    try:
+        arch = JointArch.model_validate(meta["architecture"])
+        int(meta["d_in"])
+    except (ValidationError, KeyError, TypeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if not isinstance(err, KeyError) else f"no {err}"
+        raise FisError(f"cfg.json is damaged or incomplete ({reason})", source=path / "cfg.json",
+                       fix="restore it from the run that wrote the checkpoint, or retrain") from None
+    model = JointSAE(arch)
+    state = _read_weights(path / "weights.safetensors", device)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -158,10 +166,30 @@ def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: st
                       train_config=meta.get("train_config"), meta=meta)
 
 
+def _read_weights(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The weights, refused in one line when the file is damaged or holds NaN / infinity (a diverged or
+    corrupted run would otherwise give NaN result rows with exit 0)."""
+    try:
+        state = load_file(str(file), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise FisError(f"weights cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+                       source=file, fix="the file is damaged: restore it, or retrain") from None
+    bad = [name for name, t in state.items()
+           if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FisError(f"weights hold NaN or infinity ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})",
+                       source=file, fix="use an earlier checkpoint of the run; if training diverged, lower lr")
+    return state
+
+
 def load_train_state(path: Path) -> dict[str, Any]:
     """The resume state (optimiser, RNG, step, data position) of a checkpoint."""
     file = resolve(path) / "optimizer.pt"
     if not file.exists():
         raise FisError("checkpoint has no optimizer.pt, cannot resume", source=file.parent,
                        fix="start a new run in another folder")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: pickle, zip or torch errors
+        raise FisError(f"optimizer.pt cannot be read ({type(err).__name__})", source=file,
+                       fix="the file is damaged: start a new run in another folder, or --overwrite") from None

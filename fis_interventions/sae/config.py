@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from ..config import StrictModel
+from ..config import Seed, StrictModel
 from .model import JointArch, NFMArch, SAEArch
 
 
@@ -51,7 +51,7 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: PositiveInt = 1024
     tokens: PositiveInt = 10_000_000
-    seed: int = 0
+    seed: Seed = 0
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 1000
     heldout_fraction: float = Field(0.01, ge=0.0, lt=0.5)
