@@ -283,6 +283,9 @@ def _check_readout(d: Design) -> None:
                      "write the bare word; 'leading_space: true' adds the space before scoring")
             if word in seen:
                 fail(d, (*sloc, i), f"word '{word}' is listed twice in set '{name}'", "remove one")
+            if word == KL_READOUT:
+                fail(d, (*sloc, i), f"'{KL_READOUT}' is the name of the battery's KL readout, not a word",
+                     "remove it")
             seen.add(word)
     for name, expr in r.contrasts.items():
         cloc = (*loc, "contrasts", name)

@@ -36,9 +36,9 @@ def sqlite_errors(path: Path, doing: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.IntegrityError as err:
-        raise FisError(f"results store refused a row while {doing} ({err})", source=path,
-                       fix="rerun into a new out folder, and report this: the battery config should have been "
-                           "refused") from None
+        raise FisError(f"results store refused a row while {doing}: the row is already there ({err})", source=path,
+                       fix="if another battery is writing to the same out folder, let it finish; otherwise rerun "
+                           "into a new out folder and report this (the config should have been refused)") from None
     except (sqlite3.Error, pd.errors.DatabaseError) as err:  # pandas wraps sqlite3's errors in its own
         reason = str(err.__cause__ or err)
         raise FisError(f"results store cannot be read or written while {doing} ({reason})", source=path,
