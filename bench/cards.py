@@ -48,8 +48,8 @@ def write_harvest(folder: Path, tokens: int, seed: int = 0) -> int:
         acts += 0.5 * torch.randn(acts.shape, generator=g)
         norm_sum += float(acts.norm(dim=-1).sum())
         count += len(acts)
-        write_shard(folder, s, acts, toks, keep, torch.arange(start, start + n))
-        manifest["shards"].append({"file": shard_name(s), "n_contexts": n, "n_tokens": len(acts)})
+        digest = write_shard(folder, s, acts, toks, keep, torch.arange(start, start + n))
+        manifest["shards"].append({"file": shard_name(s), "n_contexts": n, "n_tokens": len(acts), "sha256": digest})
         manifest["token_count"] += len(acts)
     manifest["normalization"] = Normalizer("expected_norm", scale=D_MODEL**0.5 / (norm_sum / count)).to_dict()
     manifest["complete"] = True

@@ -66,8 +66,10 @@ def planted(tmp_path_factory, tiny_bridge) -> dict:
         t = tokens[start:start + PER_SHARD]
         keep = ~rule.special_mask(t)
         acts = emb[t] + 0.1 * torch.randn(*t.shape, 64, generator=gen)
-        write_shard(harvest, s, acts[keep], t, keep, torch.arange(start, start + len(t)))
-        manifest["shards"].append({"file": shard_name(s), "n_contexts": len(t), "n_tokens": int(keep.sum())})
+        digest = write_shard(harvest, s, acts[keep], t, keep, torch.arange(start, start + len(t)))
+        manifest["shards"].append({"file": shard_name(s), "n_contexts": len(t), "n_tokens": int(keep.sum()),
+                                   "sha256": digest})
+        manifest["token_count"] += int(keep.sum())
     manifest["complete"] = True
     write_manifest(harvest, manifest)
 
