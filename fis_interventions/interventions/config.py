@@ -60,6 +60,17 @@ class InterventionSpec(StrictModel):
                                               "non-zero activations on the battery's stimuli")
     where: Where = "all"
 
+    @property
+    def variant(self) -> str:
+        """How a set is calibrated ('' when the values are used as written)."""
+        return "relative_to_max" if self.relative_to_max else "quantile" if self.quantile else ""
+
+    @property
+    def label(self) -> str:
+        """The ``intervention`` column of its result rows: ``set_relative_to_max`` and ``set_quantile`` are
+        conditions of their own (the results key must tell them from a plain ``set``)."""
+        return f"{self.kind}_{self.variant}" if self.variant else self.kind
+
     @model_validator(mode="after")
     def _check(self) -> InterventionSpec:
         if self.kind == "zero":
@@ -79,7 +90,8 @@ class PrimarySpec(StrictModel):
     """The pre-registered primary test of every feature: one clamp and one contrast readout. Every other
     clamp value and readout is secondary (its own FDR family)."""
 
-    intervention: Literal["scale", "set", "add", "zero"] = Field(description="kind of the primary clamp")
+    intervention: Literal["scale", "set", "set_relative_to_max", "set_quantile", "add", "zero"] = Field(
+        description="kind of the primary clamp (a calibrated set by its results label)")
     value: float = Field(0.0, description="its value (as listed under interventions)")
     where: Where | None = Field(None, description="its position, when the same clamp is listed at several")
     readout: str = Field(description="a contrast readout of the design(s)")
@@ -123,7 +135,7 @@ class BatteryConfig(StrictModel):
         seen: set[tuple] = set()
         for spec in self.interventions:
             for value in spec.values:
-                key = (spec.kind, float(value), spec.where, spec.relative_to_max)
+                key = (spec.label, float(value), spec.where)
                 if key in seen:
                     raise ValueError(f"condition {spec.kind} {value:g} (where: {spec.where}) is listed twice; "
                                      "remove the repeat")
@@ -135,7 +147,7 @@ class BatteryConfig(StrictModel):
     def primary_condition(self) -> tuple[str, float, str]:
         """(kind, value, where) of the primary clamp: named (checked against ``interventions``) or the default,
         the first listed condition that is not a no-op (scale 1, add 0)."""
-        listed = [(s.kind, float(v), s.where) for s in self.interventions for v in s.values]
+        listed = [(s.label, float(v), s.where) for s in self.interventions for v in s.values]
         if self.primary is None:
             real = [c for c in listed if not ((c[0] == "scale" and c[1] == 1.0) or (c[0] == "add" and c[1] == 0.0))]
             return (real or listed)[0]

@@ -267,13 +267,13 @@ class Condition:
     value: float
     where: str
     amount: float  # the number actually used (value x feature max for relative sets)
-    relative: bool = False  # a set relative to the feature's largest activation
+    variant: str = ""  # "relative_to_max" or "quantile" for sets calibrated per feature
 
     @property
     def label(self) -> str:
-        """The ``intervention`` column: a relative set is its own condition ('set_relative_to_max'), so
-        ``{set 1.0 relative_to_max}`` and ``{set 1.0}`` are two rows, not one key twice."""
-        return f"{self.kind}_relative_to_max" if self.relative else self.kind
+        """The ``intervention`` column: a calibrated set is its own condition ('set_relative_to_max',
+        'set_quantile'), so ``{set 1.0 relative_to_max}`` and ``{set 1.0}`` are two rows, not one key twice."""
+        return f"{self.kind}_{self.variant}" if self.variant else self.kind
 
 
 def conditions(specs: list[InterventionSpec], feature_max: float,
@@ -283,16 +283,11 @@ def conditions(specs: list[InterventionSpec], feature_max: float,
     out = []
     for spec in specs:
         for v in spec.values:
-<<<<<<< HEAD
             if spec.quantile:
                 amount = quantiles(v) if quantiles is not None else 0.0
             else:
                 amount = v * feature_max if spec.relative_to_max else v
-            out.append(Condition(spec.kind, float(v), spec.where, float(amount)))
-=======
-            amount = v * feature_max if spec.relative_to_max else v
-            out.append(Condition(spec.kind, float(v), spec.where, float(amount), bool(spec.relative_to_max)))
->>>>>>> 0158574 (Input integrity and bounds: battery store keys every condition (set_relative_to_max), scores a word in two sets once, refuses contrasts named like a word or __kl__ and two designs with one name, records rows per unit and checks them on resume and merge, wraps sqlite errors; shard SHA-256 in the manifest checked on first use, manifest entries inside the folder, counts checked, incomplete harvests need --allow-incomplete; NaN/inf and booleans-for-numbers refused in every config, seeds 0..2**32-1, indices >= 0, norm_multiple > 0; contexts and stimuli longer than the model refused; training memory and passes estimated before allocation; power --sims bounded; damaged cfg.json/weights/NaN weights/optimizer.pt/fake .gguf one line; feature roles: controls drawn after chosen features, two roles an error; tests/faults/{test_config_bounds,test_integrity,test_store_integrity}.py; docs/input-checks.md)
+            out.append(Condition(spec.kind, float(v), spec.where, float(amount), spec.variant))
     return out
 
 

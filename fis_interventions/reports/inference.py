@@ -54,8 +54,10 @@ def primary_of(run: Run) -> tuple[dict[str, Any], list[str]]:
     listed: list[tuple[str, float, str]] = []
     for spec in run.info.config.get("interventions") or []:
         kind = spec.get("kind", "scale")
+        label = (f"{kind}_relative_to_max" if spec.get("relative_to_max") else  # the results' intervention label
+                 f"{kind}_quantile" if spec.get("quantile") else kind)
         for v in (spec.get("values") or [0.0]) if kind != "zero" else [0.0]:
-            listed.append((kind, float(v), spec.get("where", "all")))
+            listed.append((label, float(v), spec.get("where", "all")))
     res = run.results
     if not listed:
         listed = list(dict.fromkeys(zip(res["intervention"], res["value"].astype(float), res["position"])))
