@@ -96,3 +96,23 @@ def test_readout_factor_and_power_helpers():
     assert power_at(mde, 1.0, 1e6, 1) == pytest.approx(0.8, abs=2e-3)
     assert detectable(1.0, 1e6, 10) > mde  # a larger family needs a larger effect
     assert np.isclose(power_at(0.0, 1.0, 1e6, 1), 0.05, atol=1e-3)
+
+
+def test_report_shows_simple_effects_of_significant_primary_interactions(tmp_path):
+    from fis_interventions.reports.analysis import KEYS
+    from fis_interventions.reports.simple_effects import primary_simple_effects
+    from fis_interventions.reports.writer import report
+
+    folder = _run(tmp_path / "r")
+    run = load_run(folder)
+    a = analyze_run(run)
+    effects = primary_simple_effects(run, a.tests, KEYS)
+    sig = a.tests[(a.tests["family"] == "primary") & (a.tests["q"] < 0.05)]
+    assert len(sig) >= 1
+    # two factors x two levels of the other factor, for every significant primary test, and no other test
+    assert len(effects) == 4 * len(sig)
+    assert {e["test"].split()[2] for e in effects} == set(sig["feature"].astype(str))
+    assert all(e["df"] > 0 and e["ci_low"] <= e["estimate"] <= e["ci_high"] for e in effects)
+    out = Path(report(folder, out=tmp_path / "rep", cards=False))
+    md = (out / "report.md").read_text() if out.is_dir() else out.read_text()
+    assert "Simple effects of each significant primary interaction" in md

@@ -67,3 +67,28 @@ def simple_effects_section(effects: Iterable[dict[str, Any]]) -> list[str]:
                      f"{f(e['estimate'])} | [{f(e['ci_low'])}, {f(e['ci_high'])}] | {f(e['df'], '.1f')} | "
                      f"{f(e['p'])} | {f(e['p_holm'])} |")
     return lines + [""]
+
+
+def primary_simple_effects(run: Any, tests: pd.DataFrame, keys: list[str], alpha: float = ALPHA
+                           ) -> list[dict[str, Any]]:
+    """Simple effects for every significant test of the primary family of a battery run (``tests`` from
+    :func:`..reports.analysis.analyze_run`; ``keys`` the columns that identify one test's rows)."""
+    if tests.empty or "family" not in tests:
+        return []
+    primary = tests[(tests["family"] == "primary")]
+    contrasts = run.results[run.results["readout_kind"] == "contrast"]
+
+    def rows_of(row: pd.Series) -> tuple[pd.DataFrame, dict[str, Any]]:
+        design = run.info.designs[str(row["design"])]
+        a, b = design.names
+        sub = contrasts
+        for k in keys:
+            col = sub[k].astype(str) if k == "feature" else sub[k]
+            sub = sub[col == (str(row[k]) if k == "feature" else row[k])]
+        prompt = "prompt_id" if sub["prompt_id"].nunique() > 1 else None
+        return (sub.rename(columns={"a": a, "b": b}),
+                {"a": a, "b": b, "levels": {a: design.factors[a], b: design.factors[b]}, "prompt": prompt})
+
+    labelled = primary.assign(label=[f"{r['design']} {r['point']} {r['feature']} ({r['readout']})"
+                                     for _, r in primary.iterrows()])
+    return simple_effects_for_tests(labelled, rows_of, alpha=alpha)

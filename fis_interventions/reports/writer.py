@@ -21,12 +21,13 @@ from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identi
 from ..io import write_json
 from ..provenance import library_versions, provenance
 from ..stats.structure import MIN_RANDOM_LEVELS
-from .analysis import ALPHA, EXPLORATORY, Analysis, analyze_run, feature_verdicts, is_noop
+from .analysis import ALPHA, EXPLORATORY, KEYS, Analysis, analyze_run, feature_verdicts, is_noop
 from .inference import ALTERNATIVE, primary_table, verdict_sentence
 from .cards import feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
 from .render import Doc, fmt, to_html, to_markdown
 from .runfolder import Run, load_run
+from .simple_effects import primary_simple_effects
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,13 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     doc.table(prim, f"Primary tests ({_clamp_text(analysis.primary)}): A x B interaction of the primary LMM "
                     "(estimate, 95% CI, Satterthwaite df, p, BH q within its family); features first, then each "
                     "feature minus its matched controls, then the controls.")
+    effects = primary_simple_effects(run, tests, KEYS)  # only for significant primary interactions
+    if effects:
+        doc.table(pd.DataFrame(effects)[["test", "factor", "contrast", "at_factor", "at", "estimate", "ci_low",
+                                         "ci_high", "df", "p", "p_holm"]],
+                  "Simple effects of each significant primary interaction: the effect of one factor (second level "
+                  "minus first) at each level of the other, from the same mixed model (Satterthwaite df, 95% CI; "
+                  "p_holm: Holm over the two levels; estimates and df as emmeans gives them).")
     doc.h(1, "Manipulation check")
     doc.p("The clean model's readout by cell (no clamp), and its main effects with 95% CIs (primary LMM on the "
           "clean scores): each readout must move with its own factor, in the expected direction.")
