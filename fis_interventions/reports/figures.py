@@ -21,6 +21,17 @@ def _pyplot():
     return plt
 
 
+# Legible at 100% zoom in a 1280 px window: figures are saved at 90 dpi and shown at about their pixel size,
+# so 11 pt text is ~14 px on screen (matplotlib's 8-9 pt was ~10 px).
+FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+        "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13}
+
+
+def is_no_op(intervention: str, value: float) -> bool:
+    """scale 1 and add 0 leave the run unchanged: their shifts are float noise (the report's null checks)."""
+    return (intervention == "scale" and value == 1) or (intervention == "add" and value == 0)
+
+
 def _label(intervention: str, value: float, position: str, positions: int) -> str:
     text = f"{intervention}={value:g}"
     return f"{text} [{position}]" if positions > 1 else text
@@ -29,11 +40,16 @@ def _label(intervention: str, value: float, position: str, positions: int) -> st
 def interaction_plot(cells: pd.DataFrame, a: str, b: str, levels: dict[str, list[str]], title: str,
                      path: Path) -> Path:
     """Cell means of the shift +- 95% CI: x = level of A, one line per level of B; rows = readouts,
-    columns = intervention values. ``cells`` is one feature's rows of the analysis ``cells`` table."""
+    columns = intervention values. ``cells`` is one feature's rows of the analysis ``cells`` table.
+    No-op clamps (scale 1, add 0) get no panel: their shifts are float noise, an empty-looking panel; the
+    report's null checks show them."""
     import seaborn as sns
 
     plt = _pyplot()
     data = cells.copy()
+    real = ~np.array([is_no_op(str(i), float(v)) for i, v in zip(data["intervention"], data["value"])], dtype=bool)
+    if real.any():
+        data = data[real]
     positions = data["position"].nunique()
     data = data.sort_values(["intervention", "value", "position"])
     data["clamp"] = [_label(i, v, p, positions) for i, v, p in
@@ -41,8 +57,8 @@ def interaction_plot(cells: pd.DataFrame, a: str, b: str, levels: dict[str, list
     order = list(dict.fromkeys(data["clamp"]))
     rows = sorted(data["readout"].unique())
     colors = dict(zip(levels[b], sns.color_palette("colorblind", 2)))
-    with sns.axes_style("whitegrid"):
-        fig, axes = plt.subplots(len(rows), len(order), figsize=(2.6 * len(order) + 1.2, 2.4 * len(rows) + 0.8),
+    with sns.axes_style("whitegrid"), plt.rc_context(FONT):
+        fig, axes = plt.subplots(len(rows), len(order), figsize=(3.0 * len(order) + 1.6, 2.8 * len(rows) + 0.9),
                                  squeeze=False, sharex=True)
         for r, readout in enumerate(rows):
             for c, clamp in enumerate(order):
@@ -61,15 +77,15 @@ def interaction_plot(cells: pd.DataFrame, a: str, b: str, levels: dict[str, list
                 ax.set_xlim(-0.4, 1.4)
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
                 if r == 0:
-                    ax.set_title(clamp, fontsize=9)
+                    ax.set_title(clamp)
                 if c == 0:
-                    ax.set_ylabel(f"shift: {readout}", fontsize=8)
+                    ax.set_ylabel(f"shift: {readout}")
                 if r == len(rows) - 1:
                     ax.set_xlabel(a)
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper right", fontsize=8, frameon=False)
-        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
-        fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+        fig.legend(handles, labels, loc="upper right", frameon=False)
+        fig.suptitle(title, x=0.02, ha="left")
+        fig.tight_layout(rect=(0, 0, 0.86, 0.95))
         fig.savefig(path, dpi=90)
         plt.close(fig)
     return path
@@ -85,8 +101,8 @@ def dose_plot(tests: pd.DataFrame, title: str, path: Path) -> Path:
     readouts = sorted(data["readout"].unique())
     groups = list(data.groupby(["intervention", "position"], sort=True))
     palette = sns.color_palette("colorblind", max(len(groups), 1))
-    with sns.axes_style("whitegrid"):
-        fig, axes = plt.subplots(1, len(readouts), figsize=(3.6 * len(readouts) + 0.6, 3.0), squeeze=False)
+    with sns.axes_style("whitegrid"), plt.rc_context(FONT):
+        fig, axes = plt.subplots(1, len(readouts), figsize=(4.2 * len(readouts) + 0.8, 3.6), squeeze=False)
         for k, readout in enumerate(readouts):
             ax = axes[0, k]
             for color, ((kind, position), sub) in zip(palette, groups):
@@ -101,12 +117,12 @@ def dose_plot(tests: pd.DataFrame, title: str, path: Path) -> Path:
                 ax.scatter(x[sig], y[sig], color=color, zorder=3, s=30)
                 ax.scatter(x[~sig], y[~sig], facecolor="white", edgecolor=color, zorder=3, s=30)
             ax.axhline(0, color="0.6", lw=0.8, zorder=0)
-            ax.set_title(readout, fontsize=9)
+            ax.set_title(readout)
             ax.set_xlabel("clamp value")
             if k == 0:
-                ax.set_ylabel("A x B interaction\n(difference of differences)", fontsize=8)
-        axes[0, -1].legend(fontsize=7, frameon=False)
-        fig.suptitle(title + " (filled: q < 0.05)", fontsize=10, x=0.02, ha="left")
+                ax.set_ylabel("A x B interaction\n(difference of differences)")
+        axes[0, -1].legend(frameon=False)
+        fig.suptitle(title + " (filled: q < 0.05)", x=0.02, ha="left")
         fig.tight_layout(rect=(0, 0, 1, 0.92))
         fig.savefig(path, dpi=90)
         plt.close(fig)
