@@ -334,16 +334,19 @@ def test_report_has_a_card_next_to_each_clamped_feature(report_out):
     assert len(sections) == 3
     for section in sections:
         feature = section.split(" ")[0]
-        assert f"#### Card: feature {feature} (secondary.hook_latents)" in section
-        assert section.index("](figures/dose_") < section.index("#### Card:")  # next to its plots
-        assert "##### Output direction (logit lens)" in section and "##### Top-activating contexts" in section
-    seven = next(s for s in sections if s.startswith("7 "))
+        # report.md stays short: it links the card written beside it; report.html shows the card inline
+        link = f"[cards/secondary.hook_latents_{feature}.md](cards/secondary.hook_latents_{feature}.md)"
+        assert link in section
+        assert section.index("](figures/dose_") < section.index(link)  # next to its plots
+        assert "Top-activating contexts" not in section
+    seven = (report_out / "cards" / "secondary.hook_latents_7.md").read_text(encoding="utf-8")
     assert "⟦ beach⟧" in seven and "' music'" in seven and "What it integrates" in seven
     assert sorted(p.name for p in (report_out / "cards").iterdir()) == sorted(
         [f"secondary.hook_latents_{i}.{ext}" for i in (7, 12, 345) for ext in ("json", "md")] + ["index.md"])
     page = (report_out / "report.html").read_text(encoding="utf-8")
     assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
     assert page.count("Card: feature") == 3 and "⟦ beach⟧" in page
+    assert "Output direction (logit lens)" in page and "Top-activating contexts" in page
 
 
 def test_report_without_reachable_checkpoint_warns_or_fails_on_request(tmp_path):

@@ -187,3 +187,11 @@ def test_how_many_items_line_for_significant_effects(made: dict[str, Path], test
     assert len(sig) and sig["items_for_80"].notna().all()
     assert tests_table.loc[tests_table["p"].isna() | (tests_table["p"] >= 0.1), "items_for_80"].isna().all()
     assert f"80% power with {int(sig['items_for_80'].iloc[0])} items" in md
+
+
+def test_features_section_puts_top_features_before_controls(made: dict[str, Path]) -> None:
+    # The synthetic run's linear control has id 7, below the top feature's 12: id order would put it first.
+    text = (made["out"] / "report.md").read_text()
+    features = text[text.index(" Features\n"):]
+    top = features.index("feature 12 (top")
+    assert top < features.index("feature 7 (linear_control") and top < features.index("feature 345 (random_control")

@@ -47,6 +47,15 @@ class Doc:
     def fig(self, path: Path, rel: str, caption: str) -> None:
         self.blocks.append(("fig", Path(path), rel, caption))
 
+    def only(self, fmt: str, blocks: list[tuple[Any, ...]]) -> None:
+        """Blocks shown in one format only (``"md"`` or ``"html"``): the HTML is one self-contained page,
+        while ``report.md`` stays short and links the long parts (cards, per-term tables) kept beside it."""
+        self.blocks += [("only", fmt, block) for block in blocks]
+
+
+def _blocks_for(doc: Doc, fmt: str) -> list[tuple[Any, ...]]:
+    return [b[2] if b[0] == "only" else b for b in doc.blocks if b[0] != "only" or b[1] == fmt]
+
 
 def fmt(x: Any) -> str:
     """Numbers with 4 significant digits; None/NaN as '-'."""
@@ -65,7 +74,7 @@ def _cells(frame: pd.DataFrame) -> list[list[str]]:
 
 def to_markdown(doc: Doc) -> str:
     out = [f"# {doc.title}", ""]
-    for block in doc.blocks:
+    for block in _blocks_for(doc, "md"):
         kind = block[0]
         if kind == "h":
             out += ["#" * (block[1] + 1) + " " + block[2], ""]
@@ -94,7 +103,7 @@ def _inline(text: str) -> str:
 
 def to_html(doc: Doc) -> str:
     body = [f"<h1>{html.escape(doc.title)}</h1>"]
-    for block in doc.blocks:
+    for block in _blocks_for(doc, "html"):
         kind = block[0]
         if kind == "h":
             level = min(block[1] + 1, 6)

@@ -36,6 +36,11 @@ NOOP_ABS_TOL = 1e-5
 1e-3 of the typical effect of the real clamps, whichever is larger."""
 
 
+def _reading_order(role: str) -> int:
+    """A reader looks at the features under test before their controls: top, other tested roles, controls."""
+    return 0 if role == "top" else 2 if "control" in role else 1
+
+
 def slug(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "run"
@@ -292,7 +297,9 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     for design_name, design in run.info.designs.items():
         a, b = design.names
         dtests = tests[tests["design"] == design_name]
-        for (point, feature, role), ftests in dtests.groupby(["point", "feature", "role"], sort=False):
+        groups = list(dtests.groupby(["point", "feature", "role"], sort=False))
+        groups.sort(key=lambda g: _reading_order(str(g[0][2])))  # stable: top features first, then controls
+        for (point, feature, role), ftests in groups:
             keys = {"design": design_name, "point": point, "feature": feature}
             doc.h(2, f"{design_name}: feature {feature} ({role}, {point})")
             if (ftests["selection"] == EXPLORATORY).any():
@@ -312,14 +319,19 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
             for index in feature_indices(feature):
                 card = (cards or {}).get((point, index))
                 if card is not None:
-                    doc.blocks += card_doc(card, level=3, title=f"Card: feature {index} ({point})").blocks
+                    doc.only("html", card_doc(card, level=3, title=f"Card: feature {index} ({point})").blocks)
+                    doc.only("md", [("p", f"**Card** (what the feature is: top contexts, logit lens, driving pairs): "
+                                          f"[cards/{point}_{index}.md](cards/{point}_{index}.md)")])
             doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
                               "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p",
                               "partial_eta2", "standardized", "q"]],
                       "Interaction tests (estimate and CI from the primary model; q: BH over the whole run).")
             anova, lmm = _feature_tables(analysis, keys, a, b)
-            doc.table(anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated measures.")
-            doc.table(lmm, "LMM fixed effects of the primary model (REML, Satterthwaite df).")
+            doc.only("html", [("table", anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated "
+                                               "measures."),
+                              ("table", lmm, "LMM fixed effects of the primary model (REML, Satterthwaite df).")])
+            doc.only("md", [("p", "Every term of every fit: `tables/anova.csv`, `tables/rm_anova.csv`, "
+                                  "`tables/lmm.csv` (and in `report.html`).")])
 
     if not analysis.kl.empty:
         doc.h(1, "KL divergence of the clamps")
