@@ -322,10 +322,15 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
                     doc.only("html", card_doc(card, level=3, title=f"Card: feature {index} ({point})").blocks)
                     doc.only("md", [("p", f"**Card** (what the feature is: top contexts, logit lens, driving pairs): "
                                           f"[cards/{point}_{index}.md](cards/{point}_{index}.md)")])
-            doc.table(ftests[["intervention", "value", "position", "readout", "null_check", "estimate", "ci_low",
-                              "ci_high", "F_anova", "p_anova", "F_f2", "p_f2", "p",
-                              "partial_eta2", "standardized", "q"]],
-                      "Interaction tests (estimate and CI from the primary model; q: BH over the whole run).")
+            caption = "Interaction tests (estimate and CI from the primary model; q: BH over the whole run)."
+            doc.only("html", [("table", ftests[["intervention", "value", "position", "readout", "null_check",
+                                                "estimate", "ci_low", "ci_high", "F_anova", "p_anova", "F_f2",
+                                                "p_f2", "p", "partial_eta2", "standardized", "q"]], caption)])
+            real = ftests[~ftests["null_check"].astype(bool)]  # no-op rows: see Null checks
+            doc.only("md", [("table", real[["intervention", "value", "position", "readout", "estimate", "ci_low",
+                                            "ci_high", "p", "q"]],
+                             caption[:-1] + "; F1, F2, effect sizes and the no-op rows: `tables/tests.csv`, "
+                             "`report.html`.")])
             anova, lmm = _feature_tables(analysis, keys, a, b)
             doc.only("html", [("table", anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated "
                                                "measures."),
