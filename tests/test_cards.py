@@ -299,6 +299,7 @@ def _other_harvest(planted, tmp_path, **changes) -> Path:
     (["--point", "sae.hook_latents", "--ids", "1", "--activations", "HOOK"], "harvest is of hook"),
     (["--point", "sae.hook_latents", "--ids", "1", "--activations", "MODEL"], "harvest is of model"),
     (["--point", "sae.hook_latents", "--ids", "1", "--activations", "/nonexistent"], "harvest folder not found"),
+    (["--point", "sae.hook_latents", "--ids", "1", "--activations", "FLIPPED"], "does not match the SHA-256"),
 ])
 def test_bad_input_is_one_line_exit_2(planted, tiny_bridge, tmp_path, monkeypatch, capsys, args, message):
     import fis_interventions.models as models
@@ -307,6 +308,13 @@ def test_bad_input_is_one_line_exit_2(planted, tiny_bridge, tmp_path, monkeypatc
     if "HOOK" in args:
         args[args.index("HOOK")] = str(_other_harvest(planted, tmp_path, hook="blocks.2.hook_resid_post",
                                                       hook_canonical="blocks.2.hook_out"))
+    if "FLIPPED" in args:  # one bit of one shard changed after the harvest: the card pass checks the hash
+        folder = _other_harvest(planted, tmp_path)
+        shard = folder / json.loads((folder / "manifest.json").read_text())["shards"][0]["file"]
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0x01
+        shard.write_bytes(bytes(data))
+        args[args.index("FLIPPED")] = str(folder)
     if "MODEL" in args:
         args[args.index("MODEL")] = str(_other_harvest(planted, tmp_path, model="smollm2-135m"))
     out = tmp_path / "out"

@@ -159,6 +159,28 @@ class ActivationStore:
     def shard_paths(self) -> list[Path]:
         return [self.folder / s["file"] for s in self.manifest["shards"]]
 
+    def verify_shard(self, path: Path) -> None:
+        """Check a listed shard's content hash once per process, streaming the file (for readers that slice
+        shards with ``safe_open`` instead of loading them through :meth:`load_shard`, e.g. feature cards)."""
+        from ..fingerprint import file_digest
+
+        path = Path(path)
+        entry = self._entries.get(path)
+        if entry is None:
+            raise FisError("shard is not listed in the manifest", source=path, fix="read shards through the manifest")
+        if path in self._verified:
+            return
+        digest = entry.get("sha256")
+        try:
+            actual = file_digest(path) if digest is not None else None
+        except FileNotFoundError:
+            raise FisError("shard listed in manifest.json is missing", source=path,
+                           fix="restore the harvest folder, or harvest again into a new --out") from None
+        if digest is not None and actual != digest:
+            raise FisError("shard content does not match the SHA-256 in manifest.json (damaged or changed after the "
+                           "harvest)", source=path, fix="restore the harvest folder, or harvest again into a new --out")
+        self._verified.add(path)
+
     def load_shard(self, path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(activations of the split as float32, the split's context tokens) of one shard."""
         acts, keep, ctx, tokens = self._read_shard(Path(path))

@@ -210,7 +210,7 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
         check_harvest(store, ckpt, resolve_hook(bridge, ckpt.hook).canonical)
     joint = joint.to(weights_device(bridge))  # the pass runs where the model is
     res = stream_features(joint, normalizer, keys, store.shard_paths(), _split_rule(split, store.heldout_every),
-                          top=top, batch_size=batch_size, progress=progress)
+                          top=top, batch_size=batch_size, progress=progress, verify=store.verify_shard)
     if res.n_tokens == 0:
         raise FisError(f"the {split} split of the harvest has no tokens", source=folder, field="split",
                        fix="harvest more tokens or use --split all")

@@ -172,8 +172,9 @@ class _Top:
 @torch.no_grad()
 def stream_features(joint: Any, normalizer: Any, keys: Sequence[FeatureKey], shard_paths: Sequence[Path],
                     want: Callable[[torch.Tensor], torch.Tensor], *, top: int = 20, batch_size: int = 2048,
-                    progress: bool = False) -> StreamResult:
-    """One pass over ``shard_paths`` (rows of the contexts ``want`` selects) for every feature in ``keys``."""
+                    progress: bool = False, verify: Callable[[Path], None] | None = None) -> StreamResult:
+    """One pass over ``shard_paths`` (rows of the contexts ``want`` selects) for every feature in ``keys``;
+    ``verify(path)`` (the store's content-hash check) runs before each shard is read."""
     from tqdm.auto import tqdm
 
     reader = FeatureReader(joint, keys)
@@ -189,6 +190,8 @@ def stream_features(joint: Any, normalizer: Any, keys: Sequence[FeatureKey], sha
     running = _Top(n_feat, top)
     n_tokens = n_contexts = max_rows = 0
     for path in tqdm(shard_paths, disable=not progress, desc="cards", unit="shard"):
+        if verify is not None:
+            verify(path)
         rows = read_split(path, want)
         n_ctx, width = rows.tokens.shape
         if n_ctx == 0 or len(rows.acts) == 0:
