@@ -116,7 +116,9 @@ def _ols(X: np.ndarray, prepared: Design2x2) -> tuple[pd.DataFrame, dict]:
 CONTRASTS = np.array([[-0.5, -0.5, 0.5, 0.5], [-0.5, 0.5, -0.5, 0.5], [1.0, -1.0, -1.0, 1.0]])
 
 
-def _within_item(X: np.ndarray, prepared: Design2x2) -> tuple[pd.DataFrame, dict]:
+def item_cells(X: np.ndarray, prepared: Design2x2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(``[m, 4, k]`` item x cell means of the items with all four cells, in level order; which items are
+    complete; each row's item index). The screen and its permutation null share it."""
     data = prepared.data
     items, item_idx = np.unique(data["item"].to_numpy(), return_inverse=True)
     cell = 2 * (data["xa"].to_numpy() > 0) + (data["xb"].to_numpy() > 0)
@@ -129,7 +131,12 @@ def _within_item(X: np.ndarray, prepared: Design2x2) -> tuple[pd.DataFrame, dict
                        fix="use more matched items")
     onehot = np.zeros((4 * len(items), len(X)))
     onehot[slot, np.arange(len(X))] = 1.0 / counts.reshape(-1)[slot]
-    means = (onehot @ X).reshape(len(items), 4, -1)[complete]          # [m, 4, k] item x cell means
+    return (onehot @ X).reshape(len(items), 4, -1)[complete], complete, item_idx
+
+
+def _within_item(X: np.ndarray, prepared: Design2x2) -> tuple[pd.DataFrame, dict]:
+    means, complete, item_idx = item_cells(X, prepared)                # [m, 4, k] item x cell means
+    m = int(complete.sum())
     contrasts = np.einsum("ec,ick->eik", CONTRASTS, means)              # [3, m, k]
     est = contrasts.mean(axis=1)                                       # intercept fit of each contrast
     err = ((contrasts - est[:, None, :]) ** 2).sum(axis=1)             # its residual SS: the error stratum
@@ -143,4 +150,4 @@ def _within_item(X: np.ndarray, prepared: Design2x2) -> tuple[pd.DataFrame, dict
         _fill(out, name, ss[e], err[e], m - 1, (tss <= 0) | (err[e] <= tiny), tss <= 0)
     used = complete[item_idx]
     return out, {"model": "within_item", "df_error": m - 1, "n_items": m,
-                 "n_items_dropped": int(len(items) - m), "rows": used, "degenerate": degenerate}
+                 "n_items_dropped": int(len(complete) - m), "rows": used, "degenerate": degenerate}

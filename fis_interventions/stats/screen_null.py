@@ -105,18 +105,9 @@ def permutation_null(X: np.ndarray, design: pd.DataFrame, a: str, b: str, F_obs:
 
 def item_cell_means(X: np.ndarray, prepared) -> np.ndarray:
     """``[m, 4, k]`` item x cell means of the items that have all four cells (cells in level order)."""
-    data = prepared.data
-    items, item_idx = np.unique(data["item"].to_numpy(), return_inverse=True)
-    cell = 2 * (data["xa"].to_numpy() > 0) + (data["xb"].to_numpy() > 0)
-    slot = item_idx * 4 + cell
-    counts = np.bincount(slot, minlength=4 * len(items)).reshape(len(items), 4)
-    complete = (counts > 0).all(axis=1)
-    if complete.sum() < 3:
-        raise FisError(f"{int(complete.sum())} items have all four cells: the within-item model needs at least 3",
-                       fix="use more matched items")
-    onehot = np.zeros((4 * len(items), len(X)))
-    onehot[slot, np.arange(len(X))] = 1.0 / counts.reshape(-1)[slot]
-    return (onehot @ X).reshape(len(items), 4, -1)[complete]
+    from .screen import item_cells
+
+    return item_cells(X, prepared)[0]
 
 
 def within_item_F(D: np.ndarray, W: np.ndarray, tss: np.ndarray, D2: np.ndarray | None = None) -> np.ndarray:
