@@ -11,6 +11,7 @@ the effective batch is the configured ``batch_size`` (see ``bench/README.md``, "
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -61,6 +62,31 @@ WARN_PASSES = 100
 BYTES_PER_PARAM = 16  # float32 weights, gradients and Adam's two moments
 
 
+WARN_SECONDS = 2 * 3600  # a CPU run estimated longer than this is warned, with the estimate
+
+
+@functools.cache
+def matmul_flops_per_second() -> float:
+    """This machine's measured float32 matmul speed on the CPU (a ~0.1 s probe, once per process): the unit of
+    the training-time estimate, so it reflects these cores and their load rather than a guessed constant."""
+    import time
+
+    a, b = torch.randn(256, 512), torch.randn(512, 1024)
+    torch.mm(a, b)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < 0.1:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 256 * 512 * 1024 * n / elapsed
+
+
+def train_seconds_lower_bound(cfg: TrainConfig, d_in: int) -> float:
+    """A floor on a CPU training run's time: the dense encoder's matmuls alone (forward, and backward for the
+    input weights: 3 x 2 x d_in x d_sae flops per token) at the measured matmul speed. The real run also decodes,
+    runs the integration module and reads shards, so it takes longer; the floor is what a warning can promise."""
+    return cfg.tokens * 6 * d_in * cfg.arch(d_in).sae.d_sae / matmul_flops_per_second()
+
+
 def machine_memory() -> int:
     """Physical memory of this machine in bytes (0 when the platform does not say)."""
     try:
@@ -84,8 +110,10 @@ def train_bytes(cfg: TrainConfig, d_in: int) -> int:
 
 def preflight(cfg: TrainConfig, *, allow_incomplete: bool = False) -> None:
     """Checks that cost milliseconds and save hours, before anything is written: the harvest's manifest
-    (structure, counts, completeness), the memory the model needs against this machine, and how many passes
-    over the harvest ``tokens`` asks for (refused past :data:`MAX_PASSES`, warned past :data:`WARN_PASSES`)."""
+    (structure, counts, completeness), the memory the model needs against this machine, a floor on the time a
+    CPU run takes (warned past :data:`WARN_SECONDS`), and how many passes over the harvest ``tokens`` asks for
+    (refused past :data:`MAX_PASSES`, warned past :data:`WARN_PASSES`)."""
+    from . import models
     from .activations.shards import check_manifest, read_manifest
 
     if cfg.activations is None:
@@ -109,6 +137,13 @@ def preflight(cfg: TrainConfig, *, allow_incomplete: bool = False) -> None:
         raise FisError(f"tokens: {cfg.tokens:,} is {passes:,.0f} passes over the harvest's ~{available:,.0f} "
                        f"training tokens ({cfg.steps():,} steps)", field="tokens",
                        fix=f"use at most {int(available * MAX_PASSES):,} tokens, or harvest more")
+    if models.resolve_device(cfg.device).type == "cpu":
+        floor = train_seconds_lower_bound(cfg, d_in)
+        if floor > WARN_SECONDS:
+            log.warning("training %s tokens at d_sae %s on this CPU takes at least ~%.1f hours (the encoder's "
+                        "matmuls alone at this machine's measured speed); fewer tokens or a GPU "
+                        "(device: cuda) shorten it", f"{cfg.tokens:,}", f"{cfg.arch(d_in).sae.d_sae:,}",
+                        floor / 3600)
     if passes > WARN_PASSES:
         log.warning("tokens: %s is %.0f passes over the harvest's ~%.0f training tokens (%s steps): expect "
                     "overfitting; harvest more tokens", f"{cfg.tokens:,}", passes, available, f"{cfg.steps():,}")

@@ -131,6 +131,20 @@ def test_tokens_far_beyond_the_harvest_are_refused_and_many_passes_warned(small_
     assert "passes over the harvest" in caplog.text
 
 
+def test_a_long_cpu_run_is_warned_with_its_time_estimate(small_harvest, caplog, monkeypatch):
+    import fis_interventions.training as training
+
+    cfg = TrainConfig(activations=small_harvest, d_sae=16, k=4, tokens=4096, device="cpu")
+    floor = training.train_seconds_lower_bound(cfg, 64)
+    assert 0 < floor < 60  # 4k tokens of a 16-latent SAE: well under a second on any CPU
+    caplog.clear()
+    preflight(cfg)
+    assert "takes at least" not in caplog.text
+    monkeypatch.setattr(training, "matmul_flops_per_second", lambda: 1.0)  # a machine a billion times slower
+    preflight(cfg)
+    assert "takes at least ~" in caplog.text and "hours" in caplog.text
+
+
 def test_incomplete_harvest_is_refused_unless_allowed(small_harvest, tmp_path, capsys):
     import shutil
 
