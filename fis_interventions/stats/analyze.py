@@ -77,7 +77,7 @@ def _variance_ci(design: Any, lmm: Any, warnings: list[str]) -> list[dict[str, A
     if not lmm.converged or lmm.fitted_structure is None:
         return []
     structure = lmm.fitted_structure
-    rows, notes = profile_ci(design, structure)
+    rows, notes = profile_ci(design, structure, start=lmm.theta, cache=lmm.problems)
     warnings += notes
     return rows
 

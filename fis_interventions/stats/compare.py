@@ -22,7 +22,6 @@ from scipy.optimize import brentq, minimize
 from ..errors import FisError
 from .design import Design2x2
 from .mixed import SINGULAR_TOL, fit_mixed
-from .profile import ProfiledDeviance
 from .structure import Structure
 
 
@@ -48,20 +47,35 @@ def _npar(structure: Structure, p: int) -> int:
     return p + n_theta + 1
 
 
-def ml_fit(design: Design2x2, structure: Structure, start: np.ndarray | None = None) -> dict[str, Any]:
+def _ml_start(factors: list, theta: np.ndarray) -> np.ndarray:
+    """The REML estimates of the same structure as the ML refit's start: ML's optimum is near (variances
+    shrunk by about ``(n - p) / n``). A relative SD at 0 is lifted to :data:`~.lmm.WARM_FLOOR`, where the
+    gradient does not vanish by symmetry; correlations are kept."""
+    from .lmm import WARM_FLOOR
+
+    out = np.asarray(theta, float).copy()
+    off = 0
+    for f in factors:
+        diag = off + f.diagonal_index()
+        out[diag] = np.maximum(np.abs(out[diag]), WARM_FLOOR)
+        off += f.n_theta
+    return out
+
+
+def ml_fit(design: Design2x2, structure: Structure, start: np.ndarray | None = None,
+           cache: dict | None = None) -> dict[str, Any]:
     """ML refit of one structure: logLik, npar, AIC, BIC, deviance (R's ``anova`` row).
 
-    ``start``: relative-factor parameters to start from (e.g. the REML fit's), else lme4's start.
+    ``start``: this structure's relative-factor estimates to start from (e.g. its REML fit's), else lme4's
+    start. ``cache``: prepared problems by structure (:func:`.lmm._problem`), shared with the REML fits.
     """
-    from .lmm import _design_matrix, _factors, _warm_start
+    from .lmm import _problem
 
-    data = design.data
-    X, _ = _design_matrix(data, structure)
-    factors = _factors(data, structure)
+    problem = _problem(design.data, structure, cache)
     if start is not None:
-        start = _warm_start(factors, start, factors)
-    fit = fit_mixed(data["y"].to_numpy(), X, factors, reml=False, start=start)
-    n, p = X.shape
+        start = _ml_start(problem.factors, start)
+    fit = fit_mixed(None, None, None, reml=False, start=start, df=False, problem=problem)
+    n, p = problem.X.shape
     k = _npar(structure, p)
     ll = fit.loglik
     return {"model": structure.formula(design.a, design.b), "npar": k, "AIC": -2 * ll + 2 * k,
@@ -69,14 +83,14 @@ def ml_fit(design: Design2x2, structure: Structure, start: np.ndarray | None = N
 
 
 def lrt(design: Design2x2, small: Structure, large: Structure, starts: tuple[np.ndarray | None, np.ndarray | None]
-        = (None, None)) -> dict[str, Any]:
+        = (None, None), cache: dict | None = None) -> dict[str, Any]:
     """``anova(small, large)`` with ML refits: both rows and ``chisq``, ``df``, ``p`` (``starts``: each
-    model's REML relative-factor estimates, to start its ML refit from)."""
+    model's REML relative-factor estimates, to start its ML refit from; ``cache``: see :func:`ml_fit`)."""
     if not nested(small, large):
         raise FisError(f"cannot compare '{small.formula(design.a, design.b)}' with "
                        f"'{large.formula(design.a, design.b)}': the models are not nested", field="--random",
                        fix="compare a structure with one that contains all its random terms")
-    r0, r1 = ml_fit(design, small, starts[0]), ml_fit(design, large, starts[1])
+    r0, r1 = ml_fit(design, small, starts[0], cache), ml_fit(design, large, starts[1], cache)
     chisq = max(2 * (r1["logLik"] - r0["logLik"]), 0.0)
     df = r1["npar"] - r0["npar"]
     p = float(chdtrc(df, chisq)) if df > 0 else None
@@ -87,8 +101,8 @@ def _diagonal(structure: Structure) -> bool:
     return all(f.kind == "diagonal" for f in structure.factors)
 
 
-def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, level: float = 0.95
-               ) -> tuple[list[dict[str, Any]], list[str]]:
+def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, level: float = 0.95,
+               start: np.ndarray | None = None, cache: dict | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Profile-likelihood CIs of every random-effect SD and the residual SD (lme4's ``confint``).
 
     As lme4, the profile is of the ML deviance (``reml=False``; also for a model reported by REML: lme4's
@@ -98,20 +112,17 @@ def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, leve
     Rows: ``group``, ``term``, ``sd`` (estimate), ``lower``, ``upper``. A singular fit (an SD at zero) gets a
     one-line warning: its lower limit is 0 and lme4's profile is unreliable there too.
     """
-    from .lmm import _design_matrix, _factors
+    from .lmm import _problem
 
     if not _diagonal(structure):
         raise FisError("profile CIs need an uncorrelated or intercept-only structure", field="--random",
                        fix="pass --random uncorrelated or --random intercept with --variance-ci")
-    data = design.data
-    X, _ = _design_matrix(data, structure)
-    factors = _factors(data, structure)
-    y = data["y"].to_numpy()
-    b_ols, *_ = np.linalg.lstsq(X, y, rcond=None)
-    resid = y - X @ b_ols
-    s = float(np.sqrt(resid @ resid / max(len(y) - X.shape[1], 1)))
-    fit = fit_mixed(y, X, factors, reml=reml)
-    dev = ProfiledDeviance(resid / s, X, factors, reml)
+    problem = _problem(design.data, structure, cache)
+    factors = problem.factors
+    s = problem.s
+    fit = fit_mixed(None, None, None, reml=reml, df=False, problem=problem,
+                    start=None if start is None else _ml_start(factors, start))
+    dev = problem.deviance(reml)
     sigma = float(np.sqrt(dev.sigma2(fit.theta)))
     est = np.append(fit.theta * sigma, sigma)          # SDs on the scaled data, residual SD last
     m = est.size

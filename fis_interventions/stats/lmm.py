@@ -19,7 +19,7 @@ import pandas as pd
 from scipy.special import stdtr, stdtrit
 
 from .design import Design2x2, Levels, finite_or_none, prepare_2x2, records, rounding_ss
-from .mixed import MixedFit, fit_mixed
+from .mixed import MixedFit, MixedProblem, fit_mixed, with_satterthwaite
 from .profile import RandomFactor
 from .structure import SLOTS, Structure, initial_structure, simplify
 
@@ -55,6 +55,8 @@ class LmmResult:
     prompt_reason: str | None = None
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     fitted_structure: Structure | None = field(default=None, repr=False)
+    theta: np.ndarray | None = field(default=None, repr=False)      # relative factors of the fitted structure
+    problems: dict | None = field(default=None, repr=False)         # prepared data by structure, for refits
     _contrast: Callable[[np.ndarray], tuple[float, float, float | None]] | None = field(default=None,
                                                                                          repr=False)
 
@@ -241,12 +243,27 @@ def _warm_start(previous: list[RandomFactor], theta: np.ndarray, factors: list[R
     return np.concatenate(out)
 
 
-def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool,
-                   previous: tuple[list[RandomFactor], MixedFit] | None = None) -> MixedFit:
+Problems = dict[Structure, MixedProblem]
+
+
+def _problem(data: pd.DataFrame, structure: Structure, cache: Problems | None = None) -> MixedProblem:
+    """Design matrix, random factors and cross-products of one structure, built once per structure (the REML
+    fit, its ML refit for a likelihood-ratio test and a profile CI all reuse them through ``cache``)."""
+    if cache is not None and structure in cache:
+        return cache[structure]
     X, _ = _design_matrix(data, structure)
-    factors = _factors(data, structure)
-    start = None if previous is None else _warm_start(previous[0], previous[1].theta, factors)
-    return fit_mixed(data["y"].to_numpy(), X, factors, reml=reml, start=start)
+    problem = MixedProblem(data["y"].to_numpy(), X, _factors(data, structure))
+    if cache is not None:
+        cache[structure] = problem
+    return problem
+
+
+def _fit_structure(data: pd.DataFrame, structure: Structure, reml: bool,
+                   previous: tuple[list[RandomFactor], MixedFit] | None = None, cache: Problems | None = None,
+                   df: bool = True) -> MixedFit:
+    problem = _problem(data, structure, cache)
+    start = None if previous is None else _warm_start(previous[0], previous[1].theta, problem.factors)
+    return fit_mixed(None, None, None, reml=reml, start=start, df=df, problem=problem)
 
 
 def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None = None,
@@ -282,17 +299,20 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
     history: list[tuple[Structure, np.ndarray]] = []
     notes: list[str] = []
     reml = method == "REML"
+    cache: Problems = {}
     try:
-        fit = _fit_structure(data, structure, reml)
+        # Satterthwaite df only for the fit that is reported, not for one that is simplified further
+        fit = _fit_structure(data, structure, reml, cache=cache, df=False)
         history.append((structure, fit.theta))
         while fit.singular:
             step = simplify(structure, fit.zero_terms)
             if step is None:
                 break
-            old_factors = _factors(data, structure)
+            old_factors = cache[structure].factors
             structure, _ = step
-            fit = _fit_structure(data, structure, reml, previous=(old_factors, fit))
+            fit = _fit_structure(data, structure, reml, previous=(old_factors, fit), cache=cache, df=False)
             history.append((structure, fit.theta))
+        fit = with_satterthwaite(fit)
     except (np.linalg.LinAlgError, ValueError) as err:
         return _empty_result(method, terms, [f"LMM not fitted: {err}"], len(data), n_groups)
     if structure.steps:
@@ -304,9 +324,9 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
     notes += fit.warnings
     if structure.prompts == "fixed" and structure.prompt_role == "auto":
         notes.append(f"{structure.prompt_reason()}")
-    comparisons = _compare_steps(design, history, notes) if compare else []
+    comparisons = _compare_steps(design, history, notes, cache) if compare else []
     contrast, fixed = _fixed_effects(fit, terms)
-    factors = _factors(data, structure)
+    factors = cache[structure].factors
     varcorr = _varcorr(factors, fit, {"1": "(Intercept)", **{k: names[k] for k in SLOTS[1:]}})
     intercepts = {r["group"]: r["vcov"] for r in varcorr if r["term1"] == "(Intercept)" and r["term2"] is None}
     other = {extra_random: intercepts.get(extra_random)} if structure.prompts == "random" else {}
@@ -317,19 +337,19 @@ def lmm_design(design: Design2x2, method: str = "REML", extra_random: str | None
                      requested=requested, random=random, random_effects=varcorr, simplification=list(structure.steps),
                      optimizers=fit.optimizers, singular=fit.singular, prompts=structure.prompts,
                      prompt_reason=structure.prompt_reason(), comparisons=comparisons,
-                     fitted_structure=structure, _contrast=contrast)
+                     fitted_structure=structure, theta=fit.theta, problems=cache, _contrast=contrast)
 
 
-def _compare_steps(design: Design2x2, history: list[tuple[Structure, np.ndarray]], notes: list[str]
-                   ) -> list[dict[str, Any]]:
+def _compare_steps(design: Design2x2, history: list[tuple[Structure, np.ndarray]], notes: list[str],
+                   cache: Problems | None = None) -> list[dict[str, Any]]:
     """Likelihood-ratio test (ML refits, R's ``anova``) of each simplified structure against the one asked for;
-    each ML refit starts from that structure's REML estimates."""
+    each ML refit starts from that structure's REML estimates and reuses its cross-products (``cache``)."""
     from .compare import lrt
 
     out = []
     for simpler, theta in history[1:]:
         try:
-            res = lrt(design, simpler, history[0][0], starts=(theta, history[0][1]))
+            res = lrt(design, simpler, history[0][0], starts=(theta, history[0][1]), cache=cache)
         except (np.linalg.LinAlgError, ValueError) as err:
             notes.append(f"likelihood-ratio test of the simplification not computed: {err}")
             continue
@@ -341,16 +361,18 @@ def _compare_steps(design: Design2x2, history: list[tuple[Structure, np.ndarray]
 
 def lmm_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str, levels: Levels | None = None,
             method: str = "REML", extra_random: str | None = None, random: str = "uncorrelated",
-            prompt_role: str = "auto") -> LmmResult:
+            prompt_role: str = "auto", compare: bool = True) -> LmmResult:
     """``dv ~ a*b + (1 + a + b + a:b || item)`` (maximal, by default) with -0.5/+0.5 codes, like lmerTest.
 
     Terms: ``Intercept`` (grand mean of cell means), ``a``, ``b`` (differences between levels) and ``a:b``
     (difference of differences), named after the columns. ``random``: ``intercept``, ``uncorrelated``,
     ``correlated`` (or ``varcomp``, lme4's nested-factor form of ``uncorrelated``); ``extra_random``: the
-    prompt column (fixed below 5 levels, crossed random from 5).
+    prompt column (fixed below 5 levels, crossed random from 5). ``compare=False`` skips the likelihood-ratio
+    tests of simplification steps (ML refits; a power simulation only needs the fixed effects).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=extra_random)
-    result = lmm_design(design, method=method, extra_random=extra_random, random=random, prompt_role=prompt_role)
+    result = lmm_design(design, method=method, extra_random=extra_random, random=random, prompt_role=prompt_role,
+                        compare=compare)
     result.warnings = design.warnings + result.warnings
     for note in result.warnings:
         log.warning(note)

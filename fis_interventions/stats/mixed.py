@@ -53,6 +53,9 @@ class MixedFit:
     zero_terms: list[tuple[str, str]]
     warnings: list[str] = field(default_factory=list)
     contrast_df: Callable[[np.ndarray], float | None] = field(default=lambda L: None, repr=False)
+    problem: MixedProblem | None = field(default=None, repr=False)
+    reml: bool = True
+    has_df: bool = False
 
 
 def _run(name: str, kwargs: dict[str, Any], dev: ProfiledDeviance, x0: np.ndarray) -> tuple[np.ndarray, float, bool]:
@@ -94,22 +97,49 @@ def _optimise(dev: ProfiledDeviance, start: np.ndarray | None = None
     return x, f, name, tried, notes
 
 
-def fit_mixed(y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], reml: bool = True,
-              start: np.ndarray | None = None) -> MixedFit:
+class MixedProblem:
+    """The data side of a fit, built once and shared by every fit of one model: the OLS centring and scale
+    and the cross-products of each criterion's :class:`~.profile.ProfiledDeviance` (a REML fit and its ML refit
+    for a likelihood-ratio test use the same ones)."""
+
+    def __init__(self, y: np.ndarray, X: np.ndarray, factors: list[RandomFactor]) -> None:
+        self.y = np.asarray(y, float)
+        self.X = np.asarray(X, float)
+        self.factors = factors
+        n, p = self.X.shape
+        self.b_ols, *_ = np.linalg.lstsq(self.X, self.y, rcond=None)
+        resid = self.y - self.X @ self.b_ols
+        self.s = float(np.sqrt(resid @ resid / max(n - p, 1)))
+        if not np.isfinite(self.s) or self.s <= 0:
+            raise ValueError("the measure has no residual variance around the fixed effects")
+        self._resid = resid
+        self._devs: dict[bool, ProfiledDeviance] = {}
+
+    def deviance(self, reml: bool) -> ProfiledDeviance:
+        """The profiled deviance on the centred, scaled data (cross-products computed once for both criteria)."""
+        if reml not in self._devs:
+            other = self._devs.get(not reml)
+            self._devs[reml] = (other.with_reml(reml) if other is not None
+                                else ProfiledDeviance(self._resid / self.s, self.X, self.factors, reml))
+        return self._devs[reml]
+
+
+def fit_mixed(y: np.ndarray | None, X: np.ndarray | None, factors: list[RandomFactor] | None, reml: bool = True,
+              start: np.ndarray | None = None, df: bool = True, problem: MixedProblem | None = None) -> MixedFit:
     """Fit ``y ~ X + random factors`` by (RE)ML like lme4 and report it on the scale of ``y``.
 
     ``start``: relative-factor parameters to start from (lme4's identity start when None), e.g. the previous
-    fit's estimates without the term a simplification step dropped (no refit from scratch).
+    fit's estimates without the term a simplification step dropped (no refit from scratch). ``df=False`` skips
+    the Satterthwaite df (a fit that is simplified further, or an ML refit for a likelihood-ratio test, never
+    reports them; :func:`with_satterthwaite` adds them later). ``problem``: a prepared :class:`MixedProblem`
+    (then ``y``, ``X`` and ``factors`` are ignored).
     """
-    y = np.asarray(y, float)
-    X = np.asarray(X, float)
-    n, p = X.shape
-    b_ols, *_ = np.linalg.lstsq(X, y, rcond=None)
-    resid = y - X @ b_ols
-    s = float(np.sqrt(resid @ resid / max(n - p, 1)))
-    if not np.isfinite(s) or s <= 0:
-        raise ValueError("the measure has no residual variance around the fixed effects")
-    dev = ProfiledDeviance(resid / s, X, factors, reml)
+    if problem is None:
+        problem = MixedProblem(y, X, factors)
+    factors = problem.factors
+    n, p = problem.X.shape
+    s = problem.s
+    dev = problem.deviance(reml)
     theta, fmin, name, tried, notes = _optimise(dev, start)
     s2_scaled = dev.sigma2(theta)
     diag = np.concatenate([t[f.diagonal_index()] for f, t in zip(factors, dev.split(theta))])
@@ -127,14 +157,26 @@ def fit_mixed(y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], reml: b
     for v in tried.values():
         v["loglik"] = None if v["deviance"] is None else -v["deviance"] / 2 - shift * np.log(s)
         del v["deviance"]
-    beta = b_ols + s * dev.beta(theta)
+    beta = problem.b_ols + s * dev.beta(theta)
     cov = s * s * s2_scaled * dev.unscaled_cov(theta)
     rcov = [c * s * s for c in dev.random_cov(theta, s2_scaled)]
     comps = [s * s * s2_scaled * t**2 if f.kind == "varcomp" else None for f, t in zip(factors, dev.split(theta))]
-    df_fn, sat_notes = _satterthwaite(dev, theta, s2_scaled)
-    return MixedFit(beta=beta, cov_beta=cov, theta=theta, sigma2=s2_scaled * s * s, random_cov=rcov, components=comps,
-                    loglik=float(loglik), optimizer=name, optimizers=tried, singular=singular,
-                    zero_terms=zero_terms, warnings=notes + sat_notes, contrast_df=df_fn)
+    fit = MixedFit(beta=beta, cov_beta=cov, theta=theta, sigma2=s2_scaled * s * s, random_cov=rcov,
+                   components=comps, loglik=float(loglik), optimizer=name, optimizers=tried, singular=singular,
+                   zero_terms=zero_terms, warnings=notes, problem=problem, reml=reml)
+    return with_satterthwaite(fit) if df else fit
+
+
+def with_satterthwaite(fit: MixedFit) -> MixedFit:
+    """``fit`` with its Satterthwaite df function (and any note on the deviance Hessian) filled in."""
+    if fit.problem is None or fit.has_df:
+        return fit
+    dev = fit.problem.deviance(fit.reml)
+    df_fn, sat_notes = _satterthwaite(dev, fit.theta, dev.sigma2(fit.theta))
+    fit.contrast_df = df_fn
+    fit.warnings = fit.warnings + sat_notes
+    fit.has_df = True
+    return fit
 
 
 def _satterthwaite(dev: ProfiledDeviance, theta: np.ndarray, s2: float

@@ -18,6 +18,7 @@ number of levels, not with rows x levels (80,000 rows x 20,000 items is a few MB
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,6 +158,12 @@ class ProfiledDeviance:
             self.WtW += W.T @ W
         self.splits = np.cumsum([f.n_theta for f in factors])[:-1]
 
+    def with_reml(self, reml: bool) -> "ProfiledDeviance":
+        """The same data under the other criterion (REML <-> ML), sharing every cross-product."""
+        other = copy.copy(self)
+        other.reml = reml
+        return other
+
     @staticmethod
     def _expand(f: RandomFactor) -> sp.csr_matrix:
         """Sparse ``[n, levels * k]`` random-effects columns of a dense (few-level) factor."""
@@ -185,16 +192,19 @@ class ProfiledDeviance:
         L = _batched_cholesky(A)
         U = T0.T @ self.ZtW
         V = _batched_forward(L, U)
+        Vflat = V.reshape(-1, self.d)
+        N = self.WtW - Vflat.T @ Vflat          # W'W - sum_l U_l' A_l^-1 U_l, before the dense factors' Lambda
         if self.dense:
             R = block_diag(*[np.kron(np.eye(f.n_levels), f.factor(t)) for f, t in zip(self.dense, parts[1:])],
                            np.eye(self.p + 1))
-            Y = (V @ R).reshape(-1, self.d)
-            WtW = R.T @ self.WtW @ R
+            if all(f.kind != "correlated" for f in self.dense):  # diagonal Lambda: a scaling, no matrix product
+                r = np.diag(R)
+                M = N * np.outer(r, r)
+            else:
+                M = R.T @ N @ R
         else:
             R = None
-            Y = V.reshape(-1, self.d)
-            WtW = self.WtW
-        M = WtW - Y.T @ Y
+            M = N.copy()
         M[np.arange(self.q_dense), np.arange(self.q_dense)] += 1.0
         LM = np.linalg.cholesky(M)
         q, p = self.q_dense, self.p
@@ -202,7 +212,7 @@ class ProfiledDeviance:
         logdet_a = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2))) + 2.0 * np.sum(np.log(diag[:q]))
         logdet_rx = 2.0 * np.sum(np.log(diag[q:q + p]))
         return {"logdet_a": float(logdet_a), "logdet_rx": float(logdet_rx), "r2": float(diag[-1] ** 2),
-                "LM": LM, "M": M, "L": L, "U": U, "V": V, "R": R, "T0": T0, "parts": parts}
+                "LM": LM, "M": M, "L": L, "U": U, "V": V, "R": R, "T0": T0, "parts": parts, "N": N}
 
     def _logdet_grads(self, s: dict[str, float | np.ndarray], sizes: list[int]) -> list[np.ndarray]:
         """``d log|Omega_S| / d theta`` for the leading blocks ``S`` of the augmented system (analytic).
@@ -214,26 +224,27 @@ class ProfiledDeviance:
         ``Omega_S^-1`` come from the block elimination (``A_l^-1 (H_l + U_l P_S J_l)``), the dense part from
         ``M_S^-1 R_S' N_SS`` with ``N = W'W - sum_l U_l' A_l^-1 U_l``.
         """
-        L, U, V, LM, T0 = s["L"], s["U"], s["V"], s["LM"], s["T0"]
+        L, U, LM, T0, N = s["L"], s["U"], s["LM"], s["T0"], s["N"]
         k = self.first.k
+        levels = U.shape[0]
         R = np.eye(self.d) if s["R"] is None else s["R"]
         eye = np.broadcast_to(np.eye(k), L.shape)
         Linv = _batched_forward(L, np.ascontiguousarray(eye))
         Ainv = np.einsum("lji,ljk->lik", Linv, Linv)
         H = T0.T @ self.ZtZ                                   # Lambda_l' Z_l'Z_l  [levels, k, k]
-        ZtWt = self.ZtW.transpose(0, 2, 1)
-        J = (ZtWt @ T0) @ (Ainv @ H) - ZtWt                  # [levels, d, k]
-        Vflat = V.reshape(-1, self.d)
-        N = self.WtW - Vflat.T @ Vflat
+        B = Ainv @ U                                          # A_l^-1 U_l  [levels, k, d]
+        Jt = np.swapaxes(H, 1, 2) @ B - self.ZtW              # J_l' (J_l = W_l'Z_l Lambda A_l^-1 H_l - W_l'Z_l)
+        base = (Ainv @ H).sum(axis=0)
         out = []
         for size in sizes:
             Ls = LM[:size, :size]
             Rs = R[:size, :size]
             P = Rs @ cho_solve((Ls, True), Rs.T)
-            UP = (U[:, :, :size].reshape(U.shape[0] * k, size) @ P).reshape(U.shape[0], k, size)  # one BLAS call
-            inner = H + UP @ J[:, :size, :]
-            G = Ainv @ inner                                  # first-factor diagonal blocks
-            grad = [2.0 * self._factor_grad(self.first, s["parts"][0], G.sum(axis=0))]
+            BP = (B[:, :, :size].reshape(levels * k, size) @ P).reshape(levels, k, size)  # one BLAS call
+            # first-factor diagonal blocks of Omega_S^-1 Lambda' C, summed over levels:
+            # sum_l A_l^-1 (H_l + U_l P J_l) = sum_l A_l^-1 H_l + sum_l B_l P J_l  (one tensordot)
+            Gsum = base + np.tensordot(BP, Jt[:, :, :size], axes=([0, 2], [0, 2]))
+            grad = [2.0 * self._factor_grad(self.first, s["parts"][0], Gsum)]
             if self.dense:
                 GW = cho_solve((Ls, True), Rs.T @ N[:size, :size])
                 off = 0
