@@ -6,6 +6,14 @@ process CPU time of `fis_interventions.stats.lmm_2x2` (repeats interleaved acros
 
     python bench/stats_speed.py                 # both designs, 3 repeats
     python bench/stats_speed.py --only crossed --repeats 1
+    python bench/stats_speed.py --startup [--old-rev 6cba802]   # `fis stats` start-up, new vs old code
+
+``--startup`` times fresh processes of ``fis stats --help`` and of a small fit (``tests/golden/factorial_items.csv``,
+240 rows, ``--item``: ANOVA, by-item ANOVA, maximal LMM simplified once with its likelihood-ratio test), each with
+this checkout's code and with ``--old-rev``'s (exported by ``git archive`` to a temporary folder), in turns;
+it prints the median wall and CPU (user + sys) seconds of each leg and the median old/new ratio, and the floor: a
+process that only imports the third-party packages a fit needs (typer with its pydantic adapters, pandas,
+scipy.optimize, which brings scipy.linalg, .sparse and .special).
 
 Designs (simulated with by-item and by-prompt random slopes, seed 0):
 * ``one``: one grouping factor, 80,000 rows (2,000 items x 4 cells x 10 observations);
@@ -18,8 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one core, as lme4 runs; idle BLAS threads would bill spin time as CPU
@@ -62,9 +75,10 @@ def crossed(seed: int = 0, items: int = 600, prompts: int = 24, per_item: int = 
                          "B": np.where(xb > 0, "b2", "b1"), "y": y})
 
 
-def fit(name: str, data: pd.DataFrame) -> tuple[float, dict]:
-    from fis_interventions.stats import lmm_2x2
+from fis_interventions.stats import lmm_2x2  # noqa: E402  (imported before timing: R's times exclude loading lme4)
 
+
+def fit(name: str, data: pd.DataFrame) -> tuple[float, dict]:
     random = "correlated" if name == "crossed-correlated" else "uncorrelated"
     prompt = "prompt" if name.startswith("crossed") else None
     start = time.process_time()
@@ -73,11 +87,71 @@ def fit(name: str, data: pd.DataFrame) -> tuple[float, dict]:
     return cpu, {"structure": res.structure, "loglik": res.loglik, "df_AB": float(res.fixed["df"].iloc[3])}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_FIT = ["stats", str(ROOT / "tests" / "golden" / "factorial_items.csv"), "--dv", "logit_shift",
+             "--factor", "formality", "--factor", "emotion", "--item", "item"]
+
+
+def _run_cli(code_root: Path, argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of ``python -m fis_interventions.cli ARGV`` importing ``code_root``'s
+    package (run from there: ``-m`` puts the working folder first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fis_interventions.cli", *argv], check=True, capture_output=True,
+                   cwd=code_root, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+FLOOR = "import typer, typer._adapters, pandas, scipy.optimize"  # third-party imports a fit cannot skip
+
+
+def _run_floor() -> tuple[float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR], check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def startup(old_rev: str, repeats: int) -> None:
+    """``fis stats --help`` and a small fit in fresh processes, this checkout against ``old_rev``, in turns."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", old_rev, "fis_interventions"], check=True, cwd=ROOT,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        legs = {"fis stats --help": ["stats", "--help"], "fis stats small fit (240 rows, --item)": SMALL_FIT}
+        for argv in legs.values():  # warm the file cache (and compile both copies) once
+            _run_cli(ROOT, argv), _run_cli(Path(tmp), argv)
+        print(f"load average at start {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores); old = {old_rev}")
+        for name, argv in legs.items():
+            new, old = [], []
+            for _ in range(repeats):
+                new.append(_run_cli(ROOT, argv))
+                old.append(_run_cli(Path(tmp), argv))
+            med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in (("new", new), ("old", old))}
+            ratio = statistics.median(o[1] / n[1] for n, o in zip(new, old))
+            print(f"{name:40s} new wall {med['new'][0]:5.2f} s CPU {med['new'][1]:5.2f} s | old wall "
+                  f"{med['old'][0]:5.2f} s CPU {med['old'][1]:5.2f} s | old/new CPU median {ratio:.2f}")
+        floor = [_run_floor() for _ in range(repeats)]
+        print(f"{'floor: ' + FLOOR:40s} wall {statistics.median(f[0] for f in floor):5.2f} s CPU "
+              f"{statistics.median(f[1] for f in floor):5.2f} s (no fis code)")
+        print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(R_REFERENCE), action="append")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--startup", action="store_true", help="time `fis stats` start-up instead (new vs --old-rev)")
+    ap.add_argument("--old-rev", default="6cba802", help="git revision of the 'old' leg of --startup")
     args = ap.parse_args()
+    if args.startup:
+        startup(args.old_rev, max(args.repeats, 5))
+        return
     names = args.only or list(R_REFERENCE)
     data = {"one": one_factor(), "crossed": crossed(), "crossed-correlated": None}
     data["crossed-correlated"] = data["crossed"]

@@ -75,6 +75,8 @@ def _variance_ci(design: Any, lmm: Any, warnings: list[str]) -> list[dict[str, A
     from .compare import profile_ci
 
     if not lmm.converged or lmm.fitted_structure is None:
+        warnings.append("profile CIs of the random-effect SDs not computed: the LMM was not fitted (see the "
+                        "warning above)")
         return []
     structure = lmm.fitted_structure
     rows, notes = profile_ci(design, structure, start=lmm.theta, cache=lmm.problems)
