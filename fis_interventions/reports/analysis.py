@@ -27,6 +27,7 @@ from ..stats import add_qvalues, analyze_2x2
 from ..stats.structure import MIN_RANDOM_LEVELS
 from .inference import (FAMILIES, groups, is_primary, manipulation_check, primary_of, verdicts,
                         vs_controls)
+from .parallel import pmap
 from .runfolder import Run
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,15 @@ def _quiet_engine() -> Iterator[list[str]]:
         logger.setLevel(old)
 
 
+def _test_job(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: dict[str, list[str]],
+              crossed: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], list[str], list[str]]:
+    """One test as a worker runs it (:func:`.parallel.pmap`): :func:`_one_test` plus the Python warnings it
+    raised, caught here because a worker process cannot hand them to the parent's catcher."""
+    with _quiet_engine() as caught:
+        row, detail, notes = _one_test(sub, key, a, b, levels, crossed)
+    return row, detail, notes, caught
+
+
 def _label(key: dict[str, Any]) -> str:
     return (f"{key['design']} {key['point']}#{key['feature']} {key['intervention']}={key['value']:g} "
             f"[{key['position']}] {key['readout']}")
@@ -141,7 +151,8 @@ def _term_rows(table: list[dict[str, Any]] | None, key: dict[str, Any], a: str, 
 def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: dict[str, list[str]],
               crossed: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], list[str]]:
     data = sub.rename(columns={"a": a, "b": b})
-    res = analyze_2x2(data, "shift", a, b, item="item", levels=levels, prompt="prompt_id" if crossed else None)
+    res = analyze_2x2(data, "shift", a, b, item="item", levels=levels, prompt="prompt_id" if crossed else None,
+                      compare=False)  # the report shows no likelihood-ratio test of a simplification
     notes = list(res["warnings"])
     inter_term = f"{a}:{b}"
     anova = {r["term"]: r for r in res["anova"]}
@@ -190,12 +201,13 @@ def _items_for_80(res: dict[str, Any], prompts: int, p: float | None) -> int | N
     except FisError:
         return None
     spec = replace(spec, prompts=prompts, reps=max(1, spec.reps // prompts))
-    return items_needed(power_curve(spec, POWER_GRID, n_sims=1000, seed=0), 0.8)
+    return items_needed(power_curve(spec, POWER_GRID, n_sims=1000, seed=0, stop_at=0.8), 0.8)
 
 
-def analyze_run(run: Run) -> Analysis:
+def analyze_run(run: Run, workers: int | None = None) -> Analysis:
     """Run every test of a run folder, the manipulation check and the feature-vs-matched-controls tests, correct
-    within each family (BH; see :data:`FAMILY`) and reach the verdicts (:mod:`.inference`)."""
+    within each family (BH; see :data:`FAMILY`) and reach the verdicts (:mod:`.inference`). The tests run on
+    ``workers`` processes (default :func:`.parallel.report_workers`); the numbers do not depend on it."""
     res = run.results
     rows: list[dict[str, Any]] = []
     details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "random": [], "cells": []}
@@ -205,6 +217,8 @@ def analyze_run(run: Run) -> Analysis:
         raise FisError("the results have no contrast readouts (readout_kind 'contrast'): nothing to test",
                        source=run.folder / "results.sqlite", fix="define contrasts in the design's readout")
     selected = selections(run)
+    jobs: list[tuple[Any, ...]] = []
+    selections_of: list[str] = []
     primary, primary_notes = primary_of(run)
     for note in primary_notes:
         warns.setdefault(note, []).append("(primary test)")
@@ -217,15 +231,19 @@ def analyze_run(run: Run) -> Analysis:
             for keyvals, sub in dsub.groupby(KEYS, sort=True):
                 key = dict(zip(KEYS, keyvals))
                 key["feature"], key["value"] = str(key["feature"]), float(key["value"])
-                crossed = sub["prompt_id"].nunique() > 1
-                row, detail, notes = _one_test(sub, key, a, b, levels, crossed)
-                row["selection"] = selection(selected, str(design_name), key["point"], key["feature"],
-                                             set(sub["item"].astype(str)))
-                rows.append(row)
-                for name, part in detail.items():
-                    details[name] += part
-                for note in dict.fromkeys(notes):
-                    warns.setdefault(note, []).append(_label(key))
+                jobs.append((sub, key, a, b, levels, bool(sub["prompt_id"].nunique() > 1)))
+                selections_of.append(selection(selected, str(design_name), key["point"], key["feature"],
+                                               set(sub["item"].astype(str))))
+        # every test is independent and deterministic: fitted on the cores there are, same numbers as serial
+        for (_, key, *_), chosen, (row, detail, notes, caught) in zip(jobs, selections_of,
+                                                                      pmap(_test_job, jobs, workers)):
+            row["selection"] = chosen
+            rows.append(row)
+            for name, part in detail.items():
+                details[name] += part
+            for note in dict.fromkeys(notes):
+                warns.setdefault(note, []).append(_label(key))
+            python_warnings += caught
         vs = vs_controls(run, primary)
     for msg in dict.fromkeys(python_warnings):
         warns.setdefault(msg, []).append("(python warning during the analysis)")

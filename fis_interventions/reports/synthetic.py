@@ -33,7 +33,8 @@ FEATURES = [  # (feature, role, main effect of A, interaction on the planted rea
 
 
 def synthetic_results(seed: int = 0, n_items: int = 10, n_prompts: int = 2,
-                      values: Sequence[float] = (0.0, 1.0, 4.0), noise: float = 0.5) -> pd.DataFrame:
+                      values: Sequence[float] = (0.0, 1.0, 4.0), noise: float = 0.5,
+                      features: Sequence[tuple[int, str, float, float]] = FEATURES) -> pd.DataFrame:
     """The ``results`` table of a synthetic run (see module docstring for what is planted)."""
     rng = np.random.default_rng(seed)
     (fa, la), (fb, lb) = FACTORS.items()
@@ -45,7 +46,7 @@ def synthetic_results(seed: int = 0, n_items: int = 10, n_prompts: int = 2,
                 for r in [*CONTRASTS, "formal", "__kl__"] for i in range(n_items) for ia in range(2)
                 for ib in range(2) for p in range(n_prompts)}
     rows: list[dict[str, Any]] = []
-    for feature, role, main_a, inter in FEATURES:
+    for feature, role, main_a, inter in features:
         for value in values:
             dose = value - 1.0  # scale 1 is the identity clamp
             for readout in [*CONTRASTS, "formal", "__kl__"]:
@@ -77,7 +78,9 @@ def synthetic_results(seed: int = 0, n_items: int = 10, n_prompts: int = 2,
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def run_info(n_items: int, n_prompts: int, values: Sequence[float], seed: int) -> dict[str, Any]:
+def run_info(n_items: int, n_prompts: int, values: Sequence[float], seed: int,
+             features: Sequence[tuple[int, str, float, float]] = FEATURES,
+             matched: dict[int, int] | None = None) -> dict[str, Any]:
     """The ``run.json`` content matching :func:`synthetic_results`."""
     from ..provenance import provenance
 
@@ -89,20 +92,25 @@ def run_info(n_items: int, n_prompts: int, values: Sequence[float], seed: int) -
                                               "prompts": [f"Prompt {p}:" for p in range(n_prompts)],
                                               "contrasts": CONTRASTS}},
             "features": [{"point": POINT, "feature": str(f), "role": r,
-                          **({"screen": {"F_ab": 26.7, "p_ab": 1e-6, "q_ab": 0.003}} if r == "top" else {})}
-                         for f, r, _, _ in FEATURES],
+                          **({"screen": {"F_ab": 26.7, "p_ab": 1e-6, "q_ab": 0.003}} if r == "top" else {}),
+                          **({"matched_to": str((matched or {})[f])} if f in (matched or {}) else {})}
+                         for f, r, _, _ in features],
             "warnings": ["synthetic data: no model was run"]}
     return json.loads(json.dumps(info))  # a fresh copy: callers may edit it without touching FACTORS
 
 
 def write_synthetic_run(folder: str | Path, seed: int = 0, n_items: int = 10, n_prompts: int = 2,
-                        values: Sequence[float] = (0.0, 1.0, 4.0), extras: bool = True) -> Path:
-    """Write a synthetic run folder (``extras`` adds ``screening.csv`` and ``eval.json``); returns it."""
+                        values: Sequence[float] = (0.0, 1.0, 4.0), extras: bool = True,
+                        features: Sequence[tuple[int, str, float, float]] = FEATURES,
+                        matched: dict[int, int] | None = None) -> Path:
+    """Write a synthetic run folder (``extras`` adds ``screening.csv`` and ``eval.json``); returns it.
+    ``features`` replaces the three default features (``(id, role, main effect of A, interaction)``) and
+    ``matched`` names a control's feature (control id -> feature id, run.json ``matched_to``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = synthetic_results(seed, n_items, n_prompts, values)
-    (folder / "run.json").write_text(json.dumps(run_info(n_items, n_prompts, values, seed), indent=2),
-                                     encoding="utf-8")
+    table = synthetic_results(seed, n_items, n_prompts, values, features=features)
+    (folder / "run.json").write_text(json.dumps(run_info(n_items, n_prompts, values, seed, features, matched),
+                                                indent=2), encoding="utf-8")
     with sqlite3.connect(folder / "results.sqlite") as con:
         table.to_sql("results", con, index=False, if_exists="replace")
     con.close()

@@ -25,6 +25,7 @@ from .analysis import ALPHA, EXPLORATORY, KEYS, Analysis, analyze_run, feature_v
 from .inference import ALTERNATIVE, primary_table, verdict_sentence
 from .cards import feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
+from .parallel import pmap
 from .render import Doc, fmt, to_html, to_markdown
 from .runfolder import Run, load_run
 from .simple_effects import primary_simple_effects
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 NOOP_ABS_TOL = 1e-5
 """A no-op clamp passes its check when every shift is within float noise: at most this (score units) or
 1e-3 of the typical effect of the real clamps, whichever is larger."""
+
+
+def _draw(plot: Any, *args: Any) -> Path:
+    """One figure job of :func:`build` (a picklable call for :func:`.parallel.pmap`)."""
+    return plot(*args)
 
 
 def _reading_order(role: str) -> int:
@@ -294,6 +300,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
               f"histogram on the {first['harvest']['split_rule']} of `{first['harvest']['folder']}`, the tokens "
               "its output direction promotes and suppresses (logit lens), and for integration features the SAE "
               "latent pairs that drive it. The cards are also in `cards/` (Markdown and JSON).")
+    plots: list[tuple[Any, ...]] = []  # drawn together below, on the cores there are (read only by to_html)
     for design_name, design in run.info.designs.items():
         a, b = design.names
         dtests = tests[tests["design"] == design_name]
@@ -310,10 +317,10 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
             cells = analysis.cells
             fcells = cells[(cells["design"] == design_name) & (cells["point"] == point) & (cells["feature"] == feature)]
             title = f"{design_name}: feature {feature} ({role})"
-            p1 = interaction_plot(fcells, a, b, design.factors, title, figures / f"interaction_{stem}.png")
+            p1, p2 = figures / f"interaction_{stem}.png", figures / f"dose_{stem}.png"
+            plots += [(interaction_plot, fcells, a, b, design.factors, title, p1), (dose_plot, ftests, title, p2)]
             doc.fig(p1, f"figures/{p1.name}", f"Cell means of the shift with 95% CIs (LMM): x = {a}, one line per "
                     f"{b}; rows: readouts, columns: clamps. Feature {feature}.")
-            p2 = dose_plot(ftests, title, figures / f"dose_{stem}.png")
             doc.fig(p2, f"figures/{p2.name}", f"A x B interaction contrast (primary model, 95% CI) across clamp "
                     f"values. Feature {feature}.")
             for index in feature_indices(feature):
@@ -338,6 +345,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
             doc.only("md", [("p", "Every term of every fit: `tables/anova.csv`, `tables/rm_anova.csv`, "
                                   "`tables/lmm.csv` (and in `report.html`).")])
 
+    pmap(_draw, plots)
     if not analysis.kl.empty:
         doc.h(1, "KL divergence of the clamps")
         doc.table(analysis.kl, "KL(clean || edited) of the next-token distribution, per clamp.")

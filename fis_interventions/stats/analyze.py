@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = None,
                 levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
                 prompt: str | None = None, prompt_role: str = "auto", simple: Sequence[str] = (),
-                variance_ci: bool = False) -> dict[str, Any]:
+                variance_ci: bool = False, compare: bool = True) -> dict[str, Any]:
     """Type III ANOVA, by-item RM-ANOVA, LMM, interaction contrast and cell means, as plain JSON data.
 
     Keys: ``anova``, ``rm_anova`` and ``lmm`` (None without ``item``), ``contrast`` (interaction, cells,
@@ -30,7 +30,9 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     None, and ``warnings`` says why. The LMM has the random effects of ``random`` (default: maximal,
     uncorrelated; see :mod:`.structure`) and, with ``prompt``, prompts as a fixed (< 5) or crossed factor
     (``prompt_role``: auto / fixed / random). ``simple``: factors whose simple effects to add (key
-    ``simple_effects``); ``variance_ci``: profile CIs of the SDs (key ``variance_ci``).
+    ``simple_effects``); ``variance_ci``: profile CIs of the SDs (key ``variance_ci``); ``compare=False``
+    skips the likelihood-ratio tests of a simplified random structure against the maximal one (ML refits
+    that change no other number; the battery report does not show them).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=prompt if item else None)
     from .simple import check_simple_factor, simple_effects_records
@@ -51,7 +53,8 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
         warnings += info["warnings"]
         out["rm_anova"] = records(rm)
         out["n_items_complete"] = info["n_items_complete"]
-        lmm = lmm_design(design, method=method, random=random, extra_random=prompt, prompt_role=prompt_role)
+        lmm = lmm_design(design, method=method, random=random, extra_random=prompt, prompt_role=prompt_role,
+                         compare=compare)
         warnings += lmm.warnings
         out["lmm"] = lmm.to_dict()
         if simple:

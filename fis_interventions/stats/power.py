@@ -165,11 +165,13 @@ def _interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 
 def power_curve(spec: PowerSpec, items: Sequence[int], n_sims: int = 1000, seed: int = 0, alpha: float = 0.05,
-                engine: str = "auto") -> pd.DataFrame:
+                engine: str = "auto", stop_at: float | None = None) -> pd.DataFrame:
     """Power of the interaction test at each N in ``items``: rejections / n_sims with a 95% Clopper-Pearson CI.
 
     ``engine``: ``closed`` (balanced closed form), ``fit`` (full REML fits) or ``auto`` (closed form unless
-    there are 5 or more prompts, which the primary model treats as crossed random effects).
+    there are 5 or more prompts, which the primary model treats as crossed random effects). ``stop_at``: end
+    the curve at the first N whose power reaches it (the grid is simulated in order from one seeded stream,
+    so every row, and :func:`items_needed` for that target, is the same as on the full curve).
     """
     spec.check()
     items = [int(n) for n in items]
@@ -193,6 +195,8 @@ def power_curve(spec: PowerSpec, items: Sequence[int], n_sims: int = 1000, seed:
         rows.append({"n_items": n, "power": k / n_sims, "ci_low": low, "ci_high": high, "rejections": k,
                      "n_sims": n_sims, "mean_estimate": float(np.nanmean(est)),
                      "median_df": float(np.nanmedian(df))})
+        if stop_at is not None and k / n_sims >= stop_at:
+            break
     return pd.DataFrame(rows)
 
 
