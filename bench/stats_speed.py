@@ -6,6 +6,7 @@ process CPU time of `fis_interventions.stats.lmm_2x2` (repeats interleaved acros
 
     python bench/stats_speed.py                 # both designs, 3 repeats
     python bench/stats_speed.py --only crossed --repeats 1
+    python bench/stats_speed.py --old-leg [--old-rev 6cba802]  # also the old code's fit, in turns (subprocess)
     python bench/stats_speed.py --startup [--old-rev 6cba802]   # `fis stats` start-up, new vs old code
 
 ``--startup`` times fresh processes of ``fis stats --help`` and of a small fit (``tests/golden/factorial_items.csv``,
@@ -25,6 +26,7 @@ Designs (simulated with by-item and by-prompt random slopes, seed 0):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -117,12 +119,29 @@ def _run_floor() -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _export(rev: str, into: Path) -> None:
+    """``rev``'s package (``git archive``) into ``into``, for an old leg run in a subprocess."""
+    archive = subprocess.run(["git", "archive", rev, "fis_interventions"], check=True, cwd=ROOT,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def _old_fit(code_root: Path, name: str, new_info: dict) -> float:
+    """CPU seconds of the old code's fit of ``name`` (a subprocess importing ``code_root``'s package; the
+    data are the same seeded simulation). Its logLik must equal the new fit's (to 1e-4)."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name], check=True,
+                         capture_output=True, text=True, cwd=code_root, env=env).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    if abs(res["loglik"] - new_info["loglik"]) > 1e-4:
+        print(f"warning: {name}: old logLik {res['loglik']:.6f} != new {new_info['loglik']:.6f}")
+    return float(res["cpu"])
+
+
 def startup(old_rev: str, repeats: int) -> None:
     """``fis stats --help`` and a small fit in fresh processes, this checkout against ``old_rev``, in turns."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", old_rev, "fis_interventions"], check=True, cwd=ROOT,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        _export(old_rev, Path(tmp))
         legs = {"fis stats --help": ["stats", "--help"], "fis stats small fit (240 rows, --item)": SMALL_FIT}
         for argv in legs.values():  # warm the file cache (and compile both copies) once
             _run_cli(ROOT, argv), _run_cli(Path(tmp), argv)
@@ -147,20 +166,33 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(R_REFERENCE), action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--startup", action="store_true", help="time `fis stats` start-up instead (new vs --old-rev)")
-    ap.add_argument("--old-rev", default="6cba802", help="git revision of the 'old' leg of --startup")
+    ap.add_argument("--old-rev", default="6cba802", help="git revision of the 'old' legs (--startup, --old-leg)")
+    ap.add_argument("--old-leg", action="store_true",
+                    help="also time --old-rev's code on each design, in turns with this checkout's")
+    ap.add_argument("--worker", choices=sorted(R_REFERENCE), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.startup:
         startup(args.old_rev, max(args.repeats, 5))
         return
     names = args.only or list(R_REFERENCE)
+    if args.worker:
+        cpu, info = fit(args.worker, one_factor() if args.worker == "one" else crossed())
+        print(json.dumps({"cpu": cpu, **info}))
+        return
     data = {"one": one_factor(), "crossed": crossed(), "crossed-correlated": None}
     data["crossed-correlated"] = data["crossed"]
     times: dict[str, list[float]] = {n: [] for n in names}
+    old: dict[str, list[float]] = {n: [] for n in names}
     info: dict[str, dict] = {}
-    for _ in range(args.repeats):  # interleaved: one fit of each design per round
-        for n in names:
-            cpu, info[n] = fit(n, data[n])
-            times[n].append(cpu)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.old_leg:
+            _export(args.old_rev, Path(tmp))
+        for _ in range(args.repeats):  # interleaved: one fit of each design (and its old leg) per round
+            for n in names:
+                cpu, info[n] = fit(n, data[n])
+                times[n].append(cpu)
+                if args.old_leg:
+                    old[n].append(_old_fit(Path(tmp), n, info[n]))
     print(f"load average {os.getloadavg()[0]:.2f}; R times from {R_SOURCE}")
     print(f"{'design':20s} {'rows':>7s} {'fis CPU s':>10s} {'lme4 CPU s':>10s} {'fis/lme4':>9s}  structure")
     for n in names:
@@ -168,6 +200,10 @@ def main() -> None:
         print(f"{n:20s} {len(data[n]):7d} {med:10.2f} {R_REFERENCE[n]:10.1f} {med / R_REFERENCE[n]:9.2f}  "
               f"{info[n]['structure']} (runs {', '.join(f'{t:.2f}' for t in times[n])}; "
               f"logLik {info[n]['loglik']:.4f})")
+        if args.old_leg:
+            ratio = statistics.median(o / t for o, t in zip(old[n], times[n]))
+            print(f"{'':20s} {'':7s} old ({args.old_rev}) {statistics.median(old[n]):.2f} s CPU; old/new median "
+                  f"{ratio:.2f} (runs {', '.join(f'{t:.2f}' for t in old[n])})")
 
 
 if __name__ == "__main__":
