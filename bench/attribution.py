@@ -1,16 +1,21 @@
 """Attribution vs real clamps, and attribution screen time vs activation screen time, on a real checkpoint.
 
     python bench/attribution.py --checkpoint /work/shared-runs/demo/joint/checkpoint \
-        [--design stimuli/formality_emotion.yaml] [--items 4] [--features 40] [--clamp 5] [--steps 8] \
+        [--design stimuli/formality_emotion.yaml] [--items 4] [--features 40] [--steps 8] \
+        [--clamps zero scale:4 scale:-4 set_max:1 set_max:5] \
         [--speed-reps 2] [--out /work/scratch/attribution/validation.json]
 
 Validation: on the discovery items (first ``--items`` of them), the estimated contrast shift of every feature
 (:func:`fis_interventions.attribution.attribute`, ``attribution`` and ``ig``) is compared with the shift the
 battery measures (its own stacked pass: ``interventions.battery._stacked_logits``, copy 0 clean) for
 ``--features`` features per point (half the largest |estimate|, half random among those active on the rows),
-per stimulus row (stimulus x prompt), for zero ablation and ``set`` to ``--clamp`` x the feature's largest
-activation on the rows. Prints Spearman and Pearson per point and clamp value, and the overlap of the top 20 by
-interaction effect (within-item contrast of the per-stimulus shift) between estimate and measurement.
+per stimulus row (stimulus x prompt), for every ``--clamps`` condition (default: zero ablation, the demo
+battery's ``scale`` 4 and -4, ``set`` to 1x and 5x the feature's largest activation on the rows). Prints
+Spearman and Pearson per point and clamp value (over all feature x row pairs and over the pairs where the
+feature is active on the row), the Spearman of the interaction effect (within-item contrast of the
+per-stimulus shift) over features and the overlap of the top 20 by |interaction| between estimate and
+measurement, and, for the largest 10% of measured shifts, the median |estimate| / |measured| and the sign
+agreement (where a linear estimate fails first). ``ig`` is compared for zero ablation (its path).
 
 Speed: ``fis screen`` (the Python API, the model loaded once) with ``--method activation`` and with
 ``--method attribution`` (which computes the activation screen too) on every point of the checkpoint and every
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,9 +60,10 @@ def discovery_rows(design, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, d
 
 
 @torch.no_grad()
-def measured_shifts(attached, design, rows: pd.DataFrame, targets: list[tuple[str, int, float]],
+def measured_shifts(attached, design, rows: pd.DataFrame, targets: list[tuple],
                     contrast: str, batch_size: int = 8, max_blocks: int = 24) -> np.ndarray:
-    """The battery's measured contrast shift [n_rows, n_targets] of ``set feature = value`` per target."""
+    """The battery's measured contrast shift [n_rows, n_targets] per target ``(point, feature, value)`` (``set
+    feature = value``) or ``(point, feature, value, kind)`` (kind ``set``, ``scale``, ``add``)."""
     tok = attached.split.bridge.tokenizer
     readouts = Readouts.for_design(design, tok)
     out = np.empty((len(rows), len(targets)))
@@ -65,7 +72,8 @@ def measured_shifts(attached, design, rows: pd.DataFrame, targets: list[tuple[st
         prep = _prepare(attached, encode_rows(part, tok))
         for c in range(0, len(targets), max_blocks):
             chunk = targets[c:c + max_blocks]
-            blocks = [(Target(p, (j,), "bench"), Condition("set", v, "all", v)) for p, j, v in chunk]
+            blocks = [(Target(t[0], (t[1],), "bench"), Condition(t[3] if len(t) > 3 else "set", t[2], "all", t[2]))
+                      for t in chunk]
             logits = _stacked_logits(attached, prep, prep.enc.readout.unsqueeze(1), blocks)[:, 0]
             con = readouts.scores(logits)[1][contrast].double().view(len(blocks) + 1, len(part))
             out[s:s + len(part), c:c + len(chunk)] = (con[1:] - con[:1]).T.cpu().numpy()
@@ -100,6 +108,64 @@ def interaction(X: np.ndarray, rows: pd.DataFrame, design) -> np.ndarray:
     return (w / n) @ X / rows["item"].nunique()
 
 
+CLAMPS = ("zero", "scale:4", "scale:-4", "set_max:1", "set_max:5")
+
+
+def parse_clamp(spec: str) -> tuple[str, float]:
+    """``zero`` | ``scale:S`` | ``add:A`` | ``set:V`` | ``set_max:M`` (set to M x the feature's max on the rows)."""
+    if spec == "zero":
+        return "set", 0.0
+    kind, _, value = spec.partition(":")
+    if kind not in ("scale", "add", "set", "set_max") or not value:
+        raise SystemExit(f"--clamps: bad entry {spec!r} (use zero, scale:S, add:A, set:V, set_max:M)")
+    return kind, float(value)
+
+
+def agreement(est: np.ndarray, real: np.ndarray, active: np.ndarray, rows: pd.DataFrame, design) -> dict:
+    """Spearman / Pearson of estimate vs measurement over feature x row pairs (all pairs, and the pairs where
+    the feature is active on the row: inactive pairs of ``set 0`` / ``scale`` are exactly 0 on both sides);
+    the interaction contrast's Spearman over features and the overlap of the top 20 by |interaction|."""
+    x, y = est.ravel(), real.ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    act = ok & active.ravel()
+    ia, ir = interaction(est, rows, design), interaction(real, rows, design)
+    k = min(20, est.shape[1])
+    top_e, top_r = set(np.argsort(-np.abs(ia))[:k]), set(np.argsort(-np.abs(ir))[:k])
+    big = ok & (np.abs(y) >= np.quantile(np.abs(y[ok]), 0.9))  # the largest 10% of measured shifts
+
+    def corr(mask: np.ndarray, fn) -> float | None:
+        return float(fn(x[mask], y[mask])[0]) if mask.sum() > 2 and np.std(x[mask]) > 0 and np.std(y[mask]) > 0 \
+            else None
+
+    return {"pairs": int(ok.sum()), "spearman": corr(ok, sps.spearmanr), "pearson": corr(ok, sps.pearsonr),
+            "active_pairs": int(act.sum()), "spearman_active": corr(act, sps.spearmanr),
+            "pearson_active": corr(act, sps.pearsonr),
+            "interaction_spearman": float(sps.spearmanr(ia, ir)[0]), "top_k": k,
+            "top_overlap": len(top_e & top_r),
+            "median_abs_ratio_active": float(np.median(np.abs(x[act]) / np.maximum(np.abs(y[act]), 1e-9)))
+            if act.any() else None,
+            "largest10pct_median_abs_ratio": float(np.median(np.abs(x[big]) / np.maximum(np.abs(y[big]), 1e-9))),
+            "largest10pct_sign_agreement": float(np.mean(np.sign(x[big]) == np.sign(y[big])))}
+
+
+@torch.no_grad()
+def active_on_rows(attached, rows: pd.DataFrame, points) -> dict[str, np.ndarray]:
+    """[n_rows, width] bool per point: the feature is non-zero at some kept position of the row."""
+    tok = attached.split.bridge.tokenizer
+    out: dict[str, list] = {p: [] for p in points}
+    for s in range(0, len(rows), 16):
+        prep = _prepare(attached, encode_rows(rows.iloc[s:s + 16], tok))
+        t = prep.resid.shape[1]
+        row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
+        res = attached.joint(prep.x, "full")
+        vals = {"sae.hook_latents": res.latents.dense(), "nfm.hook_hidden": res.hidden,
+                "secondary.hook_latents": res.secondary_latents.dense()}
+        for p in points:
+            nz = (vals[p] != 0).to(torch.int32)
+            out[p].append((nz.new_zeros(len(prep.enc.tokens), nz.shape[1]).index_add_(0, row_of, nz) > 0).numpy())
+    return {p: np.concatenate(v) for p, v in out.items()}
+
+
 def validate(args, bridge) -> dict:
     design = read_design(args.design)
     attached = attach(bridge, args.checkpoint)
@@ -107,56 +173,52 @@ def validate(args, bridge) -> dict:
     items = [str(i) for i in split["discovery"]][:args.items]
     rows = rows[rows["item"].astype(str).isin(items)].reset_index(drop=True)
     points = [p for p in DEFAULT_POINTS if p in attached.joint.hook_points()]
-    t0 = time.perf_counter()
-    lin = attribute(attached, design, rows, args.points or points, method="attribution", batch_size=8)
-    t_lin = time.perf_counter() - t0
     if args.points:
         points = [p for p in points if p in args.points]
+    t0 = time.perf_counter()
+    lin = attribute(attached, design, rows, points, method="attribution", batch_size=8)
+    t_lin = time.perf_counter() - t0
     t0 = time.perf_counter()
     ig = (attribute(attached, design, rows, points, method="ig", steps=args.steps, batch_size=8) if args.steps
           else None)
     t_ig = time.perf_counter() - t0
-    print(json.dumps({"rows": len(rows), "seconds_attribution": round(t_lin, 1), "seconds_ig": round(t_ig, 1)}),
-          flush=True)
+    print(json.dumps({"rows": len(rows), "seconds_attribution": round(t_lin, 1), "seconds_ig": round(t_ig, 1),
+                      "load": os.getloadavg()}), flush=True)
     fmax = feature_max(attached, design, rows, points)
+    active = active_on_rows(attached, rows, points)
     rng = np.random.default_rng(args.seed)
     report: dict = {"design": str(args.design), "items": items, "rows": len(rows), "contrast": lin.contrast,
                     "steps": args.steps, "seconds": {"attribution": t_lin, "ig": t_ig}, "points": {}}
     for point in points:
         est0 = lin.estimate(point, "set", 0.0)
-        active = np.flatnonzero(fmax[point] > 0)
-        by_size = active[np.argsort(-np.abs(est0[:, active]).sum(0))]
+        live = np.flatnonzero(fmax[point] > 0)
+        by_size = live[np.argsort(-np.abs(est0[:, live]).sum(0))]
         half = args.features // 2
         chosen = list(by_size[:half])
-        rest = np.setdiff1d(active, chosen)
+        rest = np.setdiff1d(live, chosen)
         chosen += list(rng.choice(rest, size=min(len(rest), args.features - len(chosen)), replace=False))
         chosen = np.array(sorted(chosen))
-        entry: dict = {"features": len(chosen)}
-        for label, mult in (("zero", 0.0), (f"set_{args.clamp:g}x_max", args.clamp))[:1 if args.zero_only else 2]:
-            values = [float(mult * fmax[point][j]) for j in chosen]
-            real = measured_shifts(attached, design, rows, [(point, int(j), v) for j, v in zip(chosen, values)],
+        entry: dict = {"features": len(chosen), "rows": len(rows)}
+        for spec in args.clamps:
+            kind, v = parse_clamp(spec)
+            values = [float(v * fmax[point][j]) if kind == "set_max" else v for j in chosen]
+            bkind = "set" if kind == "set_max" else kind
+            t0 = time.perf_counter()
+            real = measured_shifts(attached, design, rows,
+                                   [(point, int(j), val, bkind) for j, val in zip(chosen, values, strict=True)],
                                    lin.contrast)
-            res = {}
+            res: dict = {"seconds_measured": round(time.perf_counter() - t0, 1)}
+            act = active[point][:, chosen] if bkind in ("set", "scale") and (bkind == "scale" or v == 0) \
+                else np.ones_like(real, dtype=bool)
             for name, r in (("attribution", lin), ("ig", ig)):
-                if r is None:
-                    continue
-                est = np.column_stack([r.A[point][:, j] * v - r.B[point][:, j] for j, v in zip(chosen, values)])
-                if name == "ig" and mult != 0:
+                if r is None or (name == "ig" and spec != "zero"):
                     continue  # ig integrates the zero-ablation path only
-                x, y = est.ravel(), real.ravel()
-                ok = np.isfinite(x) & np.isfinite(y)
-                ia, ir = interaction(est, rows, design), interaction(real, rows, design)
-                k = min(20, len(chosen))
-                top_e, top_r = set(np.argsort(-np.abs(ia))[:k]), set(np.argsort(-np.abs(ir))[:k])
-                res[name] = {"spearman": float(sps.spearmanr(x[ok], y[ok])[0]),
-                             "pearson": float(sps.pearsonr(x[ok], y[ok])[0]),
-                             "interaction_spearman": float(sps.spearmanr(ia, ir)[0]),
-                             f"top{k}_overlap": len(top_e & top_r) / k,
-                             "median_abs_ratio": float(np.median(np.abs(x[ok]) / np.maximum(np.abs(y[ok]), 1e-9))),
-                             "pairs": int(ok.sum())}
-            entry[label] = res
+                est = np.column_stack([r.estimate(point, bkind, val)[:, j] for j, val in
+                                       zip(chosen, values, strict=True)])
+                res[name] = agreement(est, real, act, rows, design)
+            entry[spec] = res
+            print(json.dumps({point: {spec: res}, "load": os.getloadavg()}), flush=True)
         report["points"][point] = entry
-        print(json.dumps({point: entry}), flush=True)
     return report
 
 
@@ -180,10 +242,10 @@ def main() -> None:
                     "formality_emotion.yaml")
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--features", type=int, default=40)
-    ap.add_argument("--clamp", type=float, default=5.0, help="large clamp: set to this x the feature's max")
+    ap.add_argument("--clamps", nargs="+", default=list(CLAMPS),
+                    help="zero, scale:S, add:A, set:V, set_max:M (M x the feature's max on the rows)")
     ap.add_argument("--steps", type=int, default=8, help="integrated-gradient points (0: no ig leg)")
     ap.add_argument("--points", nargs="+", default=None, help="only these points (default: every point)")
-    ap.add_argument("--zero-only", action="store_true", help="only zero ablation (no large-clamp leg)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speed-reps", type=int, default=2)
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")

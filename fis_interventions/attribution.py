@@ -229,6 +229,89 @@ class AttributionResult:
         raise FisError(f"unknown clamp kind {kind!r}", field="kind", fix="use set, zero, scale or add")
 
 
+class Attributor:
+    """Accumulates the per-row estimates batch by batch, so a caller that already runs the prefix (the activation
+    screen, :func:`fis_interventions.screening.collect`) can hand its pass over instead of running a second one.
+
+    Construction checks everything that can be refused before any model work: the method, ``steps``, the
+    contrast, the readout's ``multi_token`` and the target words (one line, exit 2)."""
+
+    def __init__(self, attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str],
+                 contrast: str | None = None, method: str = "attribution", steps: int = 16) -> None:
+        from .interventions.battery import Readouts
+
+        if method not in GRADIENT_METHODS:
+            raise FisError(f"unknown attribution method {method!r}", field="--method",
+                           fix="use attribution or ig")
+        check_steps(steps)
+        self.contrast = choose_contrast(design, contrast)
+        if design.readout.multi_token != "first_token":
+            raise FisError("attribution reads first-token scores only", source=design.source,
+                           field="readout.multi_token", fix="use multi_token: first_token, or --method activation")
+        self.attached, self.points, self.method, self.steps = attached, list(points), method, steps
+        self.tokenizer = attached.split.bridge.tokenizer
+        self.readouts = Readouts.for_design(design, self.tokenizer)  # unknown target words fail here (exit 2)
+        self.warnings = list(self.readouts.warnings)
+        nfm = attached.joint.nfm
+        if nfm is not None and nfm.top_m:
+            self.warnings.append("the NFM keeps only its top_m latents: the SAE-point gradient ignores that "
+                                 "selection")
+        self.rows = rows.reset_index(drop=True)
+        self.A: dict[str, np.ndarray] = {}
+        self.B: dict[str, np.ndarray] = {}
+        self.clean = np.full(len(self.rows), np.nan)
+        self.done = np.zeros(len(self.rows), dtype=bool)
+
+    def encode(self, start: int, stop: int) -> Any:
+        """The battery's encoding of rows ``start:stop`` (tokens, readout positions, masks)."""
+        from .interventions.battery import encode_rows
+
+        return encode_rows(self.rows.iloc[start:stop], self.tokenizer)
+
+    def batch(self, start: int, enc: Any, prefix: tuple[torch.Tensor, Any] | None = None, out: Any = None) -> None:
+        """Estimates of rows ``start:start+len(enc.tokens)``: one suffix forward+backward (``attribution``) or
+        ``steps`` per point (``ig``). ``prefix``: ``(resid, state)`` of exactly these tokens, already computed;
+        ``out``: the clean joint forward on the kept inputs, already computed."""
+        from .interventions.battery import _prepare
+
+        prep = _prepare(self.attached, enc, prefix)
+        n = len(prep.enc.tokens)
+        t = prep.resid.shape[1]
+        row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
+        g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast)
+        if out is None:
+            out = joint_values(self.attached, prep.x)
+        if self.method == "attribution":
+            terms = point_terms(self.attached, g, out, self.points, row_of, n)
+        else:
+            terms = ig_path_terms(self.attached, prep, self.readouts, self.contrast, self.points, self.steps,
+                                  row_of, n, out)
+        for p, tm in terms.items():
+            if p not in self.A:
+                self.A[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
+                self.B[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
+            self.A[p][start:start + n] = tm.A.double().cpu().numpy()
+            self.B[p][start:start + n] = tm.B.double().cpu().numpy()
+        self.clean[start:start + n] = value.double().cpu().numpy()
+        self.done[start:start + n] = True
+
+    def run(self, batch_size: int = 16, progress: bool = False) -> None:
+        """Every batch of rows not yet covered (by :meth:`batch` calls from a shared pass), ``batch_size`` rows
+        at a time, each with its own prefix pass."""
+        from tqdm.auto import tqdm
+
+        n = len(self.rows)
+        todo = [s for s in range(0, n, batch_size) if not self.done[s:s + batch_size].all()]
+        for start in tqdm(todo, disable=not progress or not todo, desc=f"screen {self.method}", unit="batch"):
+            self.batch(start, self.encode(start, min(n, start + batch_size)))
+
+    def result(self) -> AttributionResult:
+        if not self.done.all():
+            raise FisError(f"attribution covered {int(self.done.sum())} of {len(self.done)} rows (internal error)")
+        return AttributionResult(self.rows, self.A, self.B, self.clean, self.contrast, self.method,
+                                 self.steps if self.method == "ig" else None, self.warnings)
+
+
 def attribute(attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str], contrast: str | None = None,
               method: str = "attribution", steps: int = 16, batch_size: int = 16, progress: bool = False
               ) -> AttributionResult:
@@ -236,49 +319,10 @@ def attribute(attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[s
 
     ``rows``: the battery's expanded rows (stimulus x prompt, :func:`~fis_interventions.designs.expand`), e.g.
     the discovery items only. ``method``: ``attribution`` (one backward per batch) or ``ig`` (``steps``
-    backward passes per point and batch; zero ablation path, see :func:`ig_terms`)."""
-    from tqdm.auto import tqdm
-
-    from .interventions.battery import Readouts, _prepare, encode_rows
-
-    if method not in GRADIENT_METHODS:
-        raise FisError(f"unknown attribution method {method!r}", field="--method",
-                       fix="use attribution or ig")
-    check_steps(steps)
-    name = choose_contrast(design, contrast)
-    if design.readout.multi_token != "first_token":
-        raise FisError("attribution reads first-token scores only", source=design.source,
-                       field="readout.multi_token", fix="use multi_token: first_token, or --method activation")
-    tokenizer = attached.split.bridge.tokenizer
-    readouts = Readouts.for_design(design, tokenizer)  # unknown target words fail here (one line, exit 2)
-    joint = attached.joint
-    warnings = list(readouts.warnings)
-    if joint.nfm is not None and joint.nfm.top_m:
-        warnings.append("the NFM keeps only its top_m latents: the SAE-point gradient ignores that selection")
-    rows = rows.reset_index(drop=True)
-    n = len(rows)
-    A: dict[str, np.ndarray] = {}
-    B: dict[str, np.ndarray] = {}
-    clean = np.empty(n)
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"screen {method}", unit="batch"):
-        part = rows.iloc[start:start + batch_size]
-        prep = _prepare(attached, encode_rows(part, tokenizer))
-        t = prep.resid.shape[1]
-        row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
-        g, value = contrast_grad(attached, prep, readouts, name)
-        out = joint_values(attached, prep.x)
-        if method == "attribution":
-            terms = point_terms(attached, g, out, points, row_of, len(part))
-        else:
-            terms = ig_path_terms(attached, prep, readouts, name, points, steps, row_of, len(part), out)
-        for p, tm in terms.items():
-            if p not in A:
-                A[p] = np.empty((n, tm.A.shape[1]), dtype=np.float64)
-                B[p] = np.empty((n, tm.A.shape[1]), dtype=np.float64)
-            A[p][start:start + len(part)] = tm.A.double().cpu().numpy()
-            B[p][start:start + len(part)] = tm.B.double().cpu().numpy()
-        clean[start:start + len(part)] = value.double().cpu().numpy()
-    return AttributionResult(rows, A, B, clean, name, method, steps if method == "ig" else None, warnings)
+    backward passes per point and batch; zero ablation path, see :func:`ig_path_terms`)."""
+    acc = Attributor(attached, design, rows, points, contrast, method, steps)
+    acc.run(batch_size, progress)
+    return acc.result()
 
 
 @torch.no_grad()

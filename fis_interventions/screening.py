@@ -125,7 +125,8 @@ def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: 
 @torch.no_grad()
 def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
             aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16, progress: bool = False,
-            extra_joints: Sequence[Any] = (), regions: Sequence[Sequence[int]] | None = None) -> Collected:
+            extra_joints: Sequence[Any] = (), regions: Sequence[Sequence[int]] | None = None,
+            on_batch: Any = None) -> Collected:
     """Each point's value per stimulus over its kept positions, for the checkpoint and for ``extra_joints``
     (e.g. a random-init model of the same shapes) from ONE model forward pass per batch up to the hook.
     ``regions`` (with ``aggregate="critical"``): the token positions of each stimulus's critical region (index
@@ -133,6 +134,9 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
 
     Batches are right-padded; the exclusion rule (and padding) decides the kept positions, exactly as when the
     checkpoint is spliced into the model. Results are written batch by batch into preallocated arrays.
+    ``on_batch(start, ids, mask, resid, state, out)``: called with each batch's prefix pass and the checkpoint's
+    clean joint forward at the exclusion rule's kept positions (``out`` is None under ``regions``), so the
+    attribution screen reuses this pass (:func:`~fis_interventions.screening_attribution.shared_pass`).
     """
     from tqdm.auto import tqdm
 
@@ -153,8 +157,9 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="screen", unit="batch"):
         seqs = [list(s) for s in token_lists[start:start + batch_size]]
         ids, mask = pad_right(seqs, pad_id)
-        resid, _ = split.prefix(ids, mask)
+        resid, state = split.prefix(ids, mask)
         keep = splice.keep_mask(ids, resid, mask)
+        unrestricted = keep
         if regions is not None:
             region = torch.zeros_like(keep)
             for r, positions in enumerate(regions[start:start + len(seqs)]):
@@ -171,6 +176,7 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
         tokens[start:start + b] = counts.cpu().numpy()
         row = keep.nonzero()[:, 0]  # the stimulus of each kept position, in position order
         x = splice.inputs(resid[keep])
+        clean = None
         for model, out in zip(joints, outs, strict=True):
             seen: dict[str, torch.Tensor] = {}
 
@@ -180,7 +186,9 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
                 return fn
 
             components = "full" if model.nfm is not None else "sae"
-            model(x, components, edit={p: observer(p) for p in points})
+            result = model(x, components, edit={p: observer(p) for p in points})
+            if clean is None:
+                clean = result
             for p in points:
                 if p not in seen:
                     raise FisError(f"point {p!r} was not reached by a forward pass with components "
@@ -190,6 +198,8 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
                 if p not in out:
                     out[p] = np.empty((n, value.shape[-1]), dtype=np.float32)
                 out[p][start:start + b] = agg.cpu().numpy()
+        if on_batch is not None:
+            on_batch(start, ids, mask, resid, state, clean if keep is unrestricted else None)
     return Collected(outs[0], tokens, outs[1:])
 
 
@@ -263,6 +273,31 @@ def length_warning(tokens: np.ndarray, rows: pd.DataFrame, cells: list[str], ite
             "length alone (an artifact the screen ranks as an effect); use --aggregate last or max")
 
 
+def screen_blocks(blocks: dict[Any, np.ndarray], rows: pd.DataFrame, a: str, b: str,
+                  levels: dict[str, list[str]], item: str | None = None) -> dict[Any, pd.DataFrame]:
+    """:func:`~fis_interventions.stats.screen.screen_features` of every block ([n_stimuli, width], e.g. one per
+    point, or per point x method x clamp) in ONE vectorised call on their concatenation (the design is parsed
+    and the contrasts solved once for all features), split back per block: ``feature`` counts from 0 within a
+    block and ``q_ab`` is BH within the block. The activation and the attribution screens both use it."""
+    from .stats.fdr import fdr_bh
+    from .stats.screen import screen_features
+
+    keys = list(blocks)
+    widths = [blocks[k].shape[1] for k in keys]
+    X = np.concatenate([np.asarray(blocks[k], dtype=float) for k in keys], axis=1) if keys else np.empty((len(rows), 0))
+    table = screen_features(X, rows, a, b, levels=levels, item=item)
+    out: dict[Any, pd.DataFrame] = {}
+    stop = 0
+    for key, width in zip(keys, widths, strict=True):
+        start, stop = stop, stop + width
+        part = table.iloc[start:stop].reset_index(drop=True)
+        part["feature"] = np.arange(width)
+        part["q_ab"] = fdr_bh(part["p_ab"].to_numpy())
+        part.attrs = dict(table.attrs)
+        out[key] = part
+    return out
+
+
 def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str, b: str,
                  levels: dict[str, list[str]], item: str | None = None) -> pd.DataFrame:
     """Concatenate per-point screens; ``q_ab`` is BH over every non-degenerate feature of every point.
@@ -273,15 +308,13 @@ def screen_table(activations: dict[str, np.ndarray], rows: pd.DataFrame, a: str,
     very few stimuli firing); ``flagged`` features are kept in the table but are not ``hit`` s and are never
     among the top features."""
     from .stats.fdr import fdr_bh
-    from .stats.screen import screen_features
     from .stats.screen_flags import join_flags, level_and_rarity_flags, shared_statistic_groups
 
     parts = []
-    for point, X in activations.items():
-        part = screen_features(X, rows, a, b, levels=levels, item=item).rename(
-            columns={"q_ab": "q_ab_within_point"})
+    for point, part in screen_blocks(activations, rows, a, b, levels, item).items():
+        part = part.rename(columns={"q_ab": "q_ab_within_point"})
         part.insert(0, "point", point)
-        part["artifact_flags"] = level_and_rarity_flags(X, rows, levels)
+        part["artifact_flags"] = level_and_rarity_flags(activations[point], rows, levels)
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     table.insert(table.columns.get_loc("q_ab_within_point"), "q_ab", fdr_bh(table["p_ab"].to_numpy()))
@@ -521,9 +554,16 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     check_stimuli_fit(bridge, [len(t) for t in token_lists],
                       [f"item {i}, cell {c}" for i, c in zip(rows["item"], rows["cell"], strict=True)],
                       source=str(design))
+    accs: dict[str, Any] = {}
+    on_batch = None
+    if methods != ["activation"]:  # readout, contrast and target words checked before any model work
+        from .screening_attribution import attributors, shared_pass
+
+        accs = attributors(attached, d, rows, chosen, methods, steps=steps, contrast=contrast)
+        on_batch = shared_pass(accs, rows)
     extra = [random_init_joint(attached.joint, null_seed)] if random_init else []
     collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra,
-                        regions=regions)
+                        regions=regions, on_batch=on_batch)
     acts = collected.values
     if aggregate == "critical":
         kept = pd.Series(collected.tokens).groupby(rows["item"].astype(str).to_numpy()).nunique()
@@ -568,9 +608,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     if methods != ["activation"]:
         from .screening_attribution import add_attribution, rank_column, ranked_top
 
-        table, attr_summary = add_attribution(table, attached, d, rows, chosen, methods, a=a, b=b, levels=levels,
-                                              item=item_col, steps=steps, clamps=clamps, contrast=contrast,
-                                              batch_size=batch_size, progress=progress)
+        table, attr_summary = add_attribution(table, accs, rows, a=a, b=b, levels=levels, item=item_col,
+                                              steps=steps, clamps=clamps, batch_size=batch_size,
+                                              progress=progress)
         warnings += attr_summary.pop("warnings")
         table = table.sort_values([rank_column(methods[0]), "point", "feature"], na_position="last",
                                   kind="stable").reset_index(drop=True)

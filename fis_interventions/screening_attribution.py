@@ -18,36 +18,54 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .attribution import GRADIENT_METHODS, AttributionResult, attribute, check_steps, clamp_label, parse_methods
+from .attribution import GRADIENT_METHODS, AttributionResult, Attributor, check_steps, clamp_label, parse_methods
+
+
+def prompt_means(rows: pd.DataFrame, stim_rows: pd.DataFrame) -> np.ndarray:
+    """[n_stimuli, n_rows]: the averaging matrix from readout rows (stimulus x prompt) to the stimuli of
+    ``stim_rows`` (mean over the prompts of each (item, cell)); one matrix product per estimate."""
+    index = {k: i for i, k in enumerate(zip(stim_rows["item"].astype(str), stim_rows["cell"].astype(str),
+                                            strict=True))}
+    slot = np.array([index[k] for k in zip(rows["item"].astype(str), rows["cell"].astype(str), strict=True)])
+    M = np.zeros((len(stim_rows), len(rows)))
+    M[slot, np.arange(len(rows))] = 1.0
+    counts = M.sum(1, keepdims=True)
+    if (counts == 0).any():
+        raise ValueError("a stimulus has no readout row")
+    return M / counts
 
 
 def per_stimulus(result: AttributionResult, stim_rows: pd.DataFrame, point: str, value: float) -> np.ndarray:
     """The estimated shift of clamping each feature to ``value`` [n_stimuli, width], averaged over the prompts
     of each (item, cell), in the order of ``stim_rows`` (the activation screen's rows)."""
-    est = result.estimate(point, "set", value)
-    keys = pd.MultiIndex.from_arrays([result.rows["item"].astype(str), result.rows["cell"].astype(str)])
-    frame = pd.DataFrame(est, index=keys)
-    means = frame.groupby(level=[0, 1], sort=False).mean()
-    order = pd.MultiIndex.from_arrays([stim_rows["item"].astype(str), stim_rows["cell"].astype(str)])
-    return means.reindex(order).to_numpy()
+    return prompt_means(result.rows, stim_rows) @ result.estimate(point, "set", value)
 
 
 def attribution_table(results: dict[str, AttributionResult], stim_rows: pd.DataFrame, a: str, b: str,
                       levels: dict[str, list[str]], item: str | None, clamps: Sequence[float]) -> pd.DataFrame:
-    """``point, feature`` + the columns of every method and clamp value (see the module docstring)."""
+    """``point, feature`` + the columns of every method and clamp value (see the module docstring). Every
+    (method, clamp, point) block is tested in one vectorised call (:func:`~fis_interventions.screening.
+    screen_blocks`, shared with the activation screen); BH per (method, clamp) over every point."""
+    from .screening import screen_blocks
     from .stats.fdr import fdr_bh
-    from .stats.screen import screen_features
 
+    la, lb = levels[a], levels[b]
+    blocks: dict[tuple[str, float, str], np.ndarray] = {}
+    for method, res in results.items():
+        M = prompt_means(res.rows, stim_rows)
+        for value in clamps:
+            for point in res.A:
+                blocks[method, value, point] = M @ res.estimate(point, "set", value)
+    tested = screen_blocks(blocks, stim_rows, a, b, levels, item)
     parts: list[pd.DataFrame] = []
     for method, res in results.items():
         for value in clamps:
             prefix = f"{method}_{clamp_label(value)}_"
             per_point = []
             for point in res.A:
-                X = per_stimulus(res, stim_rows, point, value)
-                s = screen_features(X, stim_rows, a, b, levels=levels, item=item)
-                la, lb = levels[a], levels[b]
+                s = tested[method, value, point]
                 cell = {(x, y): s[f"mean_{x}_{y}"].to_numpy() for x in la for y in lb}
                 effect = cell[la[0], lb[0]] - cell[la[0], lb[1]] - cell[la[1], lb[0]] + cell[la[1], lb[1]]
                 part = pd.DataFrame({"point": point, "feature": s["feature"].to_numpy(), "effect": effect,
@@ -62,27 +80,59 @@ def attribution_table(results: dict[str, AttributionResult], stim_rows: pd.DataF
     return pd.concat(parts, axis=1).reset_index()
 
 
-def add_attribution(table: pd.DataFrame, attached: Any, design: Any, stim_rows: pd.DataFrame,
-                    points: Sequence[str], methods: Sequence[str], *, a: str, b: str,
-                    levels: dict[str, list[str]], item: str | None, steps: int = 16,
-                    clamps: Sequence[float] = (), contrast: str | None = None, batch_size: int = 16,
-                    progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The activation ``table`` with the attribution columns merged in (same rows), and the summary entries.
-
-    The readout rows are the battery's: every prompt of every discovery stimulus in ``stim_rows``."""
+def attributors(attached: Any, design: Any, stim_rows: pd.DataFrame, points: Sequence[str],
+                methods: Sequence[str], *, steps: int = 16, contrast: str | None = None) -> dict[str, Attributor]:
+    """One :class:`~fis_interventions.attribution.Attributor` per gradient method over the battery's readout
+    rows of the stimuli in ``stim_rows`` (every prompt of every discovery stimulus). Built before any model work:
+    a bad contrast, readout or target word is refused here (one line, exit 2)."""
     from .designs import expand
 
     rows = expand(design)
     keep = set(zip(stim_rows["item"].astype(str), stim_rows["cell"].astype(str), strict=True))
     rows = rows[[(str(i), str(c)) in keep for i, c in zip(rows["item"], rows["cell"], strict=True)]]
+    return {m: Attributor(attached, design, rows, points, contrast=contrast, method=m, steps=steps)
+            for m in methods if m in GRADIENT_METHODS}
+
+
+def shared_pass(accs: dict[str, Attributor], stim_rows: pd.DataFrame) -> Any:
+    """The callback :func:`~fis_interventions.screening.collect` calls with each batch's prefix pass and clean
+    joint forward, when the readout rows ARE the stimuli (a design without prompts: one row per stimulus, in the
+    same order), so the attribution reuses the activation screen's pass instead of running its own; ``None``
+    otherwise. A batch whose tokens differ from the battery's encoding (e.g. another pad id) is run apart."""
+    if not accs:
+        return None
+    rows = next(iter(accs.values())).rows
+    same = (len(rows) == len(stim_rows)
+            and (rows["item"].astype(str).to_numpy() == stim_rows["item"].astype(str).to_numpy()).all()
+            and (rows["cell"].astype(str).to_numpy() == stim_rows["cell"].astype(str).to_numpy()).all())
+    if not same:
+        return None
+
+    def on_batch(start: int, ids: torch.Tensor, mask: torch.Tensor, resid: torch.Tensor, state: Any,
+                 out: Any) -> None:
+        for acc in accs.values():
+            enc = acc.encode(start, start + len(ids))
+            match = (enc.tokens.shape == ids.shape and torch.equal(enc.tokens.to(ids.device), ids)
+                     and torch.equal(enc.mask.to(mask.device).to(mask.dtype), mask))
+            acc.batch(start, enc, (resid, state) if match else None, out if match else None)
+
+    return on_batch
+
+
+def add_attribution(table: pd.DataFrame, accs: dict[str, Attributor], stim_rows: pd.DataFrame, *, a: str, b: str,
+                    levels: dict[str, list[str]], item: str | None, steps: int = 16, clamps: Sequence[float] = (),
+                    batch_size: int = 16, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The activation ``table`` with the attribution columns merged in (same rows), and the summary entries.
+    Rows the shared pass did not cover (a design with prompts) are run here, ``batch_size`` at a time."""
+    for acc in accs.values():
+        acc.run(batch_size, progress)
+    results = {m: acc.result() for m, acc in accs.items()}
     values = list(dict.fromkeys([0.0, *map(float, clamps)]))
-    results = {m: attribute(attached, design, rows, points, contrast=contrast, method=m, steps=steps,
-                            batch_size=batch_size, progress=progress) for m in methods if m in GRADIENT_METHODS}
     first = next(iter(results.values()))
     extra = attribution_table(results, stim_rows, a, b, levels, item, values)
     merged = table.merge(extra, on=["point", "feature"], how="left", validate="one_to_one")
     summary = {"contrast": first.contrast, "clamps": values, "steps": steps if "ig" in results else None,
-               "readout_rows": int(len(rows)),
+               "readout_rows": int(len(first.rows)),
                "estimate": "first-order (attribution) / integrated-gradient (ig) estimate of the battery's "
                            "contrast shift when the feature is set to the clamp value at every kept position; "
                            "per stimulus the mean over the prompts",

@@ -182,3 +182,32 @@ def test_card_and_report_show_the_attribution_per_cell():
     attribution_section(doc, run)
     md = to_markdown(doc)
     assert "Attribution screen" in md and "est. negated.negative" in md
+
+
+def test_shared_pass_gives_the_same_estimates_as_a_separate_pass(ckpt, tiny_bridge, monkeypatch):
+    """A design without prompts: the attribution reuses the activation screen's prefix pass and joint forward
+    (one pass instead of two); its columns equal those of a run that makes its own passes."""
+    import fis_interventions.screening_attribution as sa
+    from fis_interventions.screening import screen
+
+    design = Path(__file__).resolve().parents[1] / "stimuli" / "agreement_attractor.yaml"
+    calls = {"prefix": 0}
+    real_prefix = type(tiny_bridge_split := attach(tiny_bridge, ckpt).split).prefix
+
+    def counting(self, *a, **k):
+        calls["prefix"] += 1
+        return real_prefix(self, *a, **k)
+
+    monkeypatch.setattr(type(tiny_bridge_split), "prefix", counting)
+    kw = dict(bridge=tiny_bridge, batch_size=7, progress=False, method="activation,attribution", permutations=0,
+              random_init=False)
+    shared = screen(ckpt, design, **kw).table
+    n_shared = calls["prefix"]
+    monkeypatch.setattr(sa, "shared_pass", lambda accs, rows: None)
+    calls["prefix"] = 0
+    apart = screen(ckpt, design, **kw).table
+    assert n_shared * 2 == calls["prefix"] and n_shared > 1
+    cols = [c for c in shared.columns if c.startswith("attribution_")]
+    key = ["point", "feature"]
+    a, b = shared.sort_values(key)[cols].to_numpy(float), apart.sort_values(key)[cols].to_numpy(float)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)

@@ -200,12 +200,14 @@ class Prepared:
 
 
 @torch.no_grad()
-def _prepare(attached: Attached, enc: Encoded) -> Prepared:
+def _prepare(attached: Attached, enc: Encoded, prefix: tuple[torch.Tensor, PrefixState] | None = None
+             ) -> Prepared:
     """Prefix pass, kept positions and where-masks of a batch: its one host sync (the number of kept
     positions is data-dependent); every condition after it reuses these tensors. The batch's tensors reach
-    the device here, once (tokens, mask, readout and stimulus positions)."""
+    the device here, once (tokens, mask, readout and stimulus positions). ``prefix``: the ``(resid, state)``
+    of the same tokens from a pass already made (the screen shares its pass with the attribution)."""
     enc = enc.to(attached.split.device)
-    resid, state = attached.split.prefix(enc.tokens, enc.mask)
+    resid, state = prefix if prefix is not None else attached.split.prefix(enc.tokens, enc.mask)
     keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
     keep_idx = keep.reshape(-1).nonzero().squeeze(1)
     x = attached.splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
