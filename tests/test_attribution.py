@@ -211,3 +211,36 @@ def test_shared_pass_gives_the_same_estimates_as_a_separate_pass(ckpt, tiny_brid
     key = ["point", "feature"]
     a, b = shared.sort_values(key)[cols].to_numpy(float), apart.sort_values(key)[cols].to_numpy(float)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def _no_contrast(tmp_path: Path) -> Path:
+    text = DESIGN.read_text()
+    start = text.index("  contrasts:")
+    path = tmp_path / "no_contrast.yaml"
+    path.write_text(text[:start] + "".join(line + "\n" for line in text[start:].splitlines()[2:]))
+    return path
+
+
+def _unknown_word(tmp_path: Path) -> Path:
+    """The design with one target word the tokenizer maps to its unknown token."""
+    design = read_design(DESIGN)
+    name, words = next(iter(design.readout.targets.items()))
+    text = DESIGN.read_text()
+    path = tmp_path / "unknown_word.yaml"
+    path.write_text(text.replace(f"[{', '.join(words)}]", f"[{', '.join(['<|endoftext|>', *words[1:]])}]", 1))
+    assert path.read_text() != text
+    return path
+
+
+@pytest.mark.parametrize("make,needle", [(_no_contrast, "contrast"), (_unknown_word, "unknown token")])
+def test_bad_readout_exits_2_with_one_line_and_writes_nothing(ckpt, capsys, tmp_path, make, needle):
+    """A readout without a contrast, or a target word missing from the vocabulary: ``fis screen --method
+    attribution`` exits 2 with one line naming the field and the fix, before any output is written."""
+    design = make(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _run_cli(capsys, ["screen", "--checkpoint", str(ckpt), "--design", str(design),
+                                     "--model", "tiny-random", "--method", "attribution", "--out", str(out)])
+    lines = [line for line in err.strip().splitlines() if "Warning" not in line and line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert "fix" in lines[0].lower() or "use" in lines[0] or "choose" in lines[0]
+    assert not out.exists()
