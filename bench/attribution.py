@@ -226,7 +226,7 @@ def speed(args, bridge) -> dict:
     legs = {method: (lambda method=method: screen(args.checkpoint, args.design, bridge=bridge, method=method,
                                                   progress=False, batch_size=16))
             for method in ("activation", "attribution")}
-    times = interleave(legs, rounds=args.speed_reps, warmup=0)  # legs in turns (bench/interleave.py)
+    times = interleave(legs, rounds=args.speed_reps, warmup=1)  # legs in turns (bench/interleave.py)
     med = {k: float(np.median(v)) for k, v in times.items()}
     r = ratio(times["attribution"], times["activation"])
     out = {"seconds": times, "median": med, "ratio": r.median, "ratio_iqr": [r.q1, r.q3],

@@ -252,6 +252,12 @@ class Attributor:
         self.tokenizer = attached.split.bridge.tokenizer
         self.readouts = Readouts.for_design(design, self.tokenizer)  # unknown target words fail here (exit 2)
         self.warnings = list(self.readouts.warnings)
+        if method == "ig":
+            self.warnings.append(
+                "ig integrates the path that scales every feature of a point together (completeness over the "
+                "point): each feature's share of ablating the whole point, not the effect of clamping it alone; "
+                "on the demo checkpoint it ranked single-feature ablations worse than the first-order "
+                "'attribution' estimate (docs/attribution.md)")
         nfm = attached.joint.nfm
         if nfm is not None and nfm.top_m:
             self.warnings.append("the NFM keeps only its top_m latents: the SAE-point gradient ignores that "

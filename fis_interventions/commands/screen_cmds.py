@@ -46,7 +46,9 @@ def screen_command(
                                                            "cards; default: the checkpoint's")] = None,
     method: Annotated[str, typer.Option("--method", help="activation, attribution (gradient x change: the "
                                         "estimated effect of clamping each feature on the readout contrast), ig "
-                                        "(integrated gradients), or a comma-separated list; the first ranks")
+                                        "(integrated gradients over the whole point's ablation path: each "
+                                        "feature's share of ablating the point, not its single clamp; see "
+                                        "docs/attribution.md), or a comma-separated list; the first ranks")
                       ] = "activation",
     steps: Annotated[int, typer.Option("--steps", help="integrated-gradient points (--method ig)")] = 16,
     clamp: Annotated[list[float] | None, typer.Option("--clamp", help="clamp value attributed besides zero "
