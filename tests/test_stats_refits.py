@@ -161,3 +161,29 @@ def test_simple_naming_no_factor_is_one_line_exit_2(tmp_path, capsys, name):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--simple" in err[0] and f"'{name}'" in err[0] and "(A, B)" in err[0]
     assert not out.exists()
+
+
+def test_report_simple_effects_come_from_the_tests_own_fits(tmp_path, monkeypatch):
+    """The report's simple effects of significant primary interactions are contrasts of the fit each test already
+    had (Analysis.simple): the same numbers as a refit, and no LMM is fitted again to get them."""
+    from test_report_verdict import _run
+
+    from fis_interventions.reports.analysis import KEYS, analyze_run
+    from fis_interventions.reports.simple_effects import primary_simple_effects
+    from fis_interventions.reports.runfolder import load_run
+
+    run = load_run(_run(tmp_path / "r"))
+    analysis = analyze_run(run, workers=1)
+    refit = primary_simple_effects(run, analysis.tests, KEYS)
+    assert refit and not analysis.simple.empty
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("the primary LMM was refitted for simple effects")
+
+    monkeypatch.setattr(lmm_module, "lmm_design", no_refit)
+    stored = primary_simple_effects(run, analysis.tests, KEYS, stored=analysis.simple)
+    assert len(stored) == len(refit)
+    for s, r in zip(stored, refit):
+        assert s["test"] == r["test"] and s["factor"] == r["factor"] and s["at"] == r["at"]
+        for k in ("estimate", "se", "df", "p", "p_holm", "ci_low", "ci_high"):
+            assert s[k] == pytest.approx(r[k], rel=1e-6, abs=1e-12), k

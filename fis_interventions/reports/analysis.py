@@ -89,6 +89,7 @@ class Analysis:
     manipulation: pd.DataFrame = field(default_factory=pd.DataFrame)  # clean readout by cell, per readout
     vs_controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # feature minus matched controls
     verdicts: list[dict[str, Any]] = field(default_factory=list)
+    simple: pd.DataFrame = field(default_factory=pd.DataFrame)  # simple effects of both factors, every test's LMM
 
 
 # Library warnings a reader cannot act on in the library's words, said in ours (pattern -> our sentence).
@@ -152,7 +153,8 @@ def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: di
               crossed: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], list[str]]:
     data = sub.rename(columns={"a": a, "b": b})
     res = analyze_2x2(data, "shift", a, b, item="item", levels=levels, prompt="prompt_id" if crossed else None,
-                      compare=False)  # the report shows no likelihood-ratio test of a simplification
+                      compare=False,  # the report shows no likelihood-ratio test of a simplification
+                      simple=(a, b), simple_below=ALPHA)  # contrasts of this fit, for significant ones (no refit)
     notes = list(res["warnings"])
     inter_term = f"{a}:{b}"
     anova = {r["term"]: r for r in res["anova"]}
@@ -178,7 +180,8 @@ def _one_test(sub: pd.DataFrame, key: dict[str, Any], a: str, b: str, levels: di
               "lmm": _term_rows(lmm.get("fixed"), key, a, b, model=model),
               "random": [{**key, **r} for r in lmm.get("random_effects") or []],
               "cells": [{**key, "A": c[a], "B": c[b], **{k: v for k, v in c.items() if k not in (a, b)}}
-                        for c in res["contrast"]["cells"]]}
+                        for c in res["contrast"]["cells"]],
+              "simple": [{**key, **r} for r in res.get("simple_effects") or []]}
     primary = {k: inter[k] for k in ("estimate", "se", "df", "ci_low", "ci_high", "p")}
     row.update(primary_model="lmm_items_prompts" if crossed else "lmm_items", estimate=primary["estimate"],
                se=primary["se"], df=primary["df"], ci_low=primary["ci_low"], ci_high=primary["ci_high"],
@@ -210,7 +213,8 @@ def analyze_run(run: Run, workers: int | None = None) -> Analysis:
     ``workers`` processes (default :func:`.parallel.report_workers`); the numbers do not depend on it."""
     res = run.results
     rows: list[dict[str, Any]] = []
-    details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "random": [], "cells": []}
+    details: dict[str, list[dict[str, Any]]] = {"anova": [], "rm_anova": [], "lmm": [], "random": [], "cells": [],
+                                                "simple": []}
     warns: dict[str, list[str]] = {}
     contrasts = res[res["readout_kind"] == "contrast"]
     if contrasts.empty:
@@ -285,6 +289,7 @@ def analyze_run(run: Run, workers: int | None = None) -> Analysis:
     verdict = verdicts(run, tests, vs, manip, primary) if not tests.empty else []
     return Analysis(tests=tests, anova=pd.DataFrame(details["anova"]), rm_anova=pd.DataFrame(details["rm_anova"]),
                     lmm=pd.DataFrame(details["lmm"]), cells=pd.DataFrame(details["cells"]), kl=kl_table,
+                    simple=pd.DataFrame(details["simple"]),
                     warnings=warns, random=pd.DataFrame(details["random"]), primary=primary, manipulation=manip,
                     vs_controls=vs, verdicts=verdict)
 

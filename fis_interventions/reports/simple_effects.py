@@ -1,10 +1,12 @@
 """Report hook: simple effects for every significant primary interaction (issue 24).
 
 A significant A x B interaction says the effect of A differs between the levels of B; a reader then asks
-what the effect of A *is* at each level. :func:`simple_effects_for_tests` refits nothing it does not need:
-it takes the rows the battery analysis tested (one per design x feature x intervention x value x readout) and,
-for those whose primary interaction is significant (``q < alpha``), computes the simple effects of both
-factors from the same primary LMM (:func:`fis_interventions.stats.simple.simple_effects_records`).
+what the effect of A *is* at each level. The battery analysis (:func:`..reports.analysis.analyze_run`)
+computes the simple effects of both factors from each test's own primary LMM (contrasts of that fit,
+:func:`fis_interventions.stats.simple.simple_effects_records`) and :func:`primary_simple_effects` keeps those
+of the tests whose primary interaction is significant (``q < alpha``), refitting nothing.
+:func:`simple_effects_for_tests` does the same from the rows alone (one refit per significant test) for
+callers without stored effects.
 :func:`simple_effects_section` renders them as Markdown lines for the report.
 """
 
@@ -69,13 +71,19 @@ def simple_effects_section(effects: Iterable[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def primary_simple_effects(run: Any, tests: pd.DataFrame, keys: list[str], alpha: float = ALPHA
-                           ) -> list[dict[str, Any]]:
+def primary_simple_effects(run: Any, tests: pd.DataFrame, keys: list[str], alpha: float = ALPHA,
+                           stored: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Simple effects for every significant test of the primary family of a battery run (``tests`` from
-    :func:`..reports.analysis.analyze_run`; ``keys`` the columns that identify one test's rows)."""
+    :func:`..reports.analysis.analyze_run`; ``keys`` the columns that identify one test's rows).
+
+    ``stored``: the simple effects :func:`..reports.analysis.analyze_run` computed from each test's own fit
+    (``Analysis.simple``); they are used as they are (no refit). Without them each significant test's LMM is
+    refitted."""
     if tests.empty or "family" not in tests:
         return []
     primary = tests[(tests["family"] == "primary")]
+    if stored is not None and not stored.empty and alpha <= ALPHA:  # stored for interactions with p < ALPHA
+        return _stored_effects(primary, stored, keys, alpha)
     contrasts = run.results[run.results["readout_kind"] == "contrast"]
 
     def rows_of(row: pd.Series) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -89,6 +97,28 @@ def primary_simple_effects(run: Any, tests: pd.DataFrame, keys: list[str], alpha
         return (sub.rename(columns={"a": a, "b": b}),
                 {"a": a, "b": b, "levels": {a: design.factors[a], b: design.factors[b]}, "prompt": prompt})
 
-    labelled = primary.assign(label=[f"{r['design']} {r['point']} {r['feature']} ({r['readout']})"
-                                     for _, r in primary.iterrows()])
+    labelled = primary.assign(label=[_label(r) for _, r in primary.iterrows()])
     return simple_effects_for_tests(labelled, rows_of, alpha=alpha)
+
+
+def _none_if_nan(v: Any) -> Any:
+    return None if isinstance(v, float) and v != v else v
+
+
+def _label(row: pd.Series) -> str:
+    return f"{row['design']} {row['point']} {row['feature']} ({row['readout']})"
+
+
+def _stored_effects(primary: pd.DataFrame, stored: pd.DataFrame, keys: list[str], alpha: float
+                    ) -> list[dict[str, Any]]:
+    """The stored simple effects of the primary tests whose interaction is significant (``q < alpha``)."""
+    out: list[dict[str, Any]] = []
+    significant = primary[pd.to_numeric(primary["q"], errors="coerce") < alpha]
+    columns = [c for c in stored.columns if c not in keys]
+    for _, row in significant.iterrows():
+        mask = pd.Series(True, index=stored.index)
+        for k in keys:
+            mask &= stored[k] == row[k]
+        for _, eff in stored[mask].iterrows():
+            out.append({"test": _label(row), **{c: _none_if_nan(eff[c]) for c in columns}})
+    return out

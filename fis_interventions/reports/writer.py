@@ -252,7 +252,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     doc.table(prim, f"Primary tests ({_clamp_text(analysis.primary)}): A x B interaction of the primary LMM "
                     "(estimate, 95% CI, Satterthwaite df, p, BH q within its family); features first, then each "
                     "feature minus its matched controls, then the controls.")
-    effects = primary_simple_effects(run, tests, KEYS)  # only for significant primary interactions
+    effects = primary_simple_effects(run, tests, KEYS, stored=analysis.simple)  # significant primary ones only
     if effects:
         doc.table(pd.DataFrame(effects)[["test", "factor", "contrast", "at_factor", "at", "estimate", "ci_low",
                                          "ci_high", "df", "p", "p_holm"]],

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = None,
                 levels: Levels | None = None, method: str = "REML", random: str = "uncorrelated",
                 prompt: str | None = None, prompt_role: str = "auto", simple: Sequence[str] = (),
-                variance_ci: bool = False, compare: bool = True) -> dict[str, Any]:
+                variance_ci: bool = False, compare: bool = True, simple_below: float | None = None
+                ) -> dict[str, Any]:
     """Type III ANOVA, by-item RM-ANOVA, LMM, interaction contrast and cell means, as plain JSON data.
 
     Keys: ``anova``, ``rm_anova`` and ``lmm`` (None without ``item``), ``contrast`` (interaction, cells,
@@ -32,7 +33,9 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
     (``prompt_role``: auto / fixed / random). ``simple``: factors whose simple effects to add (key
     ``simple_effects``); ``variance_ci``: profile CIs of the SDs (key ``variance_ci``); ``compare=False``
     skips the likelihood-ratio tests of a simplified random structure against the maximal one (ML refits
-    that change no other number; the battery report does not show them).
+    that change no other number; the battery report does not show them). ``simple_below``: add the simple
+    effects only when the LMM's interaction p is below it (a report shows them for significant interactions
+    only, and a BH q is never below its p).
     """
     design = prepare_2x2(df, dv, a, b, item=item, levels=levels, extra_random=prompt if item else None)
     from .simple import check_simple_factor, simple_effects_records
@@ -58,7 +61,9 @@ def analyze_2x2(df: pd.DataFrame, dv: str, a: str, b: str, item: str | None = No
         warnings += lmm.warnings
         out["lmm"] = lmm.to_dict()
         if simple:
-            out["simple_effects"] = simple_effects_records(design, lmm, simple) if lmm.converged else []
+            p_inter = lmm.fixed["p"].iloc[3] if lmm.converged else None
+            wanted = simple_below is None or (p_inter is not None and p_inter < simple_below)
+            out["simple_effects"] = simple_effects_records(design, lmm, simple) if lmm.converged and wanted else []
         if variance_ci:
             out["variance_ci"] = _variance_ci(design, lmm, warnings)
     contrast = contrast_design(design, lmm, anova)
