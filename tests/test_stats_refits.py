@@ -110,6 +110,28 @@ def test_refits_reuse_the_first_fit(monkeypatch):
     assert len(built) == structures and len(sat) == 1
 
 
+def test_maximal_model_is_refitted_by_ml_once(monkeypatch):
+    """Several simplification steps each get an LRT against the maximal model; that model's ML refit is done
+    once and shared (one ML fit per structure)."""
+    ml = []
+    real = mixed.fit_mixed
+
+    def count(*args, **kwargs):
+        if kwargs.get("reml") is False:
+            ml.append(kwargs.get("problem"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixed, "fit_mixed", count)
+    monkeypatch.setattr(lmm_module, "fit_mixed", count)
+    import fis_interventions.stats.compare as compare_module
+    monkeypatch.setattr(compare_module, "fit_mixed", count)
+    res = lmm_2x2(_data(), "y", "A", "B", "item", random="correlated")
+    assert len(res.comparisons) == len(res.simplification) >= 2
+    assert len(ml) == len(res.simplification) + 1 == len({id(p) for p in ml})
+    maximal = {c["loglik_maximal"] for c in res.comparisons}
+    assert len(maximal) == 1
+
+
 def test_warm_started_lrt_equals_a_cold_one():
     """The LRT reported with a simplification (ML refits warm-started from the REML estimates, sharing their
     cross-products) equals lrt() run from lme4's start on fresh matrices."""

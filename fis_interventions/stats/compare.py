@@ -72,14 +72,19 @@ def ml_fit(design: Design2x2, structure: Structure, start: np.ndarray | None = N
     from .lmm import _problem
 
     problem = _problem(design.data, structure, cache)
+    if "ml_row" in problem.memo:  # the maximal model of several LRTs is refitted by ML once
+        return dict(problem.memo["ml_row"])
     if start is not None:
         start = _ml_start(problem.factors, start)
     fit = fit_mixed(None, None, None, reml=False, start=start, df=False, problem=problem)
     n, p = problem.X.shape
     k = _npar(structure, p)
     ll = fit.loglik
-    return {"model": structure.formula(design.a, design.b), "npar": k, "AIC": -2 * ll + 2 * k,
-            "BIC": -2 * ll + k * np.log(n), "logLik": ll, "deviance": -2 * ll, "singular": fit.singular}
+    row = {"model": structure.formula(design.a, design.b), "npar": k, "AIC": -2 * ll + 2 * k,
+           "BIC": -2 * ll + k * np.log(n), "logLik": ll, "deviance": -2 * ll, "singular": fit.singular}
+    if cache is not None:
+        problem.memo["ml_row"] = dict(row)
+    return row
 
 
 def lrt(design: Design2x2, small: Structure, large: Structure, starts: tuple[np.ndarray | None, np.ndarray | None]

@@ -114,6 +114,7 @@ class MixedProblem:
             raise ValueError("the measure has no residual variance around the fixed effects")
         self._resid = resid
         self._devs: dict[bool, ProfiledDeviance] = {}
+        self.memo: dict[str, Any] = {}  # results computed once per model (e.g. its ML refit for every LRT)
 
     def deviance(self, reml: bool) -> ProfiledDeviance:
         """The profiled deviance on the centred, scaled data (cross-products computed once for both criteria)."""
