@@ -85,6 +85,50 @@ def test_no_with_a_sesoi_and_a_screen_hit_control_is_an_alternative(tmp_path):
     assert v["answer"] == "inconclusive" and "primary.sesoi" in v["reason"]
 
 
+def _as_direction_control(run: Path, copy_of: str | None = None) -> None:
+    """Feature 7 becomes a norm-matched random direction of feature 12 (``copy_of``: its rows are replaced by
+    a copy of that feature's, labelled 12:dir0: a direction control that moves the readout exactly as the
+    feature does)."""
+    info = json.loads((run / "run.json").read_text())
+    label = "12:dir0" if copy_of else "7"
+    info["features"][2].update(feature=label, role="direction_control", matched_to="12",
+                               control_kind="random_direction", direction=0, direction_seed=1)
+    (run / "run.json").write_text(json.dumps(info))
+    with sqlite3.connect(run / "results.sqlite") as con:
+        df = pd.read_sql_query("SELECT * FROM results", con)
+        if copy_of:
+            twin = df[df["feature"] == copy_of].assign(feature=label, role="direction_control")
+            df = pd.concat([df[df["feature"] != "7"], twin], ignore_index=True)
+        else:
+            df.loc[df["feature"] == "7", "role"] = "direction_control"
+        df.to_sql("results", con, index=False, if_exists="replace")
+    con.close()
+
+
+def test_direction_controls_are_a_control_kind_of_their_own_and_must_be_beaten_too(tmp_path):
+    run = _run(tmp_path / "r")
+    _as_direction_control(run)
+    a = analyze_run(load_run(run))
+    vs = a.vs_controls.set_index("control_kind")
+    assert set(vs.index) == {"matched_latent", "random_direction"} and set(vs["feature"]) == {"12"}
+    assert vs.loc["random_direction", "controls"] == "7" and vs.loc["matched_latent", "controls"] == "345"
+    assert (a.vs_controls["q_family_size"] == 2).all()  # one vs_controls family over both kinds
+    assert (vs["q"] < 0.05).all()
+    assert set(a.tests.query("feature == '7' and primary")["family"]) == {"controls"}
+    [v] = a.verdicts
+    assert v["answer"] == "yes" and "norm-matched random directions" in v["reason"], v
+    # a direction control that moves the readout exactly as the feature does: the feature still beats its
+    # matched latent, but not its direction, so no "yes"
+    run2 = _run(tmp_path / "r2")
+    _as_direction_control(run2, copy_of="12")
+    b = analyze_run(load_run(run2))
+    row = b.vs_controls.set_index("control_kind").loc["random_direction"]
+    assert not row["q"] < 0.05  # a zero difference (the fit is degenerate: estimate NaN or 0)
+    assert np.isnan(row["estimate"]) or abs(row["estimate"]) < 1e-9
+    [v2] = b.verdicts
+    assert v2["answer"] == "inconclusive", v2
+
+
 def test_readout_factor_and_power_helpers():
     factors = {"formality": ["formal", "informal"], "emotion": ["neutral", "emotional"]}
     assert readout_factor("formality", "formal - casual", factors) == ("formality", -1)

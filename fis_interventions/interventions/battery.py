@@ -5,7 +5,9 @@ feature reuses it: the edited residual is ``clean + invert(recon_edited) - inver
 All features x conditions of the batch, plus one clean copy, are stacked into one joint-SAE pass and one
 suffix pass (split into chunks of at most ``max_batch_rows`` rows), logits are only computed at the readout
 position, and the scores come back in one device-to-host copy per pass. The clean readout is copy 0 of the
-same pass, so ``scale: 1`` reproduces the clean scores exactly on any device. One work unit = (design,
+same pass, so ``scale: 1`` reproduces the clean scores exactly on any device. A random-direction control
+(``directions:``) is a block that runs its feature's clamp and then has its residual change replaced, token by
+token, by a seeded random unit vector times that change's norm (:func:`.features.direction_deltas`). One work unit = (design,
 stimulus batch, feature); its rows are committed in one SQLite transaction, so rerunning resumes where it
 stopped.
 """
@@ -41,8 +43,8 @@ from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import PrefixState, pad_right
 from .config import BatteryConfig
-from .features import (ActivationStats, Condition, Target, conditions, resolve_features, screened_designs,
-                       stacked_edit)
+from .features import (ActivationStats, Condition, Target, conditions, direction_deltas, resolve_features,
+                       screened_designs, stacked_edit)
 from .store import ResultStore, StoreMeta, merge, read_results
 
 log = logging.getLogger(__name__)
@@ -235,6 +237,7 @@ def _stacked_logits(attached: Attached, prep: Prepared, positions: torch.Tensor,
     points = dict.fromkeys(t.point for t, _ in blocks)
     edits = {p: stacked_edit(blocks, p, len(prep.x)) for p in points}
     deltas = attached.splice.stacked_deltas(prep.x, n_blocks, edits)  # [blocks, n, d]
+    deltas = direction_deltas(deltas, [t for t, _ in blocks])  # random-direction controls: same norm per token
     where = torch.stack([prep.where[c.where] for _, c in blocks]).unsqueeze(-1)  # [blocks, n, 1]
     deltas = torch.where(where, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
     b, t, d = prep.resid.shape
@@ -578,8 +581,11 @@ def _select_items(rows: pd.DataFrame, name: str, screened: dict[str, Any] | None
 
 def _match_record(target: Target, stats: dict[str, ActivationStats]) -> dict[str, Any]:
     """run.json's record of a feature's activation statistics on the stimuli (where computed) and, for a
-    matched control, the feature it is matched to."""
+    matched control, the feature it is matched to; for a random-direction control, its feature, index and seed."""
     out: dict[str, Any] = {}
+    if target.direction is not None:  # it edits its feature's indices: their statistics are the feature's
+        return {"matched_to": target.matched_to, "control_kind": "random_direction", "direction": target.direction,
+                "direction_seed": target.direction_seed}
     st = stats.get(target.point)
     if st is not None and len(target.indices) == 1:
         i = target.indices[0]

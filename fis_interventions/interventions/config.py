@@ -13,7 +13,8 @@ Where = Literal["all", "stimulus", "readout"]
 
 
 class FeatureSpec(StrictModel):
-    """One entry of ``features``: exactly one selector (index, indices, random, from_screening, top_linear)."""
+    """One entry of ``features``: exactly one selector (index, indices, random, from_screening, top_linear,
+    matched, directions)."""
 
     point: str | None = Field(None, description="named point of the joint model, e.g. secondary.hook_latents")
     index: int | None = Field(None, ge=0, description="one feature")
@@ -27,7 +28,11 @@ class FeatureSpec(StrictModel):
     matched: PositiveInt | None = Field(None, description="this many controls per feature of role `match_role`: "
                                         "latents of the same point whose firing rate and mean activation on the "
                                         "battery's stimuli are within `tolerance` of the feature's")
-    match_role: str = Field("top", description="with matched: the role of the features to match")
+    directions: PositiveInt | None = Field(None, description="this many random residual directions per feature of "
+                                           "role `match_role`, each adding at every edited token a vector of the "
+                                           "same norm as the change the feature's clamp writes into the residual "
+                                           "there (same hook, positions and clamp; a control for direction edits)")
+    match_role: str = Field("top", description="with matched or directions: the role of the features to match")
     tolerance: float = Field(0.25, gt=0, description="with matched: largest relative difference allowed in "
                                                      "firing rate and in mean activation (0.25 = within 25%)")
     role: str = Field("feature", description="label in the results, e.g. top, random_control, linear_control, "
@@ -35,12 +40,19 @@ class FeatureSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_selector(self) -> FeatureSpec:
-        chosen = [k for k in ("index", "indices", "random", "from_screening", "top_linear", "matched")
+        chosen = [k for k in ("index", "indices", "random", "from_screening", "top_linear", "matched", "directions")
                   if getattr(self, k) is not None]
         if len(chosen) != 1:
-            raise ValueError("give exactly one of index, indices, random, from_screening, top_linear, matched")
+            raise ValueError("give exactly one of index, indices, random, from_screening, top_linear, matched, "
+                             "directions")
         if chosen[0] == "matched" and self.role == "feature":
             self.__dict__["role"] = "matched_control"
+        if chosen[0] == "directions":
+            if self.role == "feature":
+                self.__dict__["role"] = "direction_control"
+            elif "control" not in self.role:
+                raise ValueError(f"role '{self.role}' of random-direction controls must contain 'control' (the "
+                                 "report tests controls by role); drop `role` for the default direction_control")
         if chosen[0] in ("index", "indices", "random") and self.point is None:
             raise ValueError(f"'{chosen[0]}' needs a point")
         if self.indices is not None and not self.indices:

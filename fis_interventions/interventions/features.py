@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,18 @@ class Target:
     role: str
     source: str | None = None  # the screening folder it was selected from (from_screening), else None
     matched_to: str | None = None  # matched controls: the label of the feature they are matched to
+    direction: int | None = None  # random-direction controls: which of the feature's directions (0, 1, ...)
+    direction_seed: int | None = None  # ... and the seed of its unit vector (:func:`unit_direction`)
 
     @property
     def label(self) -> str:
-        return ",".join(map(str, self.indices))
+        base = ",".join(map(str, self.indices))
+        return base if self.direction is None else f"{base}:dir{self.direction}"
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...], int | None]:
+        """What makes a target distinct: a direction control edits its feature's indices but is its own target."""
+        return self.point, self.indices, self.direction
 
 
 def point_widths(joint: torch.nn.Module, d_in: int) -> dict[str, int]:
@@ -181,6 +190,52 @@ def matched_controls(spec: FeatureSpec, targets: list[Target], stats: Callable[[
     return out
 
 
+def direction_seed(seed: int, point: str, feature: str, k: int) -> int:
+    """A stable seed per (battery seed, feature, direction): the same config draws the same directions on any
+    machine and in any order of the features (Python's ``hash`` is salted per process, so not that)."""
+    digest = hashlib.sha256(f"{seed}|{point}|{feature}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def unit_direction(seed: int, width: int) -> torch.Tensor:
+    """The random unit vector [width] (float64, on the host) of a direction control: isotropic (a normalised
+    standard normal draw), so every direction of the residual is equally likely."""
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(width, generator=g, dtype=torch.float64)
+    return v / v.norm()
+
+
+def direction_controls(spec: FeatureSpec, targets: list[Target], seed: int) -> list[Target]:
+    """``spec.directions`` random residual directions per target of role ``spec.match_role``. Each edits the
+    feature's own indices under the same clamp (so the residual change it starts from is the feature's, at the
+    same hook and positions) and then replaces that change, token by token, by its unit direction times the
+    change's norm (:func:`direction_deltas`)."""
+    wanted = [t for t in targets if t.role == spec.match_role and t.direction is None]
+    if not wanted:
+        raise FisError(f"direction controls: no feature has role '{spec.match_role}' (list it before the controls)",
+                       field="features.match_role", fix="set match_role to the role of the features to match")
+    return [Target(t.point, t.indices, spec.role, matched_to=t.label, direction=k,
+                   direction_seed=direction_seed(seed, t.point, t.label, k))
+            for t in wanted for k in range(spec.directions)]
+
+
+def direction_deltas(deltas: torch.Tensor, targets: list[Target | None]) -> torch.Tensor:
+    """Residual changes [blocks, n, d] with every direction control's block replaced by its unit direction
+    times the norm of the block's own change at each token, which is the change its feature's clamp writes
+    there (the block edits the feature's indices): same tokens, same per-token norm, a random direction. Other
+    blocks are returned as they are."""
+    picks = [b for b, t in enumerate(targets) if t is not None and t.direction_seed is not None]
+    if not picks:
+        return deltas
+    out = deltas.clone()
+    width = deltas.shape[-1]
+    for b in picks:
+        u = unit_direction(targets[b].direction_seed, width).to(device=deltas.device, dtype=torch.float32)
+        norm = deltas[b].float().norm(dim=-1, keepdim=True)  # [n, 1]
+        out[b] = (norm * u).to(deltas.dtype)
+    return out
+
+
 def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int, seed: int,
                      active_latents: torch.Tensor | None = None,
                      stats: Callable[[str], ActivationStats] | None = None) -> list[Target]:
@@ -196,13 +251,13 @@ def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int
     rng = np.random.default_rng(seed)
     hits = screen_hits(specs)
     resolved: dict[int, list[Target]] = {}
-    owner: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}  # feature -> (role, spec index)
+    owner: dict[tuple[str, tuple[int, ...], int | None], tuple[str, int]] = {}  # target key -> (role, spec index)
 
     def keep(i: int, new: list[Target]) -> None:
         kept = []
         for t in new:
             _check_point(t.point, widths)
-            key = (t.point, t.indices)
+            key = t.key
             if key in owner:
                 role, first = owner[key]
                 if role != t.role:
@@ -217,8 +272,8 @@ def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int
     def so_far() -> list[Target]:
         return [t for i in sorted(resolved) for t in resolved[i]]
 
-    controls = [i for i, spec in enumerate(specs)
-                if spec.random is not None or spec.top_linear is not None or spec.matched is not None]
+    controls = [i for i, spec in enumerate(specs) if spec.random is not None or spec.top_linear is not None
+                or spec.matched is not None or spec.directions is not None]
     for i, spec in enumerate(specs):
         if i in controls:
             continue
@@ -234,7 +289,9 @@ def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int
         keep(i, [Target(spec.point, idx, spec.role)])
     for i in controls:
         spec = specs[i]
-        if spec.matched is not None:
+        if spec.directions is not None:
+            keep(i, direction_controls(spec, so_far(), seed))
+        elif spec.matched is not None:
             if stats is None:
                 raise FisError("matched controls need the stimuli's activation statistics", field="features.matched")
             keep(i, matched_controls(spec, so_far(), stats, hits))
@@ -247,12 +304,12 @@ def resolve_features(specs: list[FeatureSpec], joint: torch.nn.Module, d_in: int
             for pt, f in hits:  # a screen hit is an alternative explanation, not a null control
                 if pt == "sae.hook_latents" and f < len(norms):
                     norms[f] = -1.0
-            taken = {k[1] for k in owner if k[0] == "sae.hook_latents"}
+            taken = {k[1] for k in owner if k[0] == "sae.hook_latents" and k[2] is None}
             order = [j for j in torch.argsort(norms, descending=True).tolist() if (j,) not in taken]
             keep(i, [Target("sae.hook_latents", (j,), spec.role) for j in order[:spec.top_linear]])
         else:
             width = _check_point(spec.point, widths)
-            taken = {k[1] for k in owner if k[0] == spec.point}
+            taken = {k[1] for k in owner if k[0] == spec.point and k[2] is None}
             pool = [j for j in range(width) if (j,) not in taken]
             picks = rng.choice(pool, size=min(spec.random, len(pool)), replace=False)
             keep(i, [Target(spec.point, (int(j),), spec.role) for j in picks])

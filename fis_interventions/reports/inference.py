@@ -171,19 +171,26 @@ def manipulation_check(run: Run) -> pd.DataFrame:
 # ---------------------------------------------------------------- feature vs matched controls
 
 
-def matched_sets(run: Run) -> dict[tuple[str, str], list[str]]:
-    """(point, feature) -> labels of its matched controls (run.json ``matched_to``)."""
-    out: dict[tuple[str, str], list[str]] = {}
+CONTROL_KINDS = {"matched_latent": "matched controls", "random_direction": "norm-matched random directions"}
+
+
+def matched_sets(run: Run) -> dict[tuple[str, str, str], list[str]]:
+    """(point, feature, control kind) -> labels of its controls of that kind (run.json ``matched_to``;
+    ``control_kind`` random_direction for norm-matched random residual directions, else matched_latent)."""
+    out: dict[tuple[str, str, str], list[str]] = {}
     for f in run.info.features:
-        to = (f.model_extra or {}).get("matched_to")
+        extra = f.model_extra or {}
+        to = extra.get("matched_to")
         if to is not None:
-            out.setdefault((f.point, str(to)), []).append(str(f.feature))
+            kind = str(extra.get("control_kind") or "matched_latent")
+            out.setdefault((f.point, str(to), kind), []).append(str(f.feature))
     return out
 
 
 def vs_controls(run: Run, primary: dict[str, Any]) -> pd.DataFrame:
-    """Per design x feature with matched controls: the feature's primary interaction contrast minus its
-    controls' (LMM on the by-item differences), and both KLs at the primary clamp."""
+    """Per design x feature x control kind (matched latents; norm-matched random directions): the feature's
+    primary interaction contrast minus its controls' (LMM on the by-item differences), and both KLs at the
+    primary clamp. One BH family over all rows (both kinds)."""
     res = run.results
     sets = matched_sets(run)
     clamp = ((res["intervention"] == primary["intervention"]) & (res["value"].astype(float) == float(primary["value"]))
@@ -195,7 +202,7 @@ def vs_controls(run: Run, primary: dict[str, Any]) -> pd.DataFrame:
         dres = res[(res["design"] == design_name) & clamp]
         read = dres[dres["readout"] == primary["readout"]]
         kl = dres[dres["readout_kind"] == "kl"]
-        for (point, feature), controls in sets.items():
+        for (point, feature, kind), controls in sets.items():
             f_rows = read[(read["point"] == point) & (read["feature"] == feature)]
             c_rows = read[(read["point"] == point) & read["feature"].isin(controls)]
             if f_rows.empty or c_rows.empty:
@@ -210,7 +217,7 @@ def vs_controls(run: Run, primary: dict[str, Any]) -> pd.DataFrame:
             inter = out["contrast"]["interaction"]
             f_kl = kl[(kl["point"] == point) & (kl["feature"] == feature)]["shift"]
             c_kl = kl[(kl["point"] == point) & kl["feature"].isin(controls)]["shift"]
-            rows.append({"design": design_name, "point": point, "feature": feature,
+            rows.append({"design": design_name, "point": point, "feature": feature, "control_kind": kind,
                          "controls": ",".join(controls), "n_controls": len(controls),
                          "intervention": primary["intervention"], "value": float(primary["value"]),
                          "position": primary["position"], "readout": primary["readout"],
@@ -282,12 +289,18 @@ def verdicts(run: Run, tests: pd.DataFrame, vs: pd.DataFrame, manip: pd.DataFram
         else:
             merged = dvs.merge(feats[["point", "feature", "estimate", "q"]].rename(
                 columns={"estimate": "feature_estimate", "q": "feature_q"}), on=["point", "feature"], how="left")
-            winners = merged[(merged["q"] < ALPHA) & (merged["feature_q"] < ALPHA)
-                             & (np.sign(merged["estimate"]) == np.sign(merged["feature_estimate"]))]
+            merged["beats"] = ((merged["q"] < ALPHA) & (merged["feature_q"] < ALPHA)
+                               & (np.sign(merged["estimate"]) == np.sign(merged["feature_estimate"])))
+            # a feature wins only if it beats every kind of control it was run with; its weakest row is shown
+            wins = merged.groupby(["point", "feature"])["beats"].transform("all")
+            winners = merged[wins].sort_values("p", ascending=False, na_position="first")
+            winners = winners.drop_duplicates(["point", "feature"])
             best = (winners if len(winners) else merged).sort_values("p", na_position="last").iloc[0]
             if len(winners):
                 answer = "yes"
-                why = f"feature {best['feature']} beats its {int(best['n_controls'])} matched controls"
+                kinds = merged[(merged["point"] == best["point"]) & (merged["feature"] == best["feature"])]
+                beaten = " and ".join(f"{int(r.n_controls)} {_kind_label(r)}" for r in kinds.itertuples())
+                why = f"feature {best['feature']} beats its {beaten}"
             elif sesoi is not None and ((merged["ci_low"] > -sesoi) & (merged["ci_high"] < sesoi)).all():
                 answer = "no"
                 why = f"every feature's difference from its controls lies within +-{sesoi:g} (the smallest effect of interest)"
@@ -298,7 +311,7 @@ def verdicts(run: Run, tests: pd.DataFrame, vs: pd.DataFrame, manip: pd.DataFram
         if best is not None:
             mde = detectable(best["se"], best["df"], fam)
             pw = power_at(sesoi, best["se"], best["df"], fam) if sesoi is not None else None
-            detail = (f"feature {best['feature']} minus controls: {best['estimate']:.3g} "
+            detail = (f"feature {best['feature']} minus {_kind_label(best)}: {best['estimate']:.3g} "
                       f"[95% CI {best['ci_low']:.3g}, {best['ci_high']:.3g}], p = {best['p']:.2g}, q = {best['q']:.2g}; "
                       f"{int(best['n_items'])} items: 80% power for |effect| >= "
                       + (f"{mde:.3g}" if mde is not None else "n/a")
@@ -312,6 +325,12 @@ def verdicts(run: Run, tests: pd.DataFrame, vs: pd.DataFrame, manip: pd.DataFram
         out.append({"design": design_name, "hypothesis": hyp, "answer": answer, "reason": why, "detail": detail,
                     "manipulation": mstatus})
     return out
+
+
+def _kind_label(row: Any) -> str:
+    """'matched controls' or 'norm-matched random directions' for a vs_controls row (older tables: matched)."""
+    kind = getattr(row, "control_kind", None) if not isinstance(row, pd.Series) else row.get("control_kind")
+    return CONTROL_KINDS.get(str(kind), "matched controls") if isinstance(kind, str) else "matched controls"
 
 
 def verdict_sentence(v: dict[str, Any]) -> str:
@@ -336,8 +355,8 @@ def primary_table(tests: pd.DataFrame, vs: pd.DataFrame) -> pd.DataFrame:
     parts = [prim.sort_values(["_o", "p"])]
     if len(vs):
         v = vs.copy()
-        v["term"] = [f"{d}: feature {f} minus its {n} matched controls" for d, f, n in
-                     zip(v["design"], v["feature"], v["n_controls"], strict=True)]
+        v["term"] = [f"{d}: feature {f} minus its {n} {_kind_label(r)}" for (d, f, n), r in
+                     zip(zip(v["design"], v["feature"], v["n_controls"], strict=True), v.itertuples(), strict=True)]
         v["family"], v["interpretable"], v["_o"] = "vs_controls", True, 1
         parts.append(v)
     table = pd.concat(parts, ignore_index=True).sort_values("_o", kind="stable")

@@ -265,8 +265,10 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
     doc.table(manip, "Clean readout by cell and main effects; status of the check on the readout's own factor.")
     if len(analysis.vs_controls):
         doc.h(1, "Features against matched controls")
-        doc.p("Each feature's interaction contrast minus the mean of its matched controls' (same point, firing "
-              "rate and mean activation matched on the stimuli), by item, at the primary clamp and readout; "
+        doc.p("Each feature's interaction contrast minus the mean of its controls', by item, at the primary clamp "
+              "and readout, per kind of control (`control_kind`): matched_latent (same point, firing rate and "
+              "mean activation matched on the stimuli) and random_direction (random residual directions adding, "
+              "at every edited token, a vector of the same norm as the feature's clamp writes there); "
               "KL(clean || clamped) of the feature and of its controls side by side: controls that barely move "
               "the output cannot fail, so compare the KLs before reading the test.")
         doc.table(analysis.vs_controls, "Feature minus matched controls (primary LMM on the by-item differences).")
