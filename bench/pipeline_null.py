@@ -1,6 +1,7 @@
 """The whole pipeline under the null: how often does it say "yes"?
 
     python bench/pipeline_null.py [--reps 20] [--legs random,permuted] [--max-seconds 3000] [--json out.json]
+                                  [--jsonl reps.jsonl] [--summarise reps.jsonl]
 
 Each repetition runs `fis screen` -> `fis battery` -> the report's analysis (manipulation check, primary
 tests, feature vs matched controls, verdict) on the tiny random model (`tiny-random`) with a fresh random-init
@@ -17,12 +18,18 @@ A random-init model's readout does not measure sentiment, so the manipulation ch
 (the feature and feature-vs-controls rules alone), which is what must stay at or below 5%. Rates come with
 exact (Clopper-Pearson) 95% intervals. Small sizes and a time bound: this is a calibration benchmark on a
 shared 2-core machine, not a test.
+
+Everything runs in one process through the Python API (`screen`, `battery`, `analyze_run` + `verdicts`, the
+code `fis report` runs), with the tiny model loaded once. With ``--jsonl`` every finished repetition is appended
+to that file (with its seconds and the load average) and repetitions already there are skipped, so a stopped
+run continues where it stopped; ``--summarise FILE`` prints the table of a JSONL without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -46,6 +53,39 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     lo = 0.0 if k == 0 else float(sps.beta.ppf(a / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(sps.beta.ppf(1 - a / 2, k + 1, n - k))
     return lo, hi
+
+
+def load_rows(path: Path | None) -> list[dict[str, Any]]:
+    """Finished repetitions of an earlier (possibly stopped) run: one JSON object per line; a torn last line
+    (the run was killed mid-write) is ignored."""
+    if path is None or not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path | None, row: dict[str, Any]) -> None:
+    """One finished repetition, appended and flushed to disk before the next starts."""
+    if path is None:
+        return
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def timed(fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` (a dict) with its wall seconds and the 1-minute load average at its end."""
+    t = time.perf_counter()
+    row = fn(*args)
+    row["seconds"] = round(time.perf_counter() - t, 2)
+    row["load1"] = round(os.getloadavg()[0], 2)
+    return row
 
 
 def permuted_design(src: Path, dst: Path, seed: int) -> Path:
@@ -119,7 +159,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry["feature_reject_rate"] = sum(p < 0.05 for p in fp) / len(fp) if fp else None
         entry["feature_tests"] = len(fp)
         entry["manipulation_failed"] = sum(1 for r in ok if r["manipulation"] == "failed")
+        secs = sorted(r["seconds"] for r in ok if "seconds" in r)
+        loads = [r["load1"] for r in ok if "load1" in r]
+        entry["median_seconds"] = secs[len(secs) // 2] if secs else None
+        entry["mean_load1"] = round(sum(loads) / len(loads), 2) if loads else None
         out[leg] = entry
+    ok = [r for r in rows if "error" not in r]
+    if len(out) > 1 and ok:
+        k = sum(1 for r in ok if r["verdict_no_manip"] == "yes")
+        kv = sum(1 for r in ok if r["verdict"] == "yes")
+        out["both"] = {"reps": len(ok), "yes_verdict": kv, "ci_verdict": clopper_pearson(kv, len(ok)),
+                       "yes_verdict_no_manip": k, "ci_verdict_no_manip": clopper_pearson(k, len(ok))}
     return out
 
 
@@ -129,7 +179,12 @@ def main() -> int:
     parser.add_argument("--legs", default="random,permuted")
     parser.add_argument("--max-seconds", type=float, default=3000.0, help="stop starting repetitions after this")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--jsonl", type=Path, default=None, help="append each repetition here; skip those there")
+    parser.add_argument("--summarise", type=Path, default=None, help="print the summary of a JSONL and exit")
     args = parser.parse_args()
+    if args.summarise:
+        print(json.dumps(summarise(load_rows(args.summarise)), indent=2))
+        return 0
 
     import logging
 
@@ -141,14 +196,16 @@ def main() -> int:
     logging.disable(logging.WARNING)
     bridge = load_model("tiny-random", device="cpu")
     legs = args.legs.split(",")
-    rows: list[dict[str, Any]] = []
+    rows = load_rows(args.jsonl)
+    done = {(r["seed"], r["leg"]) for r in rows}
     t0 = time.perf_counter()
     for rep in range(args.reps):
         for leg in legs:  # interleaved legs: load on the machine hits both alike
-            if time.perf_counter() - t0 > args.max_seconds:
-                break
+            if time.perf_counter() - t0 > args.max_seconds or (rep, leg) in done:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(one_rep(bridge, Path(tmp), rep, leg))
+                rows.append(timed(one_rep, bridge, Path(tmp), rep, leg))
+            append_row(args.jsonl, rows[-1])
             print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows)
     summary["seconds"] = time.perf_counter() - t0
