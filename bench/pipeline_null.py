@@ -159,6 +159,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry["feature_reject_rate"] = sum(p < 0.05 for p in fp) / len(fp) if fp else None
         entry["feature_tests"] = len(fp)
         entry["manipulation_failed"] = sum(1 for r in ok if r["manipulation"] == "failed")
+        entry["feature_reject"] = sum(p < 0.05 for p in fp)
+        entry["vs_controls_reject"] = sum(p < 0.05 for p in vs)
+        for key in ("kl_feature", "kl_controls"):
+            kls = sorted(v for r in ok for v in r.get(key, []) if v is not None)
+            entry[f"median_{key}"] = kls[len(kls) // 2] if kls else None
         secs = sorted(r["seconds"] for r in ok if "seconds" in r)
         loads = [r["load1"] for r in ok if "load1" in r]
         entry["median_seconds"] = secs[len(secs) // 2] if secs else None
