@@ -106,6 +106,9 @@ class Collected:
     values: dict[str, np.ndarray]
     tokens: np.ndarray
     extra: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # with ``token_features``: point -> one [len(tokens of stimulus), k] array per stimulus (NaN where the
+    # exclusion rule drops the position), the value of each requested feature at every position
+    per_token: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: int, aggregate: str) -> torch.Tensor:
@@ -126,11 +129,13 @@ def _aggregate(value: torch.Tensor, row: torch.Tensor, counts: torch.Tensor, b: 
 def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],
             aggregate: Aggregate = DEFAULT_AGGREGATE, batch_size: int = 16, progress: bool = False,
             extra_joints: Sequence[Any] = (), regions: Sequence[Sequence[int]] | None = None,
-            on_batch: Any = None) -> Collected:
+            on_batch: Any = None, token_features: dict[str, Sequence[int]] | None = None) -> Collected:
     """Each point's value per stimulus over its kept positions, for the checkpoint and for ``extra_joints``
     (e.g. a random-init model of the same shapes) from ONE model forward pass per batch up to the hook.
     ``regions`` (with ``aggregate="critical"``): the token positions of each stimulus's critical region (index
-    into its token list); only those positions are kept.
+    into its token list); only those positions are kept. ``token_features`` (point -> feature indices) also
+    keeps those features' values at every kept position of every stimulus (``Collected.per_token``): the
+    feature cards' token-level view of the design's stimuli, from this same pass.
 
     Batches are right-padded; the exclusion rule (and padding) decides the kept positions, exactly as when the
     checkpoint is spliced into the model. Results are written batch by batch into preallocated arrays.
@@ -154,6 +159,7 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
     n = len(token_lists)
     outs: list[dict[str, np.ndarray]] = [{} for _ in joints]
     tokens = np.zeros(n, dtype=np.int64)
+    per_token: dict[str, list[np.ndarray]] = {p: [] for p in (token_features or {})}
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="screen", unit="batch"):
         seqs = [list(s) for s in token_lists[start:start + batch_size]]
         ids, mask = pad_right(seqs, pad_id)
@@ -174,7 +180,8 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
                            fix="check the stimulus text")
         b = len(seqs)
         tokens[start:start + b] = counts.cpu().numpy()
-        row = keep.nonzero()[:, 0]  # the stimulus of each kept position, in position order
+        kept_at = keep.nonzero()
+        row = kept_at[:, 0]  # the stimulus of each kept position, in position order
         x = splice.inputs(resid[keep])
         clean = None
         for model, out in zip(joints, outs, strict=True):
@@ -195,12 +202,24 @@ def collect(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequenc
                                    f"{components!r}", field="points", fix="choose a point on the forward path")
                 value = seen[p].float()
                 agg = _aggregate(value, row, counts, b, aggregate)
+                if model is joint and p in per_token:
+                    _keep_tokens(per_token[p], value[:, list(token_features[p])], kept_at, seqs)
                 if p not in out:
                     out[p] = np.empty((n, value.shape[-1]), dtype=np.float32)
                 out[p][start:start + b] = agg.cpu().numpy()
         if on_batch is not None:
             on_batch(start, ids, mask, resid, state, clean if keep is unrestricted else None)
-    return Collected(outs[0], tokens, outs[1:])
+    return Collected(outs[0], tokens, outs[1:], per_token)
+
+
+def _keep_tokens(out: list[np.ndarray], values: torch.Tensor, kept_at: torch.Tensor, seqs: list[list[int]]) -> None:
+    """Append one ``[len(seq), k]`` array per stimulus of the batch: the kept positions' values, NaN elsewhere."""
+    vals, rows, pos = values.cpu().numpy(), kept_at[:, 0].cpu().numpy(), kept_at[:, 1].cpu().numpy()
+    for r, seq in enumerate(seqs):
+        arr = np.full((len(seq), vals.shape[1]), np.nan, dtype=np.float32)
+        mine = rows == r
+        arr[pos[mine]] = vals[mine]
+        out.append(arr)
 
 
 def collect_activations(attached: Any, token_lists: Sequence[Sequence[int]], points: Sequence[str],

@@ -355,6 +355,14 @@ def test_report_has_a_card_next_to_each_clamped_feature(report_out):
     assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
     assert page.count("Card: feature") == 3 and "⟦ beach⟧" in page
     assert "Output direction (logit lens)" in page and "Top-activating contexts" in page
+    # each card shows the feature on the design's own stimuli (the battery's items): per cell and token by token
+    assert page.count("s stimuli (formality_emotion)</h") == 3 and 'class="tok"' in page
+    assert "Activation by cell" in seven and "Token by token" in seven
+    card = json.loads((report_out / "cards" / "secondary.hook_latents_7.json").read_text(encoding="utf-8"))
+    # the synthetic run's item names are not the design file's: every item of the design is shown, and said
+    assert card["stimuli"]["n_stimuli"] == 24 * 4 and [c["n_items"] for c in card["stimuli"]["cells"]] == [24] * 4
+    assert "none of the battery's item names" in card["stimuli"]["items"]
+    assert "not explained here" in seven  # the share of the activation the listed pairs leave unexplained
 
 
 def test_report_without_reachable_checkpoint_warns_or_fails_on_request(tmp_path):

@@ -165,8 +165,13 @@ def _linear_part(joint: Any, index: int) -> dict[str, Any] | None:
 
 def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, activations: Path | str | None = None,
                 top: int = 20, split: Split = "heldout", bridge: Any = None, model: str | None = None,
-                device: str = "auto", batch_size: int = 2048, progress: bool = False) -> list[dict[str, Any]]:
-    """One card per key, from ONE pass over the harvest (see module docstring). Checks everything first."""
+                device: str = "auto", batch_size: int = 2048, progress: bool = False, design: Any = None,
+                design_items: Sequence[str] | None = None, aggregate: str = "last") -> list[dict[str, Any]]:
+    """One card per key, from ONE pass over the harvest (see module docstring). Checks everything first.
+
+    ``design`` (a read design, or a YAML path) adds each feature's activation on the design's own stimuli,
+    per cell and token by token (``card["stimuli"]``, :mod:`.stimuli`; ``design_items``: only those items;
+    ``aggregate``: the screen's aggregate over a stimulus's positions)."""
     from ..activations import ActivationStore
     from ..attach import checkpoint_preprocessing
     from ..models import load_model, model_name, resolve_hook, weights_device
@@ -208,6 +213,10 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
                        source=ckpt.path, field="model", fix=f"load {ckpt.model_name!r}")
     if ckpt.hook is not None:
         check_harvest(store, ckpt, resolve_hook(bridge, ckpt.hook).canonical)
+    if design is not None and not hasattr(design, "factors"):
+        from ..designs import read_design
+
+        design = read_design(design)  # a bad design is a one-line error before the harvest pass
     joint = joint.to(weights_device(bridge))  # the pass runs where the model is
     res = stream_features(joint, normalizer, keys, store.shard_paths(), _split_rule(split, store.heldout_every),
                           top=top, batch_size=batch_size, progress=progress, verify=store.verify_shard)
@@ -250,6 +259,13 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
                                  else None},
             "integration": _integration(joint, key, res, f, bridge, normalizer, tags),
         })
+    if design is not None:
+        from ..attach import attach
+        from .stimuli import stimulus_activity
+
+        views = stimulus_activity(attach(bridge, ckpt), design, keys, aggregate=aggregate, items=design_items)
+        for card in cards:
+            card["stimuli"] = views[(card["point"], card["feature"])]
     return cards
 
 
@@ -273,11 +289,12 @@ def write_cards(cards: Sequence[dict[str, Any]], folder: Path) -> None:
 def features(checkpoint: Path | str, point: str, ids: Sequence[int] | str, *, activations: Path | str | None = None,
              top: int = 20, out: Path | str | None = None, split: Split = "heldout", model: str | None = None,
              device: str = "auto", batch_size: int = 2048, bridge: Any = None,
-             progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+             progress: bool = True, overwrite: bool = False, design: Path | str | None = None,
+             aggregate: str = "last") -> list[dict[str, Any]]:
     """Python API of ``fis features``: cards for ``ids`` at ``point``; written into ``out`` when given, under
     the fingerprint rule (:mod:`fis_interventions.fingerprint`: a folder is replaced only if fis wrote it)."""
-    from ..fingerprint import (Fingerprint, check_output, checkpoint_identity, folder_identity, package_version,
-                               replace_folder)
+    from ..fingerprint import (Fingerprint, check_output, checkpoint_identity, file_digest, folder_identity,
+                               package_version, replace_folder)
 
     if point not in CARD_POINTS:
         raise FisError(f"unknown feature point {point!r}", field="point", fix=f"use one of: {', '.join(CARD_POINTS)}")
@@ -288,11 +305,12 @@ def features(checkpoint: Path | str, point: str, ids: Sequence[int] | str, *, ac
         fp = Fingerprint("features", {
             "checkpoint": checkpoint_identity(Path(checkpoint)), "point": point, "ids": id_list, "top": top,
             "split": split, "activations": None if activations is None else folder_identity(Path(activations)),
-            "package": package_version()})
+            "package": package_version(),
+            **({"design": file_digest(Path(design)), "aggregate": aggregate} if design is not None else {})})
         check_output(Path(out), fp, overwrite=overwrite, replaces_same=True)
     cards = build_cards(checkpoint, [FeatureKey(point, i) for i in id_list], activations=activations, top=top,
                         split=split, bridge=bridge, model=model, device=device, batch_size=batch_size,
-                        progress=progress)
+                        progress=progress, design=design, aggregate=aggregate)
     if out is not None and fp is not None:
         with replace_folder(Path(out), fp, overwrite=overwrite) as tmp:
             write_cards(cards, tmp)

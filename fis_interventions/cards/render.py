@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from ..reports.render import Doc, fmt, to_markdown
+from .stimuli import explained_share
 
 BAR_WIDTH = 30
 
@@ -72,6 +73,8 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
               f"cosine with the decoder row {fmt(lp['cosine_with_decoder'])} ({lp['note']}).")
     if card.get("attribution"):
         attribution_block(doc, card["attribution"], level + 1)
+    if card.get("stimuli"):
+        stimuli_block(doc, card["stimuli"], level + 1)
     integ = card.get("integration")
     if integ is not None:
         doc.h(level + 1, "What it integrates: top contributing pairs of SAE latents")
@@ -90,9 +93,74 @@ def card_doc(card: dict[str, Any], level: int | None = None, title: str | None =
                              **({"weight": p["weight"]} if "weight" in p else {})})
             doc.table(pd.DataFrame(rows), "Pairs ranked by mean contribution to the pre-activation; "
                                           "'promotes': top logit-lens tokens of each latent's decoder row.")
+            share = explained_share(integ)
+            if share is not None:
+                doc.p(f"The {len(integ['pairs'])} pairs listed explain {share['listed']:.1%} of the mean "
+                      f"pre-activation on these tokens and the bias terms {share['constant']:.1%}; the remaining "
+                      f"{share['rest']:.1%} is not explained here (the many other pairs, each small, some "
+                      "negative).")
         else:
             doc.p("No active pair adds to the pre-activation on the firing tokens.")
     return doc
+
+
+def _lead(text: str) -> tuple[str, str]:
+    """A token's leading whitespace and the rest (the mark goes around the word, not the space)."""
+    core = text.lstrip()
+    return text[:len(text) - len(core)], core
+
+
+def marked_tokens(tokens: Sequence[dict[str, Any]]) -> str:
+    """Markdown: every token with a positive activation bold, its value after it: ``**word**(0.53)``."""
+    out = []
+    for t in tokens:
+        text = str(t["text"]).replace("\n", " ")
+        lead, core = _lead(text)
+        core = core.replace("*", "\\*").replace("_", "\\_").replace("`", "'")
+        v = t["activation"]
+        out.append(f"{lead}**{core}**({v:.3g})" if v is not None and v > 0 and core else lead + core)
+    return "".join(out).strip()
+
+
+def highlighted_tokens(tokens: Sequence[dict[str, Any]], peak: float) -> str:
+    """HTML: each token on a background whose strength is its activation / ``peak`` (orange up, blue down);
+    the value in the tooltip; positions the exclusion rule drops are grey."""
+    import html
+
+    spans = []
+    for t in tokens:
+        v = t["activation"]
+        text = html.escape(str(t["text"]).replace("\n", " "))
+        if v is None:
+            spans.append(f'<span class="tok off" title="excluded">{text}</span>')
+            continue
+        alpha = min(1.0, abs(v) / peak) if peak > 0 else 0.0
+        colour = "255,140,0" if v >= 0 else "70,130,230"
+        spans.append(f'<span class="tok" style="background:rgba({colour},{alpha:.2f})" title="{v:.4g}">{text}</span>')
+    return "".join(spans)
+
+
+def stimuli_block(doc: Doc, st: dict[str, Any], level: int) -> None:
+    """The feature on the design's own stimuli: per-cell activation (mean, 95% CI over items) and a few
+    stimuli per cell token by token (HTML: coloured by activation; Markdown: active tokens bold with values)."""
+    doc.h(level, f"On the design's stimuli ({st['design']})")
+    doc.p(f"Activation per cell over {st['n_stimuli']} stimuli ({st['items']}): {st['definition']}.")
+    doc.table(pd.DataFrame([{"cell": c["cell"], "mean": c["mean"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+                             "items": c["n_items"]} for c in st["cells"]]),
+              "Activation by cell (95% CI over items).")
+    if not st["examples"]:
+        return
+    peak = max((abs(t["activation"]) for e in st["examples"] for t in e["tokens"] if t["activation"] is not None),
+               default=0.0)
+    doc.only("md", [("p", "Token by token: every token with a positive activation is bold, its value after it."),
+                    ("ul", [f"{e['cell']}, item `{e['item']}` ({st['aggregate']} {fmt(e['value'])}): "
+                            + marked_tokens(e["tokens"]) for e in st["examples"]])])
+    rows = "".join(f"<tr><td>{e['cell']}</td><td>{e['item']}</td><td>{fmt(e['value'])}</td>"
+                   f"<td class=\"toks\">{highlighted_tokens(e['tokens'], peak)}</td></tr>" for e in st["examples"])
+    doc.only("html", [("raw", "<div class=\"scroll\"><table class=\"stimuli\"><caption class=\"caption\">Token by "
+                              f"token: background = activation (strongest {fmt(peak)}); hover for the value."
+                              f"</caption><thead><tr><th>cell</th><th>item</th><th>{st['aggregate']}</th>"
+                              f"<th>stimulus</th></tr></thead><tbody>{rows}</tbody></table></div>")])
 
 
 def attribution_block(doc: Doc, att: dict[str, Any], level: int) -> None:

@@ -27,6 +27,10 @@ def features_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="harvest rows per joint-SAE forward")] = 2048,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace cards of other settings in --out")] = False,
+    design: Annotated[Path | None, typer.Option("--design", help="a 2x2 design YAML: add each feature's activation "
+                                                "per cell and a few stimuli token by token")] = None,
+    aggregate: Annotated[str, typer.Option("--aggregate", help="with --design: last (default), max, mean "
+                                           "(the screen's aggregate over a stimulus's positions)")] = "last",
 ) -> None:
     """What is this feature? One card per id: top held-out contexts, firing rate and histogram, the tokens its
     output direction promotes and suppresses (logit lens), and for integration features the SAE latent pairs
@@ -35,7 +39,8 @@ def features_command(
 
     cards = features(checkpoint, point, ids, activations=activations, top=top, out=out,
                      split=split,  # type: ignore[arg-type]  (checked: one-line error)
-                     model=model, device=device, batch_size=batch_size, progress=False, overwrite=overwrite)
+                     model=model, device=device, batch_size=batch_size, progress=False, overwrite=overwrite,
+                     design=design, aggregate=aggregate)
     if out is None:
         typer.echo("\n".join(card_markdown(c) for c in cards))
     else:

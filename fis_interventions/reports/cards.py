@@ -25,6 +25,32 @@ def feature_indices(label: Any) -> list[int]:
         return []
 
 
+def _run_design(run: Run) -> tuple[Any, list[str] | None, str]:
+    """The run's (first) design, read from its recorded file, the items the battery tested, and the aggregate
+    of the screening that chose the features (``last``, the screen's default, when none is recorded)."""
+    import json
+
+    for name, info in run.info.designs.items():
+        if not info.file:
+            continue
+        path = recorded_paths.resolve(run.folder, None, info.file)
+        if path is None or not path.is_file():
+            continue
+        from ..designs import read_design
+
+        design = read_design(path)
+        items = sorted(set(run.results.loc[run.results["design"] == name, "item"].astype(str)))
+        aggregate = "last"
+        for f in run.info.features:
+            screening = ((f.model_extra or {}).get("selected_on") or {}).get("screening")
+            summary = Path(str(screening)) / "screen.json" if screening else None
+            if summary is not None and summary.is_file():
+                aggregate = str(json.loads(summary.read_text(encoding="utf-8")).get("aggregate", "last"))
+                break
+        return design, items, aggregate
+    return None, None, "last"
+
+
 def report_cards(run: Run, enabled: bool | None = None, activations: str | Path | None = None, bridge: Any = None,
                  top: int = 10) -> tuple[dict[tuple[str, int], dict[str, Any]], list[str]]:
     """``({(point, index): card}, warnings)`` for every feature clamped in the run."""
@@ -49,7 +75,12 @@ def report_cards(run: Run, enabled: bool | None = None, activations: str | Path 
             raise FisError("checkpoint not found, so the report has no feature cards", source=checkpoint,
                            field="checkpoint", fix="move the checkpoint back beside the run folder, or pass "
                            "--no-cards")
-        cards = build_cards(checkpoint, keys, activations=activations, top=top, bridge=bridge)
+        design, items, aggregate = _run_design(run)
+        cards = build_cards(checkpoint, keys, activations=activations, top=top, bridge=bridge, design=design,
+                            design_items=items, aggregate=aggregate)
+        if design is None and run.info.designs:
+            warnings.append("the cards show no activation on the design's stimuli: the design file recorded in "
+                            "run.json was not found")
     except FisError as err:
         if enabled:
             raise

@@ -20,7 +20,8 @@ import pandas as pd
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:.5em 0}
-figcaption,.caption{font-size:12px;color:#555}code{background:#f3f3f3;padding:0 3px}.scroll{overflow-x:auto}"""
+figcaption,.caption{font-size:12px;color:#555}code{background:#f3f3f3;padding:0 3px}.scroll{overflow-x:auto}
+td.toks{text-align:left;white-space:normal}.tok{border-radius:2px;white-space:pre-wrap}.tok.off{color:#999}"""
 
 
 @dataclass
@@ -54,7 +55,15 @@ class Doc:
 
 
 def _blocks_for(doc: Doc, fmt: str) -> list[tuple[Any, ...]]:
-    return [b[2] if b[0] == "only" else b for b in doc.blocks if b[0] != "only" or b[1] == fmt]
+    """The blocks shown in ``fmt``; an ``only`` block inside another (a card's token view inside the report's
+    HTML-only card) is shown when both name ``fmt``."""
+    out = []
+    for block in doc.blocks:
+        while block[0] == "only" and block[1] == fmt:
+            block = block[2]
+        if block[0] != "only":
+            out.append(block)
+    return out
 
 
 def fmt(x: Any) -> str:
@@ -120,6 +129,8 @@ def to_html(doc: Doc) -> str:
             cap = f"<caption class=\"caption\">{html.escape(caption)}</caption>" if caption else ""
             body.append(f"<div class=\"scroll\"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody>"
                         "</table></div>")
+        elif kind == "raw":  # HTML built by the caller (escaped there), e.g. a card's token highlights
+            body.append(block[1])
         elif kind == "fig":
             data = base64.b64encode(Path(block[1]).read_bytes()).decode("ascii")
             body.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(block[3])}\" "
