@@ -1,4 +1,5 @@
-"""Check a report in headless Chromium: it loads without script errors and every image is drawn.
+"""Check a report in headless Chromium: it loads without script errors, every image is drawn, and no table
+overflows its container at a given window width.
 
 Used by the browser test (and handy by hand). A probe script is injected into a *copy* of the page: it
 records uncaught errors and ``console.error`` calls, and on ``load`` draws each image into a canvas and
@@ -30,8 +31,13 @@ for(var k=0;k<d.length;k+=4){var v=(d[k]+d[k+1]+d[k+2])/3;s+=v;s2+=v*v;n++;}
 std=Math.sqrt(Math.max(0,s2/n-(s/n)*(s/n)));}catch(err){window.__fisErrors.push('canvas: '+err);}
 out.push({file:im.getAttribute('data-file'),complete:im.complete,naturalWidth:im.naturalWidth,
 width:r.width,height:r.height,std:std});}
+var tables=[];var ts=document.getElementsByTagName('table');for(var t=0;t<ts.length;t++){var tb=ts[t];
+var box=tb.parentElement;var cap=tb.getElementsByTagName('caption');var st=getComputedStyle(box).overflowX;
+tables.push({caption:cap.length?cap[0].textContent.slice(0,80):'',width:tb.scrollWidth,
+container:box.clientWidth,scrolls:(st=='auto'||st=='scroll'),right:box.getBoundingClientRect().right});}
+var page={scrollWidth:document.documentElement.scrollWidth,innerWidth:window.innerWidth};
 var pre=document.createElement('pre');pre.id='fis-probe';
-pre.textContent=JSON.stringify({images:out,errors:window.__fisErrors});
+pre.textContent=JSON.stringify({images:out,tables:tables,page:page,errors:window.__fisErrors});
 document.body.appendChild(pre);document.title='fis-probe-ok';});</script>"""
 
 
@@ -57,17 +63,20 @@ def _chromium(args: list[str], timeout: float) -> subprocess.CompletedProcess[st
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def probe_html(html_path: Path, timeout: float = 60.0) -> dict[str, Any]:
-    """Load a copy of ``html_path`` with the probe; returns ``{"title", "images": [...], "errors": [...]}``."""
+def probe_html(html_path: Path, timeout: float = 60.0, width: int = 1280) -> dict[str, Any]:
+    """Load a copy of ``html_path`` with the probe in a window ``width`` px wide; returns ``{"title", "images":
+    [...], "tables": [{"caption", "width", "container", "scrolls", "right"}], "page": {"scrollWidth",
+    "innerWidth"}, "errors": [...]}`` (widths in CSS px, measured after layout)."""
     text = Path(html_path).read_text(encoding="utf-8")
     text = text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1)
     with tempfile.TemporaryDirectory(prefix="fis-probe-") as tmp:
         page = Path(tmp) / "probe.html"
         page.write_text(text, encoding="utf-8")
-        proc = _chromium(["--virtual-time-budget=10000", "--dump-dom", page.as_uri()], timeout)
+        proc = _chromium(["--virtual-time-budget=10000", f"--window-size={width},1600", "--hide-scrollbars",
+                          "--dump-dom", page.as_uri()], timeout)
     title = re.search(r"<title>(.*?)</title>", proc.stdout, re.S)
     found = re.search(r'<pre id="fis-probe">(.*?)</pre>', proc.stdout, re.S)
-    result: dict[str, Any] = {"title": title.group(1) if title else None, "images": [], "errors": [],
+    result: dict[str, Any] = {"title": title.group(1) if title else None, "images": [], "tables": [], "errors": [],
                               "returncode": proc.returncode}
     if found:
         import html

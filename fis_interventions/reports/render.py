@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;
-text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:.5em 0}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1240px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 5px;
+text-align:right}th{background:#f3f3f3;vertical-align:bottom;overflow-wrap:anywhere}img{max-width:100%;display:block;margin:.5em 0}
 figcaption,.caption{font-size:12px;color:#555}code{background:#f3f3f3;padding:0 3px}.scroll{overflow-x:auto}
 td.toks{text-align:left;white-space:normal}.tok{border-radius:2px;white-space:pre-wrap}.tok.off{color:#999}"""
 
@@ -123,7 +123,8 @@ def to_html(doc: Doc) -> str:
             body.append("<ul>" + "".join(f"<li>{_inline(t)}</li>" for t in block[1]) + "</ul>")
         elif kind == "table":
             frame, caption = block[1], block[2]
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+            # long column names (max_abs_shift_contrast) may break after an underscore: tables fit at 1280 px
+            head = "".join(f"<th>{html.escape(str(c)).replace('_', '_<wbr>')}</th>" for c in frame.columns)
             rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                            for row in _cells(frame))
             cap = f"<caption class=\"caption\">{html.escape(caption)}</caption>" if caption else ""

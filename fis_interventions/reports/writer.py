@@ -303,6 +303,7 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
               "its output direction promotes and suppresses (logit lens), and for integration features the SAE "
               "latent pairs that drive it. The cards are also in `cards/` (Markdown and JSON).")
     plots: list[tuple[Any, ...]] = []  # drawn together below, on the cores there are (read only by to_html)
+    pages: dict[str, Doc] = {}  # features/<stem>.md: each feature's tests, linked from report.md
     for design_name, design in run.info.designs.items():
         a, b = design.names
         dtests = tests[tests["design"] == design_name]
@@ -336,18 +337,30 @@ def build(run: Run, analysis: Analysis, out: Path, cards: dict[tuple[str, int], 
                                                 "estimate", "ci_low", "ci_high", "F_anova", "p_anova", "F_f2",
                                                 "p_f2", "p", "partial_eta2", "standardized", "q"]], caption)])
             real = ftests[~ftests["null_check"].astype(bool)]  # no-op rows: see Null checks
-            doc.only("md", [("table", real[["intervention", "value", "position", "readout", "estimate", "ci_low",
-                                            "ci_high", "p", "q"]],
-                             caption[:-1] + "; F1, F2, effect sizes and the no-op rows: `tables/tests.csv`, "
-                             "`report.html`.")])
+            # report.md stays short (a reader scans it): the tests table is on the feature's own page
+            page = Doc(f"{design_name}: feature {feature} ({role}, {point})")
+            page.p(f"Back to the [report](../report.md). Figures: [interaction](../figures/{p1.name}), "
+                   f"[dose](../figures/{p2.name})"
+                   + "".join(f"; [card of feature {i}](../cards/{point}_{i}.md)" for i in feature_indices(feature)
+                             if (cards or {}).get((point, i)) is not None) + ".")
+            page.table(real[["intervention", "value", "position", "readout", "estimate", "ci_low", "ci_high", "p",
+                             "q"]], caption[:-1] + "; F1, F2, effect sizes and the no-op rows: "
+                                                   "`../tables/tests.csv`, `../report.html`.")
+            page.p("Every term of every fit: `../tables/anova.csv`, `../tables/rm_anova.csv`, `../tables/lmm.csv`.")
+            pages[f"{stem}.md"] = page
+            n_sig = int(real["significant"].fillna(False).astype(bool).sum()) if "significant" in real else 0
+            doc.only("md", [("p", f"Tests ({len(real)}, {n_sig} significant after FDR; estimate, CI, p, q per "
+                                  f"clamp and readout): [features/{stem}.md](features/{stem}.md)")])
             anova, lmm = _feature_tables(analysis, keys, a, b)
             doc.only("html", [("table", anova, "ANOVA: F1 = Type III over all observations, F2 = by-item repeated "
                                                "measures."),
                               ("table", lmm, "LMM fixed effects of the primary model (REML, Satterthwaite df).")])
-            doc.only("md", [("p", "Every term of every fit: `tables/anova.csv`, `tables/rm_anova.csv`, "
-                                  "`tables/lmm.csv` (and in `report.html`).")])
 
     pmap(_draw, plots)
+    if pages:
+        (out / "features").mkdir()
+        for name, page in pages.items():
+            (out / "features" / name).write_text(to_markdown(page), encoding="utf-8")
     if not analysis.kl.empty:
         doc.h(1, "KL divergence of the clamps")
         doc.table(analysis.kl, "KL(clean || edited) of the next-token distribution, per clamp.")
