@@ -24,3 +24,12 @@ def test_no_table_overflows_at_1280_px(tmp_path):
     assert len(tables) >= 10  # verdict, primary, manipulation, per-feature tables, null checks, methods ...
     wide = [t for t in tables if t["width"] > t["container"] + 1 or t["right"] > 1280]
     assert wide == [], f"tables wider than their container at 1280 px: {wide}"
+    # report.md stays short: each feature's tests table is on its own page, linked from its section
+    md = (out / "report.md").read_text(encoding="utf-8")
+    pages = sorted((out / "features").glob("*.md"))
+    assert len(pages) == 3
+    for page in pages:
+        assert f"](features/{page.name})" in md
+        text = page.read_text(encoding="utf-8")
+        assert "| intervention | value | position | readout | estimate |" in text and "](../report.md)" in text
+    assert "| intervention | value | position | readout | estimate |" not in md.split("## Features")[1]
