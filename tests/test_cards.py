@@ -278,6 +278,17 @@ def test_markdown_and_cli_output(planted, tiny_bridge, tmp_path, monkeypatch, ca
     assert card["integration"]["pairs"][0]["latents"] == [A, B]
     assert main(["features", str(planted["ckpt"]), "--point", "sae.hook_latents", "--ids", str(A)]) == 0
     assert "# Feature 5 at sae.hook_latents" in capsys.readouterr().out
+    # --design adds the feature on the design's own stimuli (per cell, token by token); a bad file: one line
+    design = Path(__file__).resolve().parents[1] / "stimuli" / "negation_sentiment.yaml"
+    assert main(["features", str(planted["ckpt"]), "--point", "sae.hook_latents", "--ids", str(B),
+                 "--design", str(design)]) == 0
+    printed = capsys.readouterr().out
+    assert "## On the design's stimuli (negation_sentiment)" in printed and "Activation by cell" in printed
+    assert "**(" in printed  # latent B is always on: every kept token is marked with its value
+    assert main(["features", str(planted["ckpt"]), "--point", "sae.hook_latents", "--ids", str(B),
+                 "--design", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.yaml" in err and len(err.strip().splitlines()) == 1
 
 
 def _other_harvest(planted, tmp_path, **changes) -> Path:

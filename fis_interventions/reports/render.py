@@ -21,7 +21,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1240px;margin:2em auto;
 table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 5px;
 text-align:right}th{background:#f3f3f3;vertical-align:bottom;overflow-wrap:anywhere}img{max-width:100%;display:block;margin:.5em 0}
 figcaption,.caption{font-size:12px;color:#555}code{background:#f3f3f3;padding:0 3px}.scroll{overflow-x:auto}
-td.toks{text-align:left;white-space:normal}.tok{border-radius:2px;white-space:pre-wrap}.tok.off{color:#999}"""
+td.toks,table.stimuli th:last-child{text-align:left;white-space:normal}.tok{border-radius:2px;white-space:pre-wrap}.tok.off{color:#999}"""
 
 
 @dataclass
