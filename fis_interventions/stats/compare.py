@@ -21,7 +21,7 @@ from scipy.optimize import brentq, minimize
 
 from ..errors import FisError
 from .design import Design2x2
-from .mixed import SINGULAR_TOL, fit_mixed
+from .mixed import SINGULAR_TOL, fit_mixed, single_blas_thread
 from .structure import Structure
 
 
@@ -106,6 +106,7 @@ def _diagonal(structure: Structure) -> bool:
     return all(f.kind == "diagonal" for f in structure.factors)
 
 
+@single_blas_thread
 def profile_ci(design: Design2x2, structure: Structure, reml: bool = False, level: float = 0.95,
                start: np.ndarray | None = None, cache: dict | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Profile-likelihood CIs of every random-effect SD and the residual SD (lme4's ``confint``).
