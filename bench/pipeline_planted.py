@@ -135,7 +135,8 @@ def plant(bridge: Any, root: Path, seed: int, design: Path, decoder_norm: str = 
                            normalization=ck.normalization)
 
 
-def one_rep(bridge: Any, root: Path, seed: int, n_items: int, decoder_norm: str = "typical") -> dict[str, Any]:
+def one_rep(bridge: Any, root: Path, seed: int, n_items: int, decoder_norm: str = "typical",
+            directions: int = 0) -> dict[str, Any]:
     from fis_interventions.errors import FisError
     from fis_interventions.interventions import BatteryConfig, battery
     from fis_interventions.reports.analysis import analyze_run
@@ -156,7 +157,7 @@ def one_rep(bridge: Any, root: Path, seed: int, n_items: int, decoder_norm: str 
         top = [int(f) for f in table[~table["degenerate"]].sort_values("p_ab")["feature"].head(2)]
     cfg = {"name": "planted", "model": "tiny-random", "checkpoint": str(ckpt), "designs": [str(design)],
            "features": [{"from_screening": str(root / "screen"), "point": "sae.hook_latents", "top": 2, "role": "top"},
-                        {"matched": 2, "tolerance": 1.0}],
+                        {"matched": 2, "tolerance": 1.0}] + ([{"directions": directions}] if directions else []),
            "interventions": [{"kind": "zero"}], "primary": {"intervention": "zero", "readout": "valence"},
            "seed": seed, "batch_size": 16, "out": str(root / "battery"), "device": "cpu"}
     try:
@@ -168,7 +169,10 @@ def one_rep(bridge: Any, root: Path, seed: int, n_items: int, decoder_norm: str 
     a = analyze_run(run)
     v = verdicts(run, a.tests, a.vs_controls, a.manipulation.iloc[0:0], a.primary)[0]
     vs = a.vs_controls
-    row = vs[vs["feature"] == str(PLANTED)] if len(vs) else vs
+    both = vs[vs["feature"] == str(PLANTED)] if len(vs) else vs
+    kind = both["control_kind"] if "control_kind" in both else None
+    row = both[kind == "matched_latent"] if kind is not None else both
+    drow = both[kind == "random_direction"] if kind is not None else both.iloc[0:0]
     prim = a.tests[(a.tests["family"] == "primary") & (a.tests["feature"] == str(PLANTED))]
     own = bool(len(row) and len(prim) and row["q"].iloc[0] < 0.05 and prim["q"].iloc[0] < 0.05
                and (row["estimate"].iloc[0] > 0) == (prim["estimate"].iloc[0] > 0))
@@ -177,7 +181,9 @@ def one_rep(bridge: Any, root: Path, seed: int, n_items: int, decoder_norm: str 
             "recovered": bool(PLANTED in top and v["answer"] == "yes" and own),
             "planted_vs_p": float(row["p"].iloc[0]) if len(row) else None,
             "planted_kl": float(row["kl_feature"].iloc[0]) if len(row) else None,
-            "controls_kl": float(row["kl_controls"].iloc[0]) if len(row) else None}
+            "controls_kl": float(row["kl_controls"].iloc[0]) if len(row) else None,
+            **({"planted_vs_directions_p": float(drow["p"].iloc[0]) if len(drow) else None,
+                "directions_kl": float(drow["kl_controls"].iloc[0]) if len(drow) else None} if directions else {})}
 
 
 def summarise(rows: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
@@ -209,6 +215,8 @@ def main() -> int:
     parser.add_argument("--summarise", type=Path, default=None, help="print the summary of a JSONL and exit")
     parser.add_argument("--decoder-norm", default="typical",
                         help="planted decoder row norm: 'typical' (median of the others) or a multiple of the mean")
+    parser.add_argument("--directions", type=int, default=0,
+                        help="also N norm-matched random residual directions per top feature")
     args = parser.parse_args()
     if args.summarise:
         rows = load_rows(args.summarise)
@@ -233,7 +241,7 @@ def main() -> int:
             if time.perf_counter() - t0 > args.max_seconds or (rep, n) in done:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(timed(one_rep, bridge, Path(tmp), rep, n, args.decoder_norm))
+                rows.append(timed(one_rep, bridge, Path(tmp), rep, n, args.decoder_norm, args.directions))
             rows[-1].setdefault("decoder_norm", args.decoder_norm)
             append_row(args.jsonl, rows[-1])
             print(json.dumps(rows[-1]), flush=True)
