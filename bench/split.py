@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fis_interventions.models import default_hook, load_tokenizer
+from fis_interventions.models import default_hook, load_tokenizer, weights_device
 from fis_interventions.splice import SplitModel
 from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge
 
@@ -26,6 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from interleave import interleave, ratio  # noqa: E402  (bench/interleave.py: the one rule for ratios)
 
 SIZES = {"tiny": (4, 64), "mid": (12, 512)}
+
+
+def legs(bridge, hook: str, tokens: torch.Tensor, readout: torch.Tensor) -> dict:
+    """The timed legs on one batch: the full forward, the fast suffix at the readout position and at all
+    positions, the generic suffix. Token ids and positions go to the model's device first (built on the CPU,
+    they would be a device-mismatch error on a GPU, as bench/battery.py's were)."""
+    device = weights_device(bridge)
+    tokens, readout = tokens.to(device), readout.to(device)
+    fast = SplitModel(bridge, hook)
+    generic = SplitModel(bridge, hook, path="generic")
+    with torch.no_grad():
+        resid, state = fast.prefix(tokens)
+        _, gstate = generic.prefix(tokens)
+    return {"full": lambda: bridge(tokens),
+            "one": lambda: fast.suffix(resid, state, readout),
+            "all": lambda: fast.suffix(resid, state),
+            "generic": lambda: generic.suffix(resid, gstate, readout)}
 
 
 def main() -> None:
@@ -49,15 +66,8 @@ def main() -> None:
         for family in args.families.split(","):
             bridge = family_bridge(family, tok, n_layers=n_layers, d_model=d_model)
             hook = default_hook(bridge)
-            fast = SplitModel(bridge, hook)
-            generic = SplitModel(bridge, hook, path="generic")
-            resid, state = fast.prefix(tokens)
-            _, gstate = generic.prefix(tokens)
             with torch.no_grad():
-                t = interleave({"full": lambda: bridge(tokens),
-                                "one": lambda: fast.suffix(resid, state, readout),
-                                "all": lambda: fast.suffix(resid, state),
-                                "generic": lambda: generic.suffix(resid, gstate, readout)}, args.repeats)
+                t = interleave(legs(bridge, hook, tokens, readout), args.repeats)
             t_full, t_one, t_all, t_gen = (statistics.median(t[k]) for k in ("full", "one", "all", "generic"))
             r_one, r_all = ratio(t["full"], t["one"]), ratio(t["full"], t["all"])
             print(f"{family:9} {size:5} {hook:26} {1e3 * t_full:8.1f} {1e3 * t_one:9.1f} {1e3 * t_all:10.1f} "

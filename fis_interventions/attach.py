@@ -15,6 +15,7 @@ from typing import Any
 
 from .activations import ExclusionRule, Normalizer
 from .errors import FisError
+from .model_identity import check_same_model, of_bridge, of_checkpoint
 from .models import model_name, weights_device
 from .sae import Checkpoint, load_checkpoint
 from .splice import JointSplice, SplitModel
@@ -53,9 +54,7 @@ def attach(bridge: Any, checkpoint: Path | str | Checkpoint) -> Attached:
     ckpt.model.to(device).eval()
     name = model_name(bridge)
     saelens = ckpt.meta.get("format") == "saelens"
-    if ckpt.model_name is not None and ckpt.model_name != name:
-        raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {name!r}", source=ckpt.path,
-                       field="model", fix=f"load model {ckpt.model_name!r} or use a checkpoint trained on {name!r}")
+    check_same_model(of_checkpoint(ckpt), of_bridge(bridge), source=ckpt.path)  # by content where recorded
     if ckpt.d_in != int(bridge.cfg.d_model):
         raise FisError(f"checkpoint expects d_model {ckpt.d_in}, model has {bridge.cfg.d_model}",
                        source=ckpt.path / "cfg.json" if saelens else ckpt.path, field="d_in" if saelens else "model",

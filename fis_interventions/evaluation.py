@@ -30,9 +30,11 @@ import torch
 
 from .activations import ActivationStore
 from .attach import Attached, attach
+from . import recorded_paths
 from .errors import FisError, FisWarning
 from .fingerprint import own
-from .io import atomic_path, write_json
+from .io import atomic_path, refuse_link, write_json
+from .model_identity import model_to_load, of_checkpoint, of_record, same_model
 from .models import load_model
 from .provenance import provenance
 from .sae import COMPONENTS, load_checkpoint
@@ -150,25 +152,28 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
         raise FisError("no activation folder given or recorded in the checkpoint", source=ckpt.path,
                        field="activations", fix="pass --activations FOLDER")
     store = ActivationStore(Path(acts), heldout_fraction=train_cfg.get("heldout_fraction", 0.1))
-    other_model = ckpt.model_name is not None and store.manifest["model"] != ckpt.model_name  # None: a SAELens SAE
+    other_model = ckpt.model_name is not None and not same_model(  # None: a SAELens SAE
+        of_checkpoint(ckpt), of_record(store.manifest, "model"))
     if _canonical_hook(store.manifest["hook"]) != _canonical_hook(ckpt.hook) or other_model:
         raise FisError(f"activations are from {store.manifest['model']} at {store.manifest['hook']}, the checkpoint "
                        f"from {ckpt.model_name} at {ckpt.hook}", source=acts, field="activations",
                        fix="evaluate on activations harvested at the checkpoint's hook")
-    bridge = bridge if bridge is not None else load_model(model or ckpt.model_name or store.manifest["model"],
-                                                          device=device)
+    bridge = bridge if bridge is not None else load_model(
+        model_to_load(ckpt.model_name or store.manifest["model"], model, source=ckpt.path), device=device)
     attached = attach(bridge, ckpt)
-    recon, dead, n_heldout = _reconstruction(attached, store, 1024, max_tokens)
-    contexts = store.contexts("heldout")[:max_contexts]
+    contexts = store.contexts("heldout")[:max_contexts]  # every input checked before the first pass
     if len(contexts) == 0:
         raise FisError("no held-out contexts to splice (spliced KL/CE need at least 1, their confidence "
                        f"intervals {MIN_CI_CONTEXTS})", source=store.folder, field="heldout_fraction",
                        fix="harvest more tokens, raise heldout_fraction, or pass --max-contexts >= 1")
+    target = Path(out) if out else eval_folder(ckpt)
+    check_writable(target, ("eval.json", "eval_per_context.npz", "organisation.png"))
+    recon, dead, n_heldout = _reconstruction(attached, store, 1024, max_tokens)
     spliced, per_context = spliced_metrics(attached, contexts, batch_size=batch_size, seed=seed, progress=progress)
     from .sae.metrics import param_counts
 
     summary: dict[str, Any] = {
-        "checkpoint": str(ckpt.path),
+        "checkpoint": str(Path(ckpt.path).resolve()),
         "name": name or (ckpt.path.parent.name if ckpt.path.name == "checkpoint" else ckpt.path.name),
         "mode": train_cfg.get("mode"), "model": ckpt.model_name, "hook": ckpt.hook,
         "architecture": ckpt.meta.get("architecture"), "params": param_counts(attached.joint),
@@ -190,7 +195,7 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
 
         summary["organisation"] = organisation_tests(attached.joint, n_permutations=1000, seed=seed).to_dict("records")
     summary["provenance"] = provenance(seed)
-    target = Path(out) if out else eval_folder(ckpt)
+    summary["inputs"] = recorded_paths.record_all({"checkpoint": ckpt.path, "activations": acts}, target)
     own(target, ["eval.json", "eval_per_context.npz", "organisation.png"])  # a training folder lists them
     if organisation and attached.joint.nfm is not None:
         summary["organisation_figure"] = str(organisation_figure(attached.joint, target / "organisation.png"))
@@ -198,6 +203,17 @@ def evaluate(checkpoint: Path | str, activations: Path | str | None = None, *, m
     with atomic_path(target / "eval_per_context.npz") as tmp, tmp.open("wb") as fh:
         np.savez(fh, **per_context)
     return CheckpointEval(summary["name"], summary, per_context)
+
+
+def check_writable(folder: Path, names: tuple[str, ...]) -> None:
+    """Refuse, before any work, an output that cannot be written: a link in place of the folder or a file, or
+    a path that exists and is not a folder (the write would otherwise fail after the whole evaluation)."""
+    folder = Path(folder)
+    refuse_link(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FisError("is a file, not a folder", source=folder, fix="choose another --out folder")
+    for name in names:
+        refuse_link(folder / name)
 
 
 def eval_folder(ckpt: Any) -> Path:
@@ -380,16 +396,24 @@ def format_table(table: dict[str, Any]) -> str:
 
 
 def evaluate_many(checkpoints: list[Path], *, activations: Path | None = None, json_out: Path | None = None,
-                  device: str = "auto", bridge: Any = None, **kwargs: Any) -> tuple[dict[str, Any], str]:
-    """`fis eval A B C`: evaluate each checkpoint on the same held-out contexts and build the comparison."""
+                  device: str = "auto", bridge: Any = None, model: str | None = None,
+                  **kwargs: Any) -> tuple[dict[str, Any], str]:
+    """`fis eval A B C`: evaluate each checkpoint on the same held-out contexts and build the comparison.
+    ``model``: the model (name or path) when the recorded one was moved; checked by content."""
+    if json_out is not None:  # before any checkpoint is evaluated
+        refuse_link(Path(json_out))
+        if Path(json_out).is_dir():
+            raise FisError("is a folder", source=json_out, field="--json", fix="name a file, e.g. eval.json")
     evals = []
     for ckpt in checkpoints:
         if bridge is None:
-            name = load_checkpoint(Path(ckpt)).model_name
+            loaded = load_checkpoint(Path(ckpt))
+            name = loaded.model_name
             if name is None and activations is not None:  # a SAELens SAE: the model the activations came from
                 name = ActivationStore(Path(activations)).manifest["model"]
-            bridge = load_model(name or "smollm2-135m", device=device)
-        evals.append(evaluate(ckpt, activations, bridge=bridge, **kwargs))
+            bridge = load_model(model_to_load(name, model, source=loaded.path, default="smollm2-135m"),
+                                device=device)
+        evals.append(evaluate(ckpt, activations, bridge=bridge, model=model, **kwargs))
     table = comparison_table(evals, seed=kwargs.get("seed", 0))
     if json_out is not None:
         write_json(Path(json_out), {**table, "evals": [e.summary for e in evals], "provenance": provenance()})

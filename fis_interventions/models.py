@@ -13,7 +13,7 @@ instead; a copy without the weights (config + tokenizer, 3.5 MB) serves the toke
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import importlib.util
 import logging
 import os
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from .errors import FisError  # noqa: E402
-from .fingerprint import file_digest  # noqa: E402
+from .model_identity import cached_file_digest, content_digest  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -129,24 +129,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _gguf_digest(gguf: Path) -> str:
-    """sha256 of a GGUF file's bytes, remembered per (path, size, mtime) so a process pays it once per file."""
-    stat = gguf.stat()
-    seen = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    memo = cache_dir() / "models" / ".digests" / hashlib.sha1(seen.encode()).hexdigest()
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = file_digest(gguf)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
-    return digest
-
-
 def _gguf_cache_folder(gguf: Path) -> Path:
     """Keyed by the file's content: every install of the same wheel (each venv, each clone) shares one folder."""
-    return cache_dir() / "models" / f"{gguf.stem}-{_gguf_digest(gguf)[:12]}-fp32"
+    return cache_dir() / "models" / f"{gguf.stem}-{cached_file_digest(gguf)[:12]}-fp32"
 
 
 def _check_gguf(gguf: Path) -> None:
@@ -211,6 +196,12 @@ class ModelSource:
 
     name: str
     folder: Path | None  # None for tiny-random
+    path: Path | None = None  # what the user named: the folder or the .gguf file (None for built-in names)
+
+    @functools.cached_property
+    def sha256(self) -> str | None:
+        """Content identity of a model given by path (see :mod:`.model_identity`); None for built-in names."""
+        return None if self.path is None else content_digest(self.path)
 
 
 def default_model_folder() -> Path:
@@ -242,12 +233,12 @@ def resolve_model(name_or_path: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.exists():
             raise FisError("GGUF file not found", source=path, field="model", fix="check the path")
-        return ModelSource(str(path.resolve()), convert_gguf(path))
+        return ModelSource(str(path.resolve()), convert_gguf(path), path.resolve())
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FisError("folder has no config.json, so it is not a Hugging Face model folder", source=path,
                            field="model", fix="pass a folder saved with save_pretrained, or a .gguf file")
-        return ModelSource(str(path.resolve()), path)
+        return ModelSource(str(path.resolve()), path, path.resolve())
     raise FisError(f"unknown model '{name_or_path}': not a built-in name, a local HF folder or a .gguf file",
                    field="model", fix=f"use '{DEFAULT_MODEL}', '{TINY_MODEL}' or a local path (models are never "
                    "downloaded)")
@@ -311,6 +302,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     _check_placement(bridge, dev, torch_dtype)
     bridge.fis_model_name = source.name  # type: ignore[attr-defined]
     bridge.fis_model_folder = source.folder  # type: ignore[attr-defined]  # None for tiny-random
+    bridge.fis_model_sha256 = source.sha256  # type: ignore[attr-defined]  # content identity of a path model
     bridge.fis_bos_substituted = not own_bos  # type: ignore[attr-defined]
     if not own_bos:
         log.warning("%s: the tokenizer has no BOS token; every context starts with its EOS token %r instead "

@@ -48,3 +48,14 @@ def resolve(folder: Path | str, recorded: dict[str, Any] | None = None, legacy: 
         if (candidate / marker).is_file() if marker else candidate.exists():
             return candidate
     return candidates[0] if candidates else None
+
+
+def record_all(paths: dict[str, Path | str | None], folder: Path | str) -> dict[str, dict[str, str]]:
+    """:func:`record` of each named input that is set (the ``inputs`` entry of a run folder's JSON)."""
+    return {name: record(value, folder) for name, value in paths.items() if value is not None}
+
+
+def resolve_input(folder: Path | str, meta: dict[str, Any], name: str, marker: str | None = None) -> Path | None:
+    """Input ``name`` of the run folder ``folder`` whose JSON is ``meta``: from ``inputs`` (absolute, then
+    relative to the folder), else the path recorded as given under ``name`` (older folders)."""
+    return resolve(folder, (meta.get("inputs") or {}).get(name), meta.get(name), marker)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import recorded_paths
 from .errors import FisError
 from .fingerprint import Fingerprint, check_output, checkpoint_identity, package_version, replace_folder
 from .holdout import DEFAULT_FRACTION, all_items, check_fraction, design_identity, split_items
@@ -488,6 +489,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     """
     from .attach import attach
     from .designs import design_warnings, read_design
+    from .model_identity import check_same_model, key, model_to_load, of_bridge, of_record, of_source
     from .models import DEFAULT_MODEL, load_model, model_name
     from .provenance import provenance
     from .sae import JointArch, JointSAE
@@ -530,17 +532,15 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         skeleton = JointSAE(JointArch.model_validate(meta["architecture"]))
     chosen, point_warnings = resolve_points(skeleton, points)
     if bridge is None:
-        wanted = model or trained_on or DEFAULT_MODEL
-        if trained_on is not None and wanted != trained_on:
-            raise FisError(f"checkpoint was trained on model {trained_on!r}, not {wanted!r}",
-                           source=resolve(Path(checkpoint)), field="model",
-                           fix=f"use --model {trained_on} or a checkpoint trained on {wanted!r}")
+        wanted = model_to_load(trained_on, model, source=resolve(Path(checkpoint)), default=DEFAULT_MODEL)
+        if trained_on is not None and model is not None:  # before loading it; by content where recorded
+            check_same_model(of_record(meta), of_source(model), source=resolve(Path(checkpoint)))
         bridge = load_model(wanted, device=device)
     elif model is not None and model != model_name(bridge):
         raise FisError(f"model {model!r} requested but the given bridge is {model_name(bridge)!r}", field="model")
     attached = attach(bridge, checkpoint)
     warnings += point_warnings
-    config = {"checkpoint": str(checkpoint), "design": str(design), "model": model_name(bridge),
+    config = {"checkpoint": str(checkpoint), "design": str(design), "model": key(of_bridge(bridge)),
               "points": chosen, "aggregate": aggregate, "batch_size": batch_size, "top": top,
               "discover": discover, "split_seed": split_seed, "cards": cards,
               "cards_activations": None if cards_activations is None else str(cards_activations),
@@ -641,9 +641,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         warnings.append("every item was screened (--all-items): a battery on these features tests them on the "
                         "items they were selected on, so its tests can only be exploratory")
     summary = {
-        "checkpoint": str(attached.checkpoint.path), "checkpoint_sha256": checkpoint_id,
-        "model": model_name(bridge), "hook": attached.hook,
-        "design": str(design), "design_name": d.name, "design_sha256": design_id, "factors": levels,
+        "checkpoint": str(Path(attached.checkpoint.path).resolve()), "checkpoint_sha256": checkpoint_id,
+        "model": model_name(bridge), "model_sha256": of_bridge(bridge).sha256, "hook": attached.hook,
+        "design": str(Path(design).resolve()), "design_name": d.name, "design_sha256": design_id, "factors": levels,
         "points": chosen, "split": split,
         "screen_model": MODELS["within_item" if item_col else "ols"], "n_items": int(rows["item"].nunique()),
         "features_per_point": {p: int(x.shape[1]) for p, x in acts.items()},
@@ -686,5 +686,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         summary["cards"] = [f"cards/{c['point']}_{c['feature']}.md" for c in card_list]
     if out is not None:
         summary["fingerprint"] = fp.digest
+        summary["inputs"] = recorded_paths.record_all({  # absolute and relative to the folder: it can be moved
+            "checkpoint": attached.checkpoint.path, "design": design, "cards_activations": cards_activations}, out)
         _write_outputs(Path(out), fp, table, summary, top_list, overwrite, card_list)
     return ScreenResult(table, top_list, warnings, summary, acts, rows, card_list)

@@ -237,7 +237,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, world: dis
     normalization = {**manifest["normalization"], "exclusion": manifest["exclusion"],
                      "activations": str(store.folder)}
     return train_joint(cfg, batches, out, resume=resume, progress=progress, normalization=normalization,
-                       heldout=held, model_name=manifest["model"], hook=manifest["hook"])
+                       heldout=held, model_name=manifest["model"], hook=manifest["hook"],
+                       model_sha256=manifest.get("model_sha256"))
 
 
 @releases_locks
@@ -273,7 +274,8 @@ def refit(checkpoint: Path | str, out: Path | str, *, batch_size: int = 4096, ov
     model.sae.load_state_dict(sae.state_dict())
     cfg = TrainConfig.model_validate({**ckpt.train_config, "normalize_decoder": False, "activations": str(acts)})
     target = Path(out) / "checkpoint"
-    save_checkpoint(target, model, model_name=ckpt.model_name, hook=ckpt.hook, normalization=ckpt.normalization,
+    save_checkpoint(target, model, model_name=ckpt.model_name, model_sha256=ckpt.meta.get("model_sha256"),
+                    hook=ckpt.hook, normalization=ckpt.normalization,
                     cfg=cfg, step=ckpt.meta.get("step", 0), tokens_seen=ckpt.meta.get("tokens_seen", 0),
                     metrics={"refit_of": str(ckpt.path)})
     return target

@@ -1,4 +1,5 @@
-"""bench/battery.py moves its inputs to the model's device: its code paths run with the weights on ``meta``.
+"""bench/battery.py and bench/split.py move their inputs to the model's device: their code paths run with the
+weights on ``meta``.
 
 Why: the first GPU run's step 3 (``bench/gpu_check.sh``) was a device-mismatch error: the warm-up and the naive
 loop passed CPU token ids and masks to a CUDA model. Ops on ``meta`` weights do not complain about CPU inputs,
@@ -47,13 +48,17 @@ class DeviceMismatch(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def bench_battery():
-    spec = importlib.util.spec_from_file_location("bench_battery", ROOT / "bench" / "battery.py")
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_battery"] = module
+    sys.modules[f"bench_{name}"] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench_battery():
+    return _bench_module("battery")
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +118,30 @@ def test_bench_battery_warm_up_and_naive_loop_move_inputs_to_the_model_device(be
         bench_battery.naive(bridge, attached, cfg, rows, readouts, [Target("secondary.hook_latents", (1,), "f")])
     assert not mode.seen, mode.seen
     assert seen_logits and all(t.device.type == "meta" for t in seen_logits)
+
+
+def test_bench_split_moves_tokens_and_positions_to_the_model_device(monkeypatch):
+    """Every leg of bench/split.py (full forward, fast suffix at one and all positions, generic suffix) with the
+    weights on ``meta`` and the batch built on the CPU, as ``main`` builds it."""
+    from fis_interventions.models import default_hook, load_tokenizer
+    from fis_interventions.splice import SplitModel
+    from fis_interventions.tiny_models import family_bridge
+
+    bench_split = _bench_module("split")
+    bridge = family_bridge("llama", load_tokenizer())
+    bridge.original_model.to("meta")
+    # the generic path reads a value on the host (impossible on meta): both legs take the fast split here, every
+    # other line of the bench runs as written
+    monkeypatch.setattr(bench_split, "SplitModel", lambda b, h, path=None: SplitModel(b, h))
+    tokens = torch.randint(100, 1000, (2, 8))
+    readout = torch.full((2, 1), 7)
+    with DeviceMismatch() as mode, torch.no_grad():
+        outputs = [leg() for leg in bench_split.legs(bridge, default_hook(bridge), tokens, readout).values()]
+    assert not mode.seen, mode.seen
+    assert len(outputs) == 4
+    # and without the move (the old code: the CPU batch as built) the checker sees it
+    monkeypatch.setattr(bench_split, "weights_device", lambda b: torch.device("cpu"))
+    with DeviceMismatch() as mode, torch.no_grad():
+        for leg in bench_split.legs(bridge, default_hook(bridge), tokens, readout).values():
+            leg()
+    assert mode.seen

@@ -18,6 +18,7 @@ from ..errors import FisError
 from ..fingerprint import Fingerprint, claim, package_version, releases_locks
 from ..limits import check_context_length
 from ..splice import check_spliceable
+from ..model_identity import key, of_bridge
 from ..models import (DEFAULT_MODEL, default_hook, load_model, model_name, prepended_token, resolve_hook,
                       weights_device)
 from ..provenance import provenance
@@ -82,7 +83,8 @@ def planned_contexts(cfg: HarvestConfig, tokenizer: Any) -> tuple[torch.Tensor, 
 def fresh_manifest(cfg: HarvestConfig, bridge: Any, hook: Any, contexts: torch.Tensor, n_requested: int,
                    fp: Fingerprint, **extra: Any) -> dict[str, Any]:
     """The manifest of a harvest that has not written a shard yet (``extra``: a rank's own fields)."""
-    return new_manifest(model=model_name(bridge), hook=hook.name, hook_canonical=hook.canonical,
+    return new_manifest(model=model_name(bridge), model_sha256=of_bridge(bridge).sha256, hook=hook.name,
+                        hook_canonical=hook.canonical,
                         layer=hook.layer, d_model=int(bridge.cfg.d_model), context_length=cfg.context_length,
                         corpus=cfg.corpus, corpus_description=describe(cfg.corpus), dtype=cfg.dtype,
                         store_dtype=cfg.store_dtype, norm_multiple=cfg.norm_multiple,
@@ -166,7 +168,7 @@ def harvest(config: HarvestConfig | None = None, *, progress: bool = True, bridg
     store_dtype = store_dtype_of(cfg.store_dtype)
     contexts, n_requested = planned_contexts(cfg, tokenizer)
     out = Path(cfg.out)
-    fp = harvest_fingerprint(cfg, model_name(bridge), hook.canonical)
+    fp = harvest_fingerprint(cfg, key(of_bridge(bridge)), hook.canonical)
     fresh = fresh_manifest(cfg, bridge, hook, contexts, n_requested, fp)
     state = claim(out, fp, overwrite=overwrite)
     if state == "resume" and (out / MANIFEST).exists():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import FisError
+from ..model_identity import of_checkpoint, of_record, same_model
 from .directions import (CARD_POINTS, DERIVATION, INTEGRATION_POINTS, LENS_DEFINITION, check_ids, logit_lens,
                          point_width, residual_directions, token_texts, top_tokens)
 from .pairs import DEFINITION as PAIRS_DEFINITION
@@ -74,9 +75,10 @@ def check_harvest(store: Any, ckpt: Any, canonical: str | None = None) -> None:
     alias (``hook_resid_post`` / ``hook_out``) is not mistaken for another hook; without it only the model and
     the width are checked."""
     m = store.manifest
-    if ckpt.model_name is not None and m.get("model") != ckpt.model_name:
-        raise FisError(f"harvest is of model {m.get('model')!r}, the checkpoint of {ckpt.model_name!r}",
-                       source=store.folder, field="model", fix="pass a harvest of the checkpoint's model")
+    if ckpt.model_name is not None and not same_model(of_checkpoint(ckpt), of_record(m, "model")):
+        raise FisError(f"harvest is of model {of_record(m, 'model').describe()}, the checkpoint of "
+                       f"{of_checkpoint(ckpt).describe()}", source=store.folder, field="model",
+                       fix="pass a harvest of the checkpoint's model")
     same_hook = m.get("hook") == ckpt.hook or m.get("hook_canonical") == canonical
     if canonical is not None and ckpt.hook is not None and not same_hook:
         raise FisError(f"harvest is of hook {m.get('hook')!r}, the checkpoint was trained at {ckpt.hook!r}",
@@ -174,7 +176,8 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
     ``aggregate``: the screen's aggregate over a stimulus's positions)."""
     from ..activations import ActivationStore
     from ..attach import checkpoint_preprocessing
-    from ..models import load_model, model_name, resolve_hook, weights_device
+    from ..model_identity import check_same_model, model_to_load, of_bridge, of_source
+    from ..models import load_model, resolve_hook, weights_device
     from ..sae import Checkpoint, load_checkpoint
 
     if split not in SPLITS:
@@ -200,17 +203,12 @@ def build_cards(checkpoint: Path | str | Any, keys: Sequence[FeatureKey], *, act
     check_harvest(store, ckpt)
     if bridge is None:
         # a SAELens SAE names its model only in free form: the model is the harvest's (or --model)
-        recorded_model = ckpt.model_name or model or store.manifest.get("model")
-        if recorded_model is None:
-            raise FisError("the checkpoint does not record its model", source=ckpt.path, field="model",
-                           fix="pass --model")
-        if model is not None and model != recorded_model:
-            raise FisError(f"checkpoint was trained on model {recorded_model!r}, not {model!r}", source=ckpt.path,
-                           field="model", fix=f"use --model {recorded_model}")
+        recorded_model = model_to_load(ckpt.model_name or store.manifest.get("model"), model, source=ckpt.path)
+        if model is not None and ckpt.model_name is not None:  # before loading it: by content where recorded
+            check_same_model(of_checkpoint(ckpt), of_source(model), source=ckpt.path)
         bridge = load_model(recorded_model, device=device)
-    elif ckpt.model_name is not None and model_name(bridge) != ckpt.model_name:
-        raise FisError(f"checkpoint was trained on model {ckpt.model_name!r}, not {model_name(bridge)!r}",
-                       source=ckpt.path, field="model", fix=f"load {ckpt.model_name!r}")
+    if ckpt.model_name is not None:
+        check_same_model(of_checkpoint(ckpt), of_bridge(bridge), source=ckpt.path)
     if ckpt.hook is not None:
         check_harvest(store, ckpt, resolve_hook(bridge, ckpt.hook).canonical)
     if design is not None and not hasattr(design, "factors"):

@@ -59,11 +59,13 @@ def eval_cmd(checkpoints: Annotated[list[Path], typer.Argument(help="checkpoint 
              max_contexts: int = 64, max_tokens: int = 20_000, batch_size: int = 8, seed: int = 0,
              device: str = "auto",
              json_out: Annotated[Optional[Path], typer.Option("--json", help="write the comparison table")] = None,
+             model: Annotated[Optional[str], typer.Option(help="model name or path; default: the checkpoint's "
+                                                          "(a copy elsewhere is accepted: checked by content)")] = None,
              progress: bool = True) -> None:
     """Evaluate checkpoints on held-out tokens (FVU, L0, spliced KL/CE, baselines) and compare them."""
     from ..evaluation import evaluate_many
 
     table, text = evaluate_many(checkpoints, activations=activations, max_contexts=max_contexts,
                                 max_tokens=max_tokens, batch_size=batch_size, seed=seed, device=device,
-                                json_out=json_out, progress=progress)
+                                json_out=json_out, progress=progress, model=model)
     typer.echo(text)

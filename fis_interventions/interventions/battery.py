@@ -34,11 +34,12 @@ from ..designs.checks import KL_READOUT
 from ..distributed import parse_shard
 from .. import recorded_paths
 from ..errors import FisError
-from ..fingerprint import (Fingerprint, checkpoint_identity, claim, file_digest, folder_identity,
+from ..fingerprint import (Fingerprint, check_output, checkpoint_identity, claim, file_digest, folder_identity,
                            lock_folder, own, package_version, refuse_links_inside, releases_locks)
 from ..holdout import design_identity
 from ..io import atomic_path, write_json
 from ..limits import check_stimuli_fit
+from ..model_identity import key, of_bridge
 from ..models import load_model, model_name
 from ..provenance import provenance, seed_everything
 from ..splice import PrefixState, pad_right
@@ -426,10 +427,12 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
     if cfg.items == "confirmation" and not screened:
         raise FisError("items: confirmation needs a feature selected from_screening (nothing is held out)",
                        field="items", fix="drop `items`, or select features from_screening")
+    out = Path(cfg.out)
     bridge = bridge if bridge is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     attached = attach(bridge, cfg.checkpoint)
+    fp = battery_fingerprint(cfg, key(of_bridge(bridge)), checkpoint_id, list(design_ids.values()))
+    check_output(out, fp, overwrite=overwrite)  # not ours / other settings: refused before any pass
     tokenizer = bridge.tokenizer
-    out = Path(cfg.out)
 
     plans = []
     all_batches: list[Encoded] = []
@@ -459,7 +462,6 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
         return stats_cache[point]
 
     targets = resolve_features(cfg.features, attached.joint, attached.checkpoint.d_in, cfg.seed, active, stats)
-    fp = battery_fingerprint(cfg, model_name(bridge), checkpoint_id, list(design_ids.values()))
     claim(out, fp, overwrite=overwrite, shared=shard_n > 1)  # the folder is created now, every input checked
     # the largest activation per feature costs a prefix pass over every stimulus: only when a clamp needs it
     needs_max = any(spec.relative_to_max for spec in cfg.interventions)
@@ -473,7 +475,8 @@ def battery(config: BatteryConfig | Path | str, *, shard: str | None = None, bri
                         f"{primary['value']:g} [{primary['position']}] on {primary['readout']!r}); name it under "
                         "`primary:` before the run (pre-registration)")
     run_meta = {
-        "name": cfg.name, "model": model_name(bridge), "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
+        "name": cfg.name, "model": model_name(bridge), "model_sha256": of_bridge(bridge).sha256,
+        "hook": attached.hook, "checkpoint": str(cfg.checkpoint),
         "inputs": {"checkpoint": recorded_paths.record(cfg.checkpoint, out)},  # the folder can be moved
         "split_path": attached.split.path,
         "seed": cfg.seed, "config": cfg.model_dump(mode="json"), "fingerprint": fp.digest,

@@ -26,6 +26,7 @@ from .. import recorded_paths
 from ..errors import FisError
 from ..fingerprint import own
 from ..io import atomic_dir, recover_dir, write_json
+from ..model_identity import ModelId, check_same_model, of_record
 from ..provenance import provenance
 from .config import TrainConfig
 from .model import JointArch, JointSAE
@@ -52,13 +53,14 @@ CHECKPOINT_FILES = ("weights.safetensors", "cfg.json", "metrics.json", "optimize
 
 
 def save_checkpoint(path: Path, model: JointSAE, *, model_name: str | None, hook: str | None,
-                    normalization: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
+                    model_sha256: str | None = None, normalization: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
                     step: int = 0, tokens_seen: int = 0, complete: bool = True,
                     metrics: dict[str, Any] | None = None, train_state: dict[str, Any] | None = None) -> Path:
     """Write ``path`` atomically (replacing an older checkpoint only once the new one is complete)."""
     meta = {
         "format": FORMAT,
         "model_name": model_name,
+        "model_sha256": model_sha256,  # content identity of a model given by path (see model_identity)
         "hook": hook,
         "d_in": model.cfg.sae.d_in,
         "architecture": model.cfg.model_dump(mode="json"),
@@ -130,9 +132,12 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: str | None = None,
+def load_checkpoint(path: Path, expect_model: str | ModelId | None = None, expect_hook: str | None = None,
                     device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint; refuse one trained on another model or hook point (flaw 1) in one line.
+
+    The model is compared by content where both sides record a digest (:mod:`..model_identity`: an identical
+    copy of the model at another path is the same model), else by name.
 
     A SAELens SAE folder loads too (frozen, see :mod:`.saelens`); its model name is SAELens' own (often a hub
     name), so only its hook and, when attached, its d_in are checked.
@@ -141,11 +146,13 @@ def load_checkpoint(path: Path, expect_model: str | None = None, expect_hook: st
     if path.is_dir() and is_saelens_folder(path):
         return load_saelens(path, expect_hook=expect_hook, device=device)
     meta = read_meta(path)
-    for key, expected, label in (("model_name", expect_model, "model"), ("hook", expect_hook, "hook point")):
-        if expected is not None and meta.get(key) != expected:
-            raise FisError(f"checkpoint was trained on {label} {meta.get(key)!r}, not {expected!r}",
-                           source=path, field=key,
-                           fix=f"use a checkpoint trained on {expected!r}, or use {label} {meta.get(key)!r}")
+    if expect_model is not None:
+        expected = expect_model if isinstance(expect_model, ModelId) else ModelId(expect_model)
+        check_same_model(of_record(meta), expected, source=path, field="model_name")
+    if expect_hook is not None and meta.get("hook") != expect_hook:
+        raise FisError(f"checkpoint was trained on hook point {meta.get('hook')!r}, not {expect_hook!r}",
+                       source=path, field="hook",
+                       fix=f"use a checkpoint trained on {expect_hook!r}, or use hook point {meta.get('hook')!r}")
     try:
         arch = JointArch.model_validate(meta["architecture"])
         int(meta["d_in"])

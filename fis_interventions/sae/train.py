@@ -35,6 +35,7 @@ from .. import distributed
 from ..errors import FisError
 from ..fingerprint import own
 from ..io import atomic_path, refuse_link
+from ..model_identity import ModelId
 from ..models import resolve_device
 from ..provenance import seed_everything
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
@@ -161,16 +162,17 @@ class _MetricsLog:
 
 def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = False, progress: bool = True,
           normalization: dict[str, Any] | None = None, heldout: list[torch.Tensor] | None = None,
-          model_name: str | None = None, hook: str | None = None) -> TrainResult:
+          model_name: str | None = None, hook: str | None = None, model_sha256: str | None = None) -> TrainResult:
     """Train ``cfg.mode`` on normalised batches; write ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint``.
 
     ``batches``: an iterable of [B, d_in] float tensors, or a callable ``start -> iterable`` that starts at
     batch ``start`` (lets a shard reader seek on resume). If ``heldout`` is not given, the first
     ``ceil(heldout_fraction * steps)`` batches (at most 16) are held out and never trained on.
     ``model_name``/``hook`` (default ``cfg.model``/``cfg.hook``) are recorded in the checkpoint; training from
-    a shard folder passes the ones in its manifest.
+    a shard folder passes the ones in its manifest (with ``model_sha256``, the model's content identity).
     """
     model_name = model_name or cfg.model
+    expected = ModelId(model_name, model_sha256)  # a resumed or frozen checkpoint must be of this model
     hook = hook or cfg.hook
     world = distributed.current()
     out_dir = Path(out_dir)
@@ -185,7 +187,7 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
         if not (ckpt_dir / "cfg.json").exists():
             raise FisError("nothing to resume: no checkpoint in this folder", source=out_dir,
                            fix="run without --resume to start")
-        ckpt = load_checkpoint(ckpt_dir, expect_model=model_name, expect_hook=hook, device=device)
+        ckpt = load_checkpoint(ckpt_dir, expect_model=expected, expect_hook=hook, device=device)
         if ckpt.train_config != cfg.model_dump(mode="json"):
             raise FisError("the config differs from the one this checkpoint was trained with", source=out_dir,
                            fix="resume with the same config, or start a new run in another folder")
@@ -218,9 +220,9 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
 
     if state is None:
         seed_everything(cfg.seed)
-        model = JointSAE(_arch(cfg, d_in, model_name, hook)).to(device, dtype)
+        model = JointSAE(_arch(cfg, d_in, expected, hook)).to(device, dtype)
         if cfg.sae_checkpoint is not None:
-            _load_frozen_sae(model, cfg, d_in, model_name, hook, normalization)
+            _load_frozen_sae(model, cfg, d_in, expected, hook, normalization)
         step = 0
     else:
         step = state["step"]
@@ -247,7 +249,8 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
                        "rng": torch.get_rng_state(),
                        "phase": trainer.phase if trainer else None,
                        "trainer": trainer.state_dict() if trainer else None}
-        save_checkpoint(ckpt_dir, model, model_name=model_name, hook=hook, normalization=normalization,
+        save_checkpoint(ckpt_dir, model, model_name=model_name, model_sha256=model_sha256, hook=hook,
+                        normalization=normalization,
                         cfg=cfg, step=step, tokens_seen=tokens_seen, complete=complete, metrics=last,
                         train_state=train_state)
         last_ckpt = step
@@ -307,14 +310,14 @@ def train(cfg: TrainConfig, batches: Batches, out_dir: Path, *, resume: bool = F
     return TrainResult(ckpt_dir, model, step, True, last)
 
 
-def _arch(cfg: TrainConfig, d_in: int, model_name: str | None, hook: str | None) -> JointArch:
+def _arch(cfg: TrainConfig, d_in: int, model_name: ModelId, hook: str | None) -> JointArch:
     if cfg.sae_checkpoint is None:
         return cfg.arch(d_in)
     frozen = load_checkpoint(cfg.sae_checkpoint, expect_model=model_name, expect_hook=hook)
     return cfg.arch(d_in).model_copy(update={"sae": frozen.model.cfg.sae})
 
 
-def _load_frozen_sae(model: JointSAE, cfg: TrainConfig, d_in: int, model_name: str | None,
+def _load_frozen_sae(model: JointSAE, cfg: TrainConfig, d_in: int, model_name: ModelId,
                      hook: str | None, normalization: dict[str, Any] | None = None) -> None:
     from .saelens import fold_input_scale
 
