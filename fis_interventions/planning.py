@@ -232,9 +232,6 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
                      f"with {family_size} primary tests (BH's threshold when only one of them has an effect)")
     for note in notes:
         log.warning(note)
-    started = time.perf_counter()
-    curve = power_curve(spec, items, n_sims=sims, seed=seed, alpha=alpha_used, engine=engine)
-    seconds = time.perf_counter() - started
     used = "fit" if engine == "fit" or (engine == "auto" and spec.prompts >= 5) else "closed"
     result = {"spec": spec_dict(spec), "pilot": None if pilot is None else str(pilot), "select": select or {},
               "alpha": alpha, "family_size": family_size, "alpha_used": alpha_used,
@@ -243,16 +240,24 @@ def power(pilot: str | Path | None = None, out: str | Path | None = None, items:
               "model": "shift ~ A*B" + (" + prompt" if 1 < spec.prompts < 5 else "")
                        + " + (1 + A + B" + (" + A:B" if spec.reps * spec.prompts > 1 else "") + " || item)"
                        + (" + crossed prompt effects" if spec.prompts >= 5 else "")
-                       + ", REML, Satterthwaite df; singular fits simplified by the fixed rule",
-              "curve": curve.to_dict(orient="records"),
-              "items_for_80": items_needed(curve, 0.8), "items_for_90": items_needed(curve, 0.9),
-              "seconds": seconds}
-    if target is not None:
+                       + ", REML, Satterthwaite df; singular fits simplified by the fixed rule"}
+    fp = None
+    if target is not None:  # what decides the curve is known before the simulation: a folder holding another
+        # power run is refused now, not after minutes of fits
+        fp = Fingerprint("power", dict(result) | {"items": list(items), "package": package_version()})
+        check_output(target, fp, overwrite=overwrite, replaces_same=True)
+        if pilot is not None:
+            from . import recorded_paths
+
+            result["inputs"] = recorded_paths.record_all({"pilot": pilot}, target)
+    started = time.perf_counter()
+    curve = power_curve(spec, items, n_sims=sims, seed=seed, alpha=alpha_used, engine=engine)
+    result |= {"curve": curve.to_dict(orient="records"),
+               "items_for_80": items_needed(curve, 0.8), "items_for_90": items_needed(curve, 0.9),
+               "seconds": time.perf_counter() - started}
+    if target is not None and fp is not None:
         from .provenance import provenance
 
-        fp = Fingerprint("power", {k: v for k, v in result.items() if k not in ("curve", "seconds", "items_for_80",
-                                                                            "items_for_90")}
-                         | {"items": list(items), "package": package_version()})
         with replace_folder(target, fp, overwrite=overwrite) as tmp:
             curve.to_csv(tmp / "power.csv", index=False)
             power_figure(curve, spec, tmp / "power.png")

@@ -260,9 +260,13 @@ def test_markdown_and_cli_output(planted, tiny_bridge, tmp_path, monkeypatch, ca
     code = main(["features", str(planted["ckpt"]), "--point", "nfm.hook_hidden", "--ids", f"{H0},11",
                  "--top", "3", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "index.md", "nfm.hook_hidden_11.json",
-                                                     "nfm.hook_hidden_11.md", "nfm.hook_hidden_3.json",
-                                                     "nfm.hook_hidden_3.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "index.md", "inputs.json",
+                                                     "nfm.hook_hidden_11.json", "nfm.hook_hidden_11.md",
+                                                     "nfm.hook_hidden_3.json", "nfm.hook_hidden_3.md"]
+    from fis_interventions import recorded_paths
+
+    inputs = json.loads((out / "inputs.json").read_text())  # absolute and relative to the folder
+    assert recorded_paths.resolve_input(out, inputs, "checkpoint").resolve() == Path(planted["ckpt"]).resolve()
     # other settings into the same folder: refused (one line, exit 2); --overwrite replaces what fis wrote
     args = ["features", str(planted["ckpt"]), "--point", "nfm.hook_hidden", "--ids", f"{H0}", "--out", str(out)]
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err

@@ -310,6 +310,12 @@ def features(checkpoint: Path | str, point: str, ids: Sequence[int] | str, *, ac
                         split=split, bridge=bridge, model=model, device=device, batch_size=batch_size,
                         progress=progress, design=design, aggregate=aggregate)
     if out is not None and fp is not None:
+        from .. import recorded_paths
+        from ..io import write_json
+
         with replace_folder(Path(out), fp, overwrite=overwrite) as tmp:
             write_cards(cards, tmp)
+            if cards:  # what the cards were made from, absolute and relative to the folder (it can be moved)
+                write_json(tmp / "inputs.json", {"inputs": recorded_paths.record_all(
+                    {"checkpoint": cards[0]["checkpoint"], "activations": cards[0]["harvest"]["folder"]}, out)})
     return cards

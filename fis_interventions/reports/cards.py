@@ -68,8 +68,7 @@ def report_cards(run: Run, enabled: bool | None = None, activations: str | Path 
                 for p in dict.fromkeys(str(p) for p, _ in pairs) if p not in CARD_POINTS]
     if not keys:
         return {}, warnings
-    recorded = (run.info.model_extra or {}).get("inputs", {}).get("checkpoint")
-    checkpoint = recorded_paths.resolve(run.folder, recorded, run.info.checkpoint)  # absolute, relative or as run
+    checkpoint = run_checkpoint(run)
     try:
         if not checkpoint.exists():
             raise FisError("checkpoint not found, so the report has no feature cards", source=checkpoint,
@@ -86,3 +85,22 @@ def report_cards(run: Run, enabled: bool | None = None, activations: str | Path 
             raise
         return {}, [*warnings, f"no feature cards: {err}"]
     return {(c["point"], c["feature"]): c for c in cards}, warnings
+
+
+def run_checkpoint(run: Run) -> Path:
+    """The battery's checkpoint: absolute, relative to the run folder, or as the battery was given it."""
+    recorded = (run.info.model_extra or {}).get("inputs", {}).get("checkpoint")
+    return recorded_paths.resolve(run.folder, recorded, run.info.checkpoint)
+
+
+def check_card_inputs(run: Run, activations: str | Path | None) -> None:
+    """``--cards`` (required cards): the checkpoint and its harvest must be reachable, checked before the
+    analysis (minutes of model fits) rather than after it."""
+    from ..cards.build import harvest_folder
+    from ..sae import load_checkpoint
+
+    checkpoint = run_checkpoint(run)
+    if not checkpoint.exists():
+        raise FisError("checkpoint not found, so the report cannot have feature cards", source=checkpoint,
+                       field="checkpoint", fix="move the checkpoint back beside the run folder, or pass --no-cards")
+    harvest_folder(load_checkpoint(checkpoint), activations)

@@ -18,12 +18,13 @@ import pandas as pd
 
 from ..fingerprint import (Fingerprint, check_output, file_digest, folder_identity, package_version,
                            replace_folder)
+from .. import recorded_paths
 from ..io import write_json
 from ..provenance import library_versions, provenance
 from ..stats.structure import MIN_RANDOM_LEVELS
 from .analysis import ALPHA, EXPLORATORY, KEYS, Analysis, analyze_run, feature_verdicts, is_noop
 from .inference import ALTERNATIVE, primary_table, verdict_sentence
-from .cards import feature_indices, report_cards
+from .cards import check_card_inputs, feature_indices, report_cards
 from .figures import dose_plot, interaction_plot
 from .parallel import pmap
 from .render import Doc, fmt, to_html, to_markdown
@@ -411,6 +412,8 @@ def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = 
     target = Path(out) if out is not None else Path("reports") / slug(loaded.info.name)
     fp = report_fingerprint(loaded)
     check_output(target, fp, overwrite=overwrite, replaces_same=True)  # before the analysis (slow)
+    if cards:  # required cards: their inputs too
+        check_card_inputs(loaded, activations)
     analysis = analyze_run(loaded)
     feature_cards, card_warnings = report_cards(loaded, cards, activations, bridge, card_top)
     for w in card_warnings:
@@ -423,7 +426,8 @@ def report(run: str | Path, out: str | Path | None = None, *, overwrite: bool = 
             write_cards(list(feature_cards.values()), tmp / "cards")
         (tmp / "report.md").write_text(to_markdown(doc), encoding="utf-8")
         (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
-        write_json(tmp / "provenance.json", provenance(loaded.info.seed, {"run": str(Path(run).resolve()),
-                                                                          "out": str(target)}))
+        write_json(tmp / "provenance.json", {
+            **provenance(loaded.info.seed, {"run": str(Path(run).resolve()), "out": str(Path(target).resolve())}),
+            "inputs": recorded_paths.record_all({"run": loaded.folder, "activations": activations}, target)})
     log.info("wrote %s", target)
     return target

@@ -143,3 +143,31 @@ def test_screen_records_its_inputs_absolute_and_relative(tiny_bridge, tiny_ckpt,
     assert recorded_paths.resolve_input(moved / "screen", meta, "checkpoint", marker="cfg.json") == \
         moved / "screen" / "../ckpt"
     assert recorded_paths.resolve_input(moved / "screen", meta, "design").resolve() == (moved / "design.yaml")
+
+
+def test_report_with_required_cards_checks_the_checkpoint_before_the_analysis(tmp_path, monkeypatch):
+    from fis_interventions.reports import writer
+    from fis_interventions.reports.synthetic import write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "run", seed=0, n_items=4, n_prompts=1)
+    fits = Counter(writer.analyze_run)
+    monkeypatch.setattr(writer, "analyze_run", fits)
+    with pytest.raises(FisError, match="checkpoint not found"):
+        writer.report(run, tmp_path / "out", cards=True)
+    assert fits.calls == 0, "--cards inputs were checked after the analysis"
+    assert not (tmp_path / "out").exists()
+
+
+def test_power_refuses_a_folder_with_other_settings_before_simulating(tmp_path, monkeypatch):
+    from fis_interventions import planning
+
+    out = tmp_path / "power"
+    kw = dict(items=[8], sims=20, effect=1.0, var_resid=1.0)
+    planning.power(out=out, **kw)
+    sims = Counter(planning.power_curve)
+    monkeypatch.setattr(planning, "power_curve", sims)
+    with pytest.raises(FisError, match="other settings"):
+        planning.power(out=out, **{**kw, "sims": 21})
+    assert sims.calls == 0, "the output folder was checked after the simulation"
+    planning.power(out=out, **kw)  # the same settings: recomputed and rewritten
+    assert sims.calls == 1
