@@ -17,12 +17,21 @@ full forward passes through the bridge with a hook that writes the residual (cor
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 ROTARY = ("attention_mask", "position_ids", "position_embeddings")
+
+
+@functools.lru_cache(maxsize=4)
+def _no_causal_skip(maker: Any) -> dict[str, bool]:
+    """``allow_is_causal_skip=False`` where the installed transformers has it (newer than 5.9, the lowest
+    version allowed; the older ones always may skip, costing host syncs on a GPU, same values)."""
+    return {"allow_is_causal_skip": False} if "allow_is_causal_skip" in inspect.signature(maker).parameters else {}
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ class FamilyAdapter:
         makers = {"full_attention": masking_utils.create_causal_mask,
                   "sliding_attention": masking_utils.create_sliding_window_causal_mask}
         return {kind: makers[kind](self.config, embeds, attention_mask, None, position_ids=position_ids,
-                                   allow_is_causal_skip=False)
+                                   **_no_causal_skip(makers[kind]))
                 for kind in sorted(set(self.kinds))}
 
     def position_embeddings(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:
