@@ -330,6 +330,11 @@ def run_seed(seed: int, acts: Path, bridge: Any, s: dict[str, Any], out: Path, m
     return m
 
 
+def _harvested(acts: Path) -> bool:
+    manifest = acts / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+
+
 def _complete(checkpoint: Path) -> bool:
     meta = checkpoint / "cfg.json"
     return meta.is_file() and bool(json.loads(meta.read_text(encoding="utf-8")).get("complete"))
@@ -417,7 +422,8 @@ def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
           f"{', '.join(str(s) for s, _ in inferred) or 'none'}; evaluation on {meta['contexts']} held-out "
           f"contexts. Means over seeds with t-based 95% CIs (n = seeds). Design `{DESIGN.name}`: features "
           "screened on the discovery half of the items, tested on the held-out half with the toolkit's inference "
-          f"rules (docs/inference.md). Wall time {meta['minutes']:.0f} min.")
+          "rules (docs/inference.md). " + ("Assembled from the stages that earlier runs finished (--existing-only)."
+                                           if meta.get("existing_only") else f"Wall time {meta['minutes']:.0f} min."))
     doc.h(1, "Which of the paper's claims survive")
     surv = claims_survive(per_seed)
     doc.ul([f"**{c['claim']}** (paper: {c['paper']}): **{c['verdict']}**: {c['why']}." for c in surv])
@@ -536,7 +542,11 @@ def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
                                   f"test; `fis power` simulates the primary test of rank 1 with the sesoi as the "
                                   f"effect (not the selected pilot's), BH family size {b0['family_size']}, the "
                                   f"pilot's variance components, closed-form engine (prompts as a fixed factor).")
-    if len(methods) > 1:
+    if len(methods) > 1 and not any("attribution" in m["batteries"] for m in per_seed):
+        doc.h(1, "Which screen selects features that confirm? (activation vs attribution)")
+        doc.p("Not measured in this run: no seed's attribution screen + battery finished (the run was stopped for "
+              "time). The toolkit's own measurement on other designs: docs/attribution.md.")
+    elif len(methods) > 1:
         doc.h(1, "Which screen selects features that confirm? (activation vs attribution)")
         srows = []
         for method in methods:
@@ -607,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     bridge = load_model(model, device="cpu")
     hook = resolve_hook(bridge, default_hook(bridge)).name
     acts = args.out / "activations"
-    if not args.existing_only:
+    if not args.existing_only and not _harvested(acts):  # a finished harvest is reused (even from older code)
         harvest(bridge=bridge, model=model, hook=hook, out=acts, tokens=s["tokens"],
                 context_length=s["context_length"], progress=False)
         log(f"harvested {s['tokens']} tokens at {hook}")
