@@ -123,8 +123,10 @@ def of_bridge(bridge: Any) -> ModelId:
 
 def of_source(name_or_path: str) -> ModelId:
     """The identity of a model before loading it (resolving the name; hashing a path model's files)."""
-    from .models import resolve_model
+    from .models import DEFAULT_MODEL, TINY_MODEL, resolve_model
 
+    if name_or_path in (DEFAULT_MODEL, TINY_MODEL):  # named, not hashed: nothing to resolve (or convert) yet
+        return ModelId(name_or_path)
     source = resolve_model(name_or_path)
     return ModelId(source.name, source.sha256)
 
