@@ -155,7 +155,7 @@ def test_within_item_equals_pingouin_directly():
                           effsize="np2", correction=False).set_index("Source")
         for suffix, src in (("a", "formality"), ("b", "emotion"), ("ab", "formality * emotion")):
             assert out.loc[j, f"F_{suffix}"] == pytest.approx(aov.loc[src, "F"], rel=1e-8)
-            assert out.loc[j, f"p_{suffix}"] == pytest.approx(aov.loc[src, "p_unc"], rel=1e-8)
+            assert out.loc[j, f"p_{suffix}"] == pytest.approx(aov.loc[src, "p_unc" if "p_unc" in aov else "p-unc"], rel=1e-8)
             assert out.loc[j, f"partial_eta2_{suffix}"] == pytest.approx(aov.loc[src, "np2"], rel=1e-8)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from ..compat import scipy_rng
 from .model import JointSAE, SparseLatents
 
 
@@ -153,6 +154,6 @@ def bootstrap_relative_improvement(baseline: np.ndarray, method: np.ndarray, *, 
         return (mx - y.mean(axis=axis)) / mx
 
     res = stats.bootstrap((a, b), rel, paired=True, vectorized=True, n_resamples=n_resamples,
-                          confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed))
+                          confidence_level=confidence, method="BCa", **scipy_rng(stats.bootstrap, seed))
     return {"estimate": float(rel(a, b)), "low": float(res.confidence_interval.low),
             "high": float(res.confidence_interval.high), "n_contexts": int(a.size)}

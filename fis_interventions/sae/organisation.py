@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from ..compat import scipy_rng
 from .model import JointSAE
 
 
@@ -62,7 +63,7 @@ def rank_association(x: np.ndarray, y: np.ndarray, *, n_permutations: int = 2000
         return (ra * rb).sum(axis=axis) / np.sqrt((ra**2).sum(axis=axis) * (rb**2).sum(axis=axis))
 
     res = stats.permutation_test((x, y), rho, permutation_type="pairings", vectorized=True,
-                                 n_resamples=n_permutations, rng=np.random.default_rng(seed))
+                                 n_resamples=n_permutations, **scipy_rng(stats.permutation_test, seed))
     low, high = np.quantile(res.null_distribution, [0.025, 0.975])
     return {"rho": float(res.statistic), "p_perm": float(res.pvalue), "null_low": float(low),
             "null_high": float(high), "n": int(x.size)}

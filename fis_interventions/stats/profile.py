@@ -123,6 +123,14 @@ def _batched_cholesky(A: np.ndarray) -> np.ndarray:
     return L
 
 
+def _cho_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.cho_solve`` with the lower factor ``L``, also for an empty system (a model whose dense part
+    has no columns): scipy before 1.13 refuses 0 x 0 where later versions return the empty result."""
+    if L.shape[0] == 0:
+        return np.zeros(B.shape)
+    return cho_solve((L, True), B)
+
+
 def _batched_forward(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``L^-1 B`` for many small lower-triangular ``L`` (``[levels, k, k]``, ``B``: ``[levels, k, d]``)."""
     Y = np.empty_like(B)
@@ -239,14 +247,14 @@ class ProfiledDeviance:
         for size in sizes:
             Ls = LM[:size, :size]
             Rs = R[:size, :size]
-            P = Rs @ cho_solve((Ls, True), Rs.T)
+            P = Rs @ _cho_solve(Ls, Rs.T)
             BP = (B[:, :, :size].reshape(levels * k, size) @ P).reshape(levels, k, size)  # one BLAS call
             # first-factor diagonal blocks of Omega_S^-1 Lambda' C, summed over levels:
             # sum_l A_l^-1 (H_l + U_l P J_l) = sum_l A_l^-1 H_l + sum_l B_l P J_l  (one tensordot)
             Gsum = base + np.tensordot(BP, Jt[:, :, :size], axes=([0, 2], [0, 2]))
             grad = [2.0 * self._factor_grad(self.first, s["parts"][0], Gsum)]
             if self.dense:
-                GW = cho_solve((Ls, True), Rs.T @ N[:size, :size])
+                GW = _cho_solve(Ls, Rs.T @ N[:size, :size])
                 off = 0
                 for f, t in zip(self.dense, s["parts"][1:]):
                     blocks = GW[off:off + f.n_levels * f.k, off:off + f.n_levels * f.k]
@@ -333,7 +341,7 @@ class ProfiledDeviance:
     def beta(self, theta: np.ndarray) -> np.ndarray:
         s = self._solve(theta)
         LM, M = s["LM"], s["M"]
-        sol = cho_solve((LM[:-1, :-1], True), M[:-1, -1])
+        sol = _cho_solve(LM[:-1, :-1], M[:-1, -1])
         return sol[self.q_dense:self.q_dense + self.p]
 
     def unscaled_cov(self, theta: np.ndarray) -> np.ndarray:
