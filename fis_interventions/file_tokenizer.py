@@ -30,6 +30,8 @@ class FileTokenizer:
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._force_clean_up = bool(config.get(
+            "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
         self.unk_token_id = self._special_id(config.get("unk_token"))
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))
@@ -47,7 +49,9 @@ class FileTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         text = self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-        if self.clean_up_tokenization_spaces:  # what HF's decode does when the config asks for it
+        # transformers 5 applies the config's clean-up only to non-BPE models (it would strip real spaces from BPE
+        # text): the same rule and the same replacements as its ``clean_up_tokenization``, tested against it.
+        if self.clean_up_tokenization_spaces and (type(self._tok.model).__name__ != "BPE" or self._force_clean_up):
             for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
                 text = text.replace(a, b)

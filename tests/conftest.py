@@ -46,3 +46,34 @@ def text_corpus(tmp_path: Path) -> Path:
         (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
     return folder
 
+
+
+@pytest.fixture(scope="module")
+def bridges(tokenizer):
+    """One tiny random-init bridge per model family, built on first use and kept for the module."""
+    from fis_interventions.tiny_models import family_bridge
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = family_bridge(family, tokenizer)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_bridge) -> Path:
+    """A random-init joint checkpoint (seed 0) of the tiny model, for battery tests."""
+    from tiny_checkpoints import save_tiny_joint_checkpoint
+
+    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", tiny_bridge.tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """One text file of 300 numbered sentences, for small harvests."""
+    from tiny_activations import write_numbered_corpus
+
+    return write_numbered_corpus(tmp_path_factory.mktemp("c") / "c.txt")

@@ -16,15 +16,10 @@ from fis_interventions.interventions import store as store_mod
 from fis_interventions.interventions.features import Condition, Target
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch, save_checkpoint
 import accelerator
-from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_bridge) -> Path:
-    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", tiny_bridge.tokenizer, seed=0)
 
 
 def _cfg(ckpt: Path, out: Path, **kw) -> BatteryConfig:

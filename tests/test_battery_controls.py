@@ -12,15 +12,10 @@ from fis_interventions.cli import main
 from fis_interventions.errors import FisError
 from fis_interventions.interventions import BatteryConfig, battery, read_results
 from fis_interventions.interventions.features import ActivationStats, match_distance
-from tiny_checkpoints import save_tiny_joint_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 POINT = "secondary.hook_latents"
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_bridge) -> Path:
-    return save_tiny_joint_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", tiny_bridge.tokenizer, seed=0)
 
 
 def _cfg(ckpt: Path, out: Path, **kw) -> dict:

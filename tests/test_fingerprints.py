@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fis_interventions.activations import ActivationStore, harvest
+from fis_interventions.activations import ActivationStore
 from fis_interventions.cli import main
 from fis_interventions.errors import FisError
 from fis_interventions.fingerprint import FINGERPRINT_FILE, Fingerprint, claim, differences, own, replace_folder
@@ -18,6 +18,7 @@ from fis_interventions.reports import report
 from fis_interventions.reports.synthetic import write_synthetic_run
 from fis_interventions.screening import screen
 from fis_interventions.training import refit
+from tiny_activations import harvest_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
@@ -78,46 +79,34 @@ def test_claim_and_replace_rules(tmp_path):
     assert (whole / "a.txt").read_text() == "2" and (whole / "keep.txt").exists()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("c") / "c.txt"
-    path.write_text(" ".join(f"Sentence number {i} talks about cats, dogs and the weather today." for i in range(300)))
-    return path
-
-
-def _harvest(bridge, out: Path, corpus: Path, **kw):
-    args = dict(bridge=bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=out, tokens=2000,
-                context_length=32, contexts_per_shard=16, progress=False)
-    return harvest(**{**args, **kw})
-
 
 @pytest.mark.parametrize("change", [{"normalization": "zscore"}, {"store_dtype": "bfloat16"},
                                     {"norm_multiple": 5.0}, {"context_length": 16}])
 def test_harvest_refuses_other_settings(tiny_bridge, corpus, tmp_path, change):
     out = tmp_path / "acts"
-    _harvest(tiny_bridge, out, corpus)
+    harvest_tiny(tiny_bridge, out, corpus)
     before = _snapshot(out)
     with pytest.raises(FisError, match=next(iter(change))):
-        _harvest(tiny_bridge, out, corpus, **change)
+        harvest_tiny(tiny_bridge, out, corpus, **change)
     assert _snapshot(out) == before
-    _harvest(tiny_bridge, out, corpus, overwrite=True, **change)
+    harvest_tiny(tiny_bridge, out, corpus, overwrite=True, **change)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fingerprint"] == json.loads((out / FINGERPRINT_FILE).read_text())["digest"]
 
 
 def test_harvest_same_settings_resume_and_extend(tiny_bridge, corpus, tmp_path):
     out = tmp_path / "acts"
-    first = _harvest(tiny_bridge, out, corpus)
+    first = harvest_tiny(tiny_bridge, out, corpus)
     before = _snapshot(out)
-    assert _harvest(tiny_bridge, out, corpus)["token_count"] == first["token_count"]
+    assert harvest_tiny(tiny_bridge, out, corpus)["token_count"] == first["token_count"]
     assert _snapshot(out) == before  # complete and the same: nothing rewritten
-    more = _harvest(tiny_bridge, out, corpus, tokens=4000)  # a larger budget extends the same harvest
+    more = harvest_tiny(tiny_bridge, out, corpus, tokens=4000)  # a larger budget extends the same harvest
     assert more["token_count"] > first["token_count"]
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "data.csv").write_text("1,2")
     with pytest.raises(FisError, match="did not write"):
-        _harvest(tiny_bridge, theirs, corpus, overwrite=True)
+        harvest_tiny(tiny_bridge, theirs, corpus, overwrite=True)
     assert [p.name for p in theirs.iterdir()] == ["data.csv"]
 
 
@@ -129,7 +118,7 @@ def _train_cfg(acts: Path, **kw) -> dict:
 
 def test_train_refit_screen_report_follow_the_rule(tiny_bridge, corpus, tmp_path, capsys):
     acts = tmp_path / "acts"
-    _harvest(tiny_bridge, acts, corpus, tokens=4000)
+    harvest_tiny(tiny_bridge, acts, corpus, tokens=4000)
     cfg_file = tmp_path / "t.yaml"
     cfg_file.write_text(yaml.safe_dump(_train_cfg(acts)))
     run = tmp_path / "sae"
@@ -184,6 +173,6 @@ def test_train_refit_screen_report_follow_the_rule(tiny_bridge, corpus, tmp_path
 
 def test_no_stage_output_is_left_without_its_fingerprint(tiny_bridge, corpus, tmp_path):
     acts = tmp_path / "acts"
-    _harvest(tiny_bridge, acts, corpus)
+    harvest_tiny(tiny_bridge, acts, corpus)
     store = ActivationStore(acts)
     assert json.loads((acts / FINGERPRINT_FILE).read_text())["stage"] == "harvest" and store.d_model == 64

@@ -19,7 +19,7 @@ from fis_interventions.activations import ExclusionRule, Normalizer
 from fis_interventions.interventions.features import Condition, Target, make_edit
 from fis_interventions.sae import JointArch, JointSAE, NFMArch, SAEArch
 from fis_interventions.splice import JointSplice, SplitModel, pad_right
-from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge, save_family_folder
+from fis_interventions.tiny_models import FAMILY_NAMES, save_family_folder
 
 HOOK = "blocks.1.hook_resid_post"
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +28,6 @@ CASES = [(f, "auto") for f in FAMILY_NAMES] + [("gpt2", "generic")]
 IDS = [f if p == "auto" else f"{f}-generic" for f, p in CASES]
 ATOL = 1e-4
 
-
-@pytest.fixture(scope="module")
-def bridges(tokenizer):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = family_bridge(family, tokenizer)
-        return cache[family]
-
-    return get
 
 
 def _seqs(tok) -> list[list[int]]:

@@ -15,24 +15,13 @@ import torch
 from fis_interventions.activations.harvester import capture_hook, harvest
 from fis_interventions.errors import FisError
 from fis_interventions.splice import SplitModel, pad_right
-from fis_interventions.tiny_models import FAMILY_NAMES, family_bridge
+from fis_interventions.tiny_models import FAMILY_NAMES
 
 HOOKS = ("blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out",
          "blocks.1.ln1.hook_out", "blocks.2.hook_resid_post")
 TEXTS = ["Hello there, friend.", "A much longer sentence goes here now, with a clause.", "Hi"]
 ATOL = 1e-5
 
-
-@pytest.fixture(scope="module")
-def bridges(tokenizer):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = family_bridge(family, tokenizer)
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -20,6 +20,10 @@ T = TypeVar("T")
 
 ENV = "FIS_REPORT_WORKERS"
 
+# The running pmap's function and jobs: forked workers inherit them, so only a job's index crosses the pipe
+# (a local function or a monkeypatched one cannot be pickled, but it can be inherited).
+_CURRENT: tuple[Callable[..., Any], Sequence[tuple[Any, ...]]] | None = None
+
 
 def report_workers() -> int:
     """Worker processes for a report: ``$FIS_REPORT_WORKERS`` or the cores available to this process."""
@@ -44,6 +48,18 @@ def pmap(fn: Callable[..., T], jobs: Sequence[tuple[Any, ...]], workers: int | N
     workers = min(workers, len(jobs))
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [fn(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]  # one job per task: their costs differ widely
-        return [f.result() for f in futures]
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, (fn, jobs)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_run_job, i) for i in range(len(jobs))]  # one per task: costs differ widely
+            return [f.result() for f in futures]
+    finally:
+        _CURRENT = previous
+
+
+def _run_job(index: int) -> Any:
+    """Run job ``index`` of the pmap this worker was forked from."""
+    assert _CURRENT is not None, "a report worker was started outside pmap"
+    fn, jobs = _CURRENT
+    return fn(*jobs[index])

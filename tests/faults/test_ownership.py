@@ -16,6 +16,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_checkpoints
 
 from tiny_checkpoints import save_tiny_joint_checkpoint  # noqa: E402
+from tiny_activations import harvest_tiny  # noqa: E402
 
 from fis_interventions.cli import main  # noqa: E402
 from fis_interventions.errors import FisError  # noqa: E402
@@ -133,25 +134,11 @@ def test_an_out_folder_that_is_a_link_is_refused(tmp_path):
 
 # --- stage by stage ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("c") / "c.txt"
-    path.write_text(" ".join(f"Sentence number {i} talks about cats, dogs and the weather today." for i in range(300)))
-    return path
-
-
-def _harvest(bridge, out: Path, corpus: Path, **kw):
-    from fis_interventions.activations import harvest
-
-    args = dict(bridge=bridge, model="tiny-random", hook=HOOK, corpus=[str(corpus)], out=out, tokens=2000,
-                context_length=32, contexts_per_shard=16, progress=False)
-    return harvest(**{**args, **kw})
-
 
 @pytest.fixture(scope="module")
 def acts(tiny_bridge, corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("acts") / "acts"
-    _harvest(tiny_bridge, out, corpus, tokens=3000)
+    harvest_tiny(tiny_bridge, out, corpus, tokens=3000)
     return out
 
 
@@ -162,16 +149,16 @@ def ckpt(tiny_bridge, tmp_path_factory) -> Path:
 
 def test_harvest_lookalike_names_are_not_ours(tiny_bridge, corpus, tmp_path):
     out = tmp_path / "acts"
-    _harvest(tiny_bridge, out, corpus)
+    harvest_tiny(tiny_bridge, out, corpus)
     listed = json.loads((out / FINGERPRINT_FILE).read_text())["files"]
     assert "manifest.json" in listed and any(f.startswith("shard_") for f in listed)
     for name in ("shard_my_notes.safetensors", "manifest.rank-mine.json", ".my_hidden"):
         (out / name).write_text("mine")
         with pytest.raises(FisError, match=f"did not write .*{name}"):
-            _harvest(tiny_bridge, out, corpus, overwrite=True, norm_multiple=5.0)
+            harvest_tiny(tiny_bridge, out, corpus, overwrite=True, norm_multiple=5.0)
         assert (out / name).read_text() == "mine"
         (out / name).unlink()
-    _harvest(tiny_bridge, out, corpus, overwrite=True, norm_multiple=5.0)
+    harvest_tiny(tiny_bridge, out, corpus, overwrite=True, norm_multiple=5.0)
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 
