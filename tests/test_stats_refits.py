@@ -19,6 +19,7 @@ from fis_interventions.stats import mixed, profile
 from fis_interventions.stats.compare import lrt, nested
 from fis_interventions.stats.lmm import lmm_design
 from fis_interventions.stats.structure import SLOTS, initial_structure, simplify
+from synthetic_designs import crossed_design
 
 
 def _data(n_items: int = 16, prompts: int = 0, seed: int = 5, slopes: bool = False) -> pd.DataFrame:
@@ -211,19 +212,6 @@ def test_report_simple_effects_come_from_the_tests_own_fits(tmp_path, monkeypatc
             assert s[k] == pytest.approx(r[k], rel=1e-6, abs=1e-12), k
 
 
-def _crossed(seed: int = 0, items: int = 600, prompts: int = 24, per_item: int = 4) -> pd.DataFrame:
-    """bench/stats_speed.py's crossed design (items x prompts, by-item and by-prompt slopes, item A:B SD 0.3)."""
-    rng = np.random.default_rng(seed)
-    rows = [(i, p, c) for i in range(items) for p in rng.choice(prompts, per_item, replace=False) for c in range(4)]
-    it, pr, cell = np.array(rows).T
-    xa, xb = np.where(cell >= 2, 0.5, -0.5), np.where(cell % 2 == 1, 0.5, -0.5)
-    u = rng.normal(size=(items, 4)) * [1.0, 0.5, 0.4, 0.3]
-    v = rng.normal(size=(prompts, 4)) * [0.6, 0.3, 0.2, 0.2]
-    y = (0.3 * xa + 0.2 * xb + 0.1 * xa * xb + u[it, 0] + u[it, 1] * xa + u[it, 2] * xb + u[it, 3] * xa * xb
-         + v[pr, 0] + v[pr, 1] * xa + v[pr, 2] * xb + v[pr, 3] * xa * xb + rng.normal(size=it.size))
-    return pd.DataFrame({"item": it, "prompt": pr, "A": np.where(xa > 0, "a2", "a1"),
-                         "B": np.where(xb > 0, "b2", "b1"), "y": y})
-
 
 @pytest.mark.parametrize("items,seed", [(100, 1), (150, 0), (200, 2)])
 def test_a_zero_variance_that_is_a_saddle_is_left(items, seed):
@@ -234,7 +222,7 @@ def test_a_zero_variance_that_is_a_saddle_is_left(items, seed):
     reaches the optimum that several other starts reach."""
     from fis_interventions.stats.lmm import _problem
 
-    design = prepare_2x2(_crossed(seed=seed, items=items), "y", "A", "B", item="item", extra_random="prompt")
+    design = prepare_2x2(crossed_design(seed=seed, items=items), "y", "A", "B", item="item", extra_random="prompt")
     problem = _problem(design.data, initial_structure(design.data, "uncorrelated", "item", "prompt"))
     fit = mixed.fit_mixed(None, None, None, df=False, problem=problem)
     assert fit.optimizers["L-BFGS-B"]["boundary_restarts"] >= 1
