@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_battery import ROOT, _cfg, _run, tiny_ckpt  # noqa: F401  (tiny_ckpt is a fixture)
+from test_battery import ROOT, _cfg, _run
 
 from fis_interventions.cli import main
 from fis_interventions.errors import FisError

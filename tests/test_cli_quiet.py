@@ -8,7 +8,7 @@ import subprocess
 import sys
 import warnings
 
-from test_battery import ROOT, tiny_ckpt  # noqa: F401  (tiny_ckpt is a fixture)
+from test_battery import ROOT
 
 from fis_interventions import cli
 from fis_interventions.errors import FisWarning

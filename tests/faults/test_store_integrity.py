@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the battery fixtures
 
-from test_battery import ROOT, _cfg, _run, tiny_ckpt  # noqa: E402,F401  (tiny_ckpt is a fixture)
+from test_battery import ROOT, _cfg, _run  # noqa: E402
 
 from fis_interventions.cli import main  # noqa: E402
 from fis_interventions.designs import load_design  # noqa: E402
