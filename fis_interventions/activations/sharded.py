@@ -28,7 +28,7 @@ from ..fingerprint import claim, own
 from ..io import write_json
 from ..limits import check_context_length
 from ..splice import check_spliceable
-from ..model_identity import key, of_bridge
+from ..model_identity import key as model_key, of_bridge
 from ..models import default_hook, load_model, resolve_hook
 from .exclusion import ExclusionRule
 from .normalization import Normalizer, RunningStats
@@ -54,7 +54,7 @@ def harvest_slice(cfg: Any, shard_i: int, shard_n: int, *, bridge: Any = None, p
     hook = resolve_hook(bridge, cfg.hook or default_hook(bridge))
     check_spliceable(bridge, hook)
     check_context_length(bridge, cfg.context_length)
-    fp = harvest_fingerprint(cfg, key(of_bridge(bridge)), hook.canonical)
+    fp = harvest_fingerprint(cfg, model_key(of_bridge(bridge)), hook.canonical)
     claim(out, fp, shared=True)  # every rank: the same digest; the ranks share the folder's lock
     if (out / MANIFEST).exists():
         merged = read_manifest(out)
