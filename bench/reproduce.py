@@ -512,7 +512,9 @@ def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
                           "p": fmt(r.get(f"{f}_p")) if f in ("formality", "emotion") else "-",
                           "status": r.get("status")})
     doc.table(pd.DataFrame(mrows), "The clean model's readout moves with its own factor (LMM main effect on the "
-                                   "held-out items, no clamp): if not, its tests are uninterpretable.")
+                                   "held-out items, no clamp; the effect is the factor's second level minus its "
+                                   "first, so a negative effect with 'first > second' expected passes): if not, "
+                                   "its tests are uninterpretable.")
     doc.h(2, "Top features against their matched controls (primary clamp and readout)")
     vrows = []
     for s, m in inferred:

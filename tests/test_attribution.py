@@ -124,6 +124,18 @@ def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_
     assert summary["attribution"]["contrast"] == "valence" and summary["split"]["confirmation"]
     # discovery items only: the per-stimulus estimates come from the battery rows of those items
     assert summary["attribution"]["readout_rows"] == summary["n_stimuli"] * 3  # three prompts per stimulus
+    # a battery selecting from this screen takes the attribution ranking, not the activation p (it did once)
+    from fis_interventions.interventions.config import FeatureSpec
+    from fis_interventions.interventions.features import _from_screening
+
+    for point in (None, "secondary.hook_latents"):
+        chosen = _from_screening(FeatureSpec(from_screening=tmp_path / "s", top=3, point=point))
+        mine = [x for x in top if point is None or x["point"] == point]
+        want = sorted(((x["attribution_zero_p_ab"], x["point"], x["feature"]) for x in t.to_dict("records")
+                       if (point is None or x["point"] == point) and np.isfinite(x["attribution_zero_p_ab"])))[:3]
+        assert [(c.point, c.indices[0]) for c in chosen] == [(w[1], w[2]) for w in want]
+        if point is None:
+            assert [(c.point, c.indices[0]) for c in chosen] == [(x["point"], x["feature"]) for x in mine[:3]]
 
 
 @pytest.mark.parametrize("args,flag", [

@@ -73,11 +73,18 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
         df = pd.read_csv(table)
         if spec.point is not None:
             df = df[df["point"] == spec.point]
-        if "degenerate" in df.columns:
-            df = df[~df["degenerate"].astype(bool)]
-        if "flagged" in df.columns:  # likely artifacts (fis screen's artifact_flags) are never selected as top
-            df = df[~df["flagged"].astype(bool)]
-        df = df.sort_values("p_ab", kind="stable").head(spec.top)
+        ranked_by = _ranked_by(path)
+        if ranked_by == "activation":
+            if "degenerate" in df.columns:
+                df = df[~df["degenerate"].astype(bool)]
+            if "flagged" in df.columns:  # likely artifacts (fis screen's artifact_flags) are never selected as top
+                df = df[~df["flagged"].astype(bool)]
+            df = df.sort_values("p_ab", kind="stable").head(spec.top)
+        else:  # the order the screen ranked by (its top.json): an attribution screen's own p, not the activation's
+            from ..screening_attribution import rank_column
+
+            column = rank_column(ranked_by)
+            df = df[df[column].notna()].sort_values([column, "point", "feature"], kind="stable").head(spec.top)
         top = df[["point", "feature"]].to_dict("records")
     else:
         file = path / "top.json" if path.is_dir() else path
@@ -92,6 +99,15 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
         raise FisError(f"the screening has no feature{' at ' + spec.point if spec.point else ''}",
                        source=path, field="features.from_screening", fix="screen that point, or drop `point`")
     return [Target(t["point"], (int(t["feature"]),), spec.role, str(spec.from_screening)) for t in top]
+
+
+def _ranked_by(folder: Path) -> str:
+    """The method a screening folder ranked its features by (``screen.json``'s ``ranked_by``; activation before
+    attribution screens existed)."""
+    summary = folder / "screen.json"
+    if not summary.exists():
+        return "activation"
+    return str(json.loads(summary.read_text(encoding="utf-8")).get("ranked_by") or "activation")
 
 
 def screening_summary(spec: FeatureSpec) -> tuple[dict, Path]:
