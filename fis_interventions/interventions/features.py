@@ -81,10 +81,9 @@ def _from_screening(spec: FeatureSpec) -> list[Target]:
                 df = df[~df["flagged"].astype(bool)]
             df = df.sort_values("p_ab", kind="stable").head(spec.top)
         else:  # the order the screen ranked by (its top.json): an attribution screen's own p, not the activation's
-            from ..screening_attribution import rank_column
+            from ..screening_attribution import ranked_top
 
-            column = rank_column(ranked_by)
-            df = df[df[column].notna()].sort_values([column, "point", "feature"], kind="stable").head(spec.top)
+            df = pd.DataFrame(ranked_top(df, ranked_by, spec.top), columns=["point", "feature"])
         top = df[["point", "feature"]].to_dict("records")
     else:
         file = path / "top.json" if path.is_dir() else path
@@ -107,7 +106,12 @@ def _ranked_by(folder: Path) -> str:
     summary = folder / "screen.json"
     if not summary.exists():
         return "activation"
-    return str(json.loads(summary.read_text(encoding="utf-8")).get("ranked_by") or "activation")
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FisError("screen.json is not valid JSON", source=summary, field="features.from_screening",
+                       fix="rerun `fis screen`") from None
+    return str((data.get("ranked_by") if isinstance(data, dict) else None) or "activation")
 
 
 def screening_summary(spec: FeatureSpec) -> tuple[dict, Path]:
