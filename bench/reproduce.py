@@ -406,6 +406,21 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def merge_seeds(path: Path, per_seed: list[dict[str, Any]], model: str, s: dict[str, Any]
+                ) -> list[dict[str, Any]]:
+    """The seeds of an earlier ``results.json`` that this run did not run, provided that run used the same
+    model and sizes (a report never mixes settings: anything else is refused)."""
+    prev = json.loads(Path(path).read_text(encoding="utf-8"))
+    pm = prev["meta"]
+    same = {k: (pm.get(k), s[k]) for k in ("tokens", "steps", "batch", "expansion", "k", "contexts")}
+    differ = {k: v for k, v in same.items() if v[0] != v[1]} | ({"model": (pm["model"], model)}
+                                                                 if pm["model"] != model else {})
+    if differ:
+        raise SystemExit(f"--merge {path}: other settings ({differ}, earlier vs now); rerun those seeds instead")
+    ran = {m["seed"] for m in per_seed}
+    return [m for m in prev["per_seed"] if m["seed"] not in ran]
+
+
 def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
     col = lambda k: [m[k] for m in per_seed if k in m]  # noqa: E731
     seeds = meta["seeds"]
@@ -423,7 +438,10 @@ def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
           f"contexts. Means over seeds with t-based 95% CIs (n = seeds). Design `{DESIGN.name}`: features "
           "screened on the discovery half of the items, tested on the held-out half with the toolkit's inference "
           "rules (docs/inference.md). " + ("Assembled from the stages that earlier runs finished (--existing-only)."
-                                           if meta.get("existing_only") else f"Wall time {meta['minutes']:.0f} min."))
+                                           if meta.get("existing_only") else f"Wall time {meta['minutes']:.0f} min.")
+          + (f" Seeds {', '.join(map(str, meta['merged_from']['seeds']))} as an earlier run of this script "
+             "measured them (same model and sizes; `--merge`), the others run now."
+             if meta.get("merged_from") else ""))
     doc.h(1, "Which of the paper's claims survive")
     surv = claims_survive(per_seed)
     doc.ul([f"**{c['claim']}** (paper: {c['paper']}): **{c['verdict']}**: {c['why']}." for c in surv])
@@ -605,6 +623,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--existing-only", action="store_true",
                     help="train and run nothing new: report what earlier runs of this script finished")
     ap.add_argument("--quick", action="store_true", help="tiny-random, tiny sizes: a smoke test of this script")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="an earlier results.json: its seeds that this run does not run join the report (each "
+                         "seed's numbers as that run measured them; recorded in meta.merged_from)")
     args = ap.parse_args(argv)
     s = dict(expansion=8, k=32, batch=512, steps=args.steps, secondary=256, secondary_steps=200, contexts=32,
              context_length=128, tokens=args.tokens)
@@ -625,7 +646,11 @@ def main(argv: list[str] | None = None) -> None:
         log(f"harvested {s['tokens']} tokens at {hook}")
     per_seed = [run_seed(seed, acts, bridge, s, args.out, model, log, args.sesoi, methods, args.existing_only)
                 for seed in args.seeds]
-    meta = {"model": model, "hook": hook, "seeds": args.seeds, "out": str(args.out), "sesoi": args.sesoi,
+    merged = merge_seeds(args.merge, per_seed, model, s) if args.merge else []
+    per_seed = sorted(per_seed + merged, key=lambda m: m["seed"])
+    meta = {"model": model, "hook": hook, "seeds": [m["seed"] for m in per_seed], "out": str(args.out),
+            "sesoi": args.sesoi, "merged_from": ({"path": str(args.merge), "seeds": [m["seed"] for m in merged]}
+                                                 if merged else None),
             "methods": methods, "minutes": (time.perf_counter() - t0) / 60, "existing_only": args.existing_only,
             **{k: s[k] for k in ("tokens", "steps", "batch", "expansion", "k", "contexts")}}
     doc = build_report(per_seed, meta)
