@@ -104,9 +104,10 @@ def _frozen(module: Any) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: torch.Tensor) -> torch.Tensor:
+def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: torch.Tensor,
+                      vocab: torch.Tensor | None = None) -> torch.Tensor:
     """:meth:`SplitModel.suffix` with autograd on (the public one is ``no_grad``): the same code path."""
-    return type(split).suffix.__wrapped__(split, resid, state, positions)
+    return type(split).suffix.__wrapped__(split, resid, state, positions, vocab)
 
 
 @dataclass
@@ -128,8 +129,10 @@ def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid:
         dr = torch.zeros_like(prep.x, requires_grad=True)
         delta = splice.normalizer.invert_delta(dr).to(base.dtype)
         flat = base.reshape(b * t, d).index_add(0, prep.keep_idx, delta)
-        logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1))[:, 0]
-        _, con = readouts.scores(logits)
+        columns = readouts.contrast_columns(base.device)  # only the target words' columns of the unembedding
+        logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1),
+                                   columns)[:, 0]
+        con = readouts.contrast_scores(logits.float()) if columns is not None else readouts.scores(logits)[1]
         value = con[contrast]
         (g,) = torch.autograd.grad(value.sum(), dr)
     return g.detach(), value.detach()

@@ -136,8 +136,18 @@ class FamilyAdapter:
         out = self.layers[i](hidden, use_cache=False, **{k: given[k] for k in self.family.block_kwargs})
         return out[0] if isinstance(out, tuple) else out
 
-    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = getattr(self.hf, self.family.head)(getattr(self.base, self.family.norm)(hidden))
+    def finish(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden``; with ``vocab`` (token ids) only those columns, [..., len(vocab)]: a readout that
+        scores raw logits needs a few columns of the unembedding, not all of them (the attribution screen's
+        suffix, forward and backward, would otherwise spend ~10% of its time on the rest)."""
+        normed = getattr(self.base, self.family.norm)(hidden)
+        head = getattr(self.hf, self.family.head)
+        if vocab is None:
+            logits = head(normed)
+        else:
+            linear = getattr(head, "original_component", head)  # the bridge's unembedding calls this Linear
+            bias = linear.bias.index_select(0, vocab) if linear.bias is not None else None
+            logits = torch.nn.functional.linear(normed, linear.weight.index_select(0, vocab), bias)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

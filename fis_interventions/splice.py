@@ -134,17 +134,19 @@ class SplitModel:
         return hidden
 
     @torch.no_grad()
-    def suffix(self, resid: torch.Tensor, state: PrefixState, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits from a residual at the hook: [B, T, V], or [B, P, V] at ``positions`` [B, P] only."""
+    def suffix(self, resid: torch.Tensor, state: PrefixState, positions: torch.Tensor | None = None,
+               vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from a residual at the hook: [B, T, V], or [B, P, V] at ``positions`` [B, P] only; with
+        ``vocab`` (token ids on the model's device) only those columns, [..., len(vocab)]."""
         if isinstance(self.adapter, BridgeHookPath):
             logits = self.adapter.suffix(resid, state)
             if positions is not None:
                 logits = logits.gather(1, positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            return logits
+            return logits if vocab is None else logits.index_select(-1, vocab)
         hidden = self._blocks(resid, state, range(self.blocks_before or 0, self.adapter.n_layers))
         if positions is not None:
             hidden = hidden.gather(1, positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.adapter.finish(hidden)
+        return self.adapter.finish(hidden, vocab)
 
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full forward through prefix and suffix (for tests and unedited runs)."""

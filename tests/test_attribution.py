@@ -77,6 +77,28 @@ def test_first_order_estimate_matches_small_battery_edits(setup, point):
     assert np.isfinite(res.clean).all() and res.A[point].shape == res.B[point].shape
 
 
+def test_logprob_contrast_is_the_logit_contrast(setup):
+    """The attribution reads only the target words' columns of the unembedding: for ``score: logprob`` the
+    normaliser cancels in a contrast (mean of set A - mean of set B), so the estimates equal the logit ones and
+    the clean contrast equals the battery's log-softmax one."""
+    attached, design, rows = setup
+    by_score = {}
+    for score in ("logit", "logprob"):
+        d = design.model_copy(deep=True)
+        d.readout.score = score
+        by_score[score] = attribute(attached, d, rows, POINTS, batch_size=5)
+    for point in POINTS:
+        np.testing.assert_allclose(by_score["logprob"].A[point], by_score["logit"].A[point], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(by_score["logprob"].B[point], by_score["logit"].B[point], rtol=1e-6, atol=1e-9)
+    d = design.model_copy(deep=True)
+    d.readout.score = "logprob"
+    readouts = Readouts.for_design(d, attached.split.bridge.tokenizer)
+    prep = _prepare(attached, encode_rows(rows, attached.split.bridge.tokenizer))
+    logits = attached.split.suffix(prep.resid, prep.state, prep.enc.readout.unsqueeze(1))[:, 0]
+    clean = next(iter(readouts.scores(logits)[1].values())).double().numpy()
+    np.testing.assert_allclose(by_score["logprob"].clean, clean, rtol=1e-5, atol=1e-5)
+
+
 def test_ig_adds_up_to_the_whole_point_ablation(setup):
     """Completeness: for zero ablation the IG estimates of every feature of a point add up to the change of
     ablating the whole point (scaling it by 0), up to the midpoint rule's error."""

@@ -63,6 +63,11 @@ def test_padded_batch_equals_single_stimuli(bridges, family, path):
             alone = bridge(torch.tensor([seq]))[0, -1]
             assert (batched[i] - alone).abs().max().item() <= ATOL
     assert (stacked[2 * len(seqs):] - batched).abs().max().item() <= 1e-6
+    # a few columns of the unembedding (the attribution screen's logit readouts) equal those of the full logits
+    vocab = torch.tensor([5, 0, 17, 3])
+    columns = split.suffix(resid, state, positions=last, vocab=vocab)[:, 0]
+    assert columns.shape == (len(seqs), len(vocab))
+    assert (columns - batched[:, vocab]).abs().max().item() <= 1e-5
 
 
 def _splice(bridge) -> JointSplice:

@@ -144,9 +144,22 @@ class Readouts:
         words = base[:, ids]
         if extra is not None and self.continuations:
             words = words.index_add(1, cols, extra.to(words))
-        contrast = {name: words[:, self.sets[a]].mean(1) - words[:, self.sets[b]].mean(1)
-                    for name, (a, b) in self.contrasts.items()}
-        return words, contrast
+        return words, self.contrast_scores(words)
+
+    def contrast_scores(self, words: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-contrast scores from the per-word scores [N, n_words] (mean of set A - mean of set B)."""
+        return {name: words[:, self.sets[a]].mean(1) - words[:, self.sets[b]].mean(1)
+                for name, (a, b) in self.contrasts.items()}
+
+    def contrast_columns(self, device: torch.device) -> torch.Tensor | None:
+        """The token ids whose raw logits give every contrast exactly, so a caller that needs the contrasts only
+        may compute those columns of the unembedding and :meth:`contrast_scores` of them. With single-token
+        words a contrast is the mean over set A minus the mean over set B: the log-softmax normaliser of
+        ``score: logprob`` is in both means with weight 1 and cancels, so logit and logprob give the same
+        contrast. None when a split word's later tokens are scored (``sum_logprob``)."""
+        if self.continuations:
+            return None
+        return self._index_tensors(device)[0]
 
 
 @dataclass
