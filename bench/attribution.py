@@ -223,14 +223,19 @@ def validate(args, bridge) -> dict:
 
 
 def speed(args, bridge) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     legs = {method: (lambda method=method: screen(args.checkpoint, args.design, bridge=bridge, method=method,
                                                   progress=False, batch_size=16))
             for method in ("activation", "attribution")}
-    times = interleave(legs, rounds=args.speed_reps, warmup=1)  # legs in turns (bench/interleave.py)
+    # legs in turns (bench/interleave.py); one thread is timed in CPU seconds (what the load cannot inflate)
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    times = interleave(legs, rounds=args.speed_reps, warmup=1, clock=clock)
     med = {k: float(np.median(v)) for k, v in times.items()}
     r = ratio(times["attribution"], times["activation"])
     out = {"seconds": times, "median": med, "ratio": r.median, "ratio_iqr": [r.q1, r.q3],
-           "ratio_min_max": [r.low, r.high], "load": r.load}
+           "ratio_min_max": [r.low, r.high], "load": r.load, "threads": torch.get_num_threads(),
+           "clock": "cpu" if clock is time.process_time else "wall"}
     print(json.dumps({"speed": out}), flush=True)
     return out
 
@@ -248,6 +253,8 @@ def main() -> None:
     ap.add_argument("--points", nargs="+", default=None, help="only these points (default: every point)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speed-reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the speed legs (0: torch's default); 1 is steadier on a shared machine")
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
     ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/validation.json"))
     ap.add_argument("--trace-every", type=float, default=0.0, help="dump stacks every N seconds (0: off)")

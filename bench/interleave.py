@@ -27,11 +27,14 @@ def load_average() -> str:
 
 
 def interleave(legs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-               sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+               sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter
+               ) -> dict[str, list[float]]:
     """Seconds of every leg per round, the legs called in turns (A, B, A, B, ...) on the same inputs.
 
     ``warmup`` untimed rounds first (first-call costs); ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
-    and after each timed call so that a timer reads work done, not work queued.
+    and after each timed call so that a timer reads work done, not work queued. ``clock``: wall time by
+    default; ``time.process_time`` (this process's CPU seconds) for single-threaded legs on a loaded machine,
+    where the time other jobs hold the cores would otherwise count.
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
@@ -43,11 +46,11 @@ def interleave(legs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
         for name, fn in legs.items():
             if sync:
                 sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if sync:
                 sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
