@@ -227,7 +227,7 @@ def test_type3_anova_keeps_digits_at_large_mean():
 
 
 def test_report_hook_lists_simple_effects_of_significant_interactions(golden):
-    from fis_interventions.reports.simple_effects import simple_effects_for_tests, simple_effects_section
+    from fis_interventions.reports.simple_effects import simple_effects_for_tests
 
     data, ref, _ = golden
     tests = pd.DataFrame({"label": ["sig", "not"], "q": [0.01, 0.5]})
@@ -241,9 +241,6 @@ def test_report_hook_lists_simple_effects_of_significant_interactions(golden):
     effects = simple_effects_for_tests(tests, rows_of)
     assert calls == ["sig"] and len(effects) == 4 and {e["test"] for e in effects} == {"sig"}
     assert effects[0]["estimate"] == pytest.approx(ref["simple_formality_by_emotion"][0]["estimate"], abs=1e-6)
-    lines = simple_effects_section(effects)
-    assert lines[0].startswith("## Simple effects") and sum(line.startswith("| sig |") for line in lines) == 4
-    assert simple_effects_section([]) == []
 
 
 def test_fis_stats_imports_no_torch(tmp_path):

@@ -7,12 +7,12 @@ computes the simple effects of both factors from each test's own primary LMM (co
 of the tests whose primary interaction is significant (``q < alpha``), refitting nothing.
 :func:`simple_effects_for_tests` does the same from the rows alone (one refit per significant test) for
 callers without stored effects.
-:func:`simple_effects_section` renders them as Markdown lines for the report.
+The report's writer renders them (:mod:`fis_interventions.reports.writer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -48,27 +48,6 @@ def simple_effects_for_tests(tests: pd.DataFrame, rows_of: Callable[[pd.Series],
         for eff in simple_effects_for_test(data, spec["a"], spec["b"], spec["levels"], spec.get("prompt")):
             out.append({"test": row.get("label", idx), **eff})
     return out
-
-
-def simple_effects_section(effects: Iterable[dict[str, Any]]) -> list[str]:
-    """Markdown lines: one table of simple effects per significant interaction (nothing when none)."""
-    effects = list(effects)
-    if not effects:
-        return []
-    lines = ["## Simple effects of significant interactions", "",
-             "Effect of each factor (second level minus first) at each level of the other, from the primary "
-             "mixed model: Satterthwaite df, 95% CI; p_holm is Holm-corrected over the two levels of the other "
-             "factor (emmeans-compatible estimates and df).", "",
-             "| test | effect | at | estimate | 95% CI | df | p | p_holm |", "|---|---|---|---|---|---|---|---|"]
-
-    def f(x: Any, spec: str = ".3g") -> str:
-        return "-" if x is None else format(x, spec)
-
-    for e in effects:
-        lines.append(f"| {e['test']} | {e['factor']}: {e['contrast']} | {e['at_factor']} = {e['at']} | "
-                     f"{f(e['estimate'])} | [{f(e['ci_low'])}, {f(e['ci_high'])}] | {f(e['df'], '.1f')} | "
-                     f"{f(e['p'])} | {f(e['p_holm'])} |")
-    return lines + [""]
 
 
 def primary_simple_effects(run: Any, tests: pd.DataFrame, keys: list[str], alpha: float = ALPHA,
