@@ -1,7 +1,7 @@
 """The whole pipeline under the null: how often does it say "yes"?
 
     python bench/pipeline_null.py [--reps 20] [--legs random,permuted] [--max-seconds 3000] [--json out.json]
-                                  [--jsonl reps.jsonl] [--summarise reps.jsonl]
+                                  [--jsonl reps.jsonl] [--summarise reps.jsonl] [--directions 2]
 
 Each repetition runs `fis screen` -> `fis battery` -> the report's analysis (manipulation check, primary
 tests, feature vs matched controls, verdict) on the tiny random model (`tiny-random`) with a fresh random-init
@@ -105,8 +105,10 @@ def permuted_design(src: Path, dst: Path, seed: int) -> Path:
     return dst
 
 
-def one_rep(bridge: Any, root: Path, seed: int, leg: str) -> dict[str, Any]:
-    """screen -> battery -> analysis for one random-init checkpoint; returns the verdicts and the tests."""
+def one_rep(bridge: Any, root: Path, seed: int, leg: str, directions: int = 0) -> dict[str, Any]:
+    """screen -> battery -> analysis for one random-init checkpoint; returns the verdicts and the tests.
+    ``directions``: also that many norm-matched random residual directions per top feature (a second kind of
+    control: a "yes" must then beat both kinds)."""
     from fis_interventions.errors import FisError
     from fis_interventions.interventions import BatteryConfig, battery
     from fis_interventions.reports.analysis import analyze_run
@@ -121,7 +123,7 @@ def one_rep(bridge: Any, root: Path, seed: int, leg: str) -> dict[str, Any]:
            progress=False, device="cpu", split_seed=seed)
     cfg = {"name": "null", "model": "tiny-random", "checkpoint": str(ckpt), "designs": [str(design)],
            "features": [{"from_screening": str(root / "screen"), "point": "sae.hook_latents", "top": 2, "role": "top"},
-                        {"matched": 2, "tolerance": 0.5}],
+                        {"matched": 2, "tolerance": 0.5}] + ([{"directions": directions}] if directions else []),
            "interventions": [{"kind": "zero"}], "primary": {"intervention": "zero", "readout": "valence"},
            "seed": seed, "batch_size": 16, "out": str(root / "battery"), "device": "cpu"}
     try:
@@ -133,10 +135,11 @@ def one_rep(bridge: Any, root: Path, seed: int, leg: str) -> dict[str, Any]:
     a = analyze_run(run)
     ignoring = verdicts(run, a.tests, a.vs_controls, a.manipulation.iloc[0:0], a.primary)
     vs = a.vs_controls
-    return {"seed": seed, "leg": leg, "verdict": a.verdicts[0]["answer"], "verdict_no_manip": ignoring[0]["answer"],
+    return {"seed": seed, "leg": leg, "directions": directions, "verdict": a.verdicts[0]["answer"], "verdict_no_manip": ignoring[0]["answer"],
             "manipulation": a.verdicts[0]["manipulation"],
             "feature_p": a.tests.loc[a.tests["family"] == "primary", "p"].tolist(),
             "vs_p": vs["p"].tolist() if len(vs) else [],
+            "vs_kind": vs["control_kind"].tolist() if len(vs) and "control_kind" in vs else [],
             "kl_feature": vs["kl_feature"].tolist() if len(vs) else [],
             "kl_controls": vs["kl_controls"].tolist() if len(vs) else []}
 
@@ -155,6 +158,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         vs = [p for r in ok for p in r["vs_p"] if p is not None]
         fp = [p for r in ok for p in r["feature_p"] if p is not None]
         entry["vs_controls_reject_rate"] = sum(p < 0.05 for p in vs) / len(vs) if vs else None
+        for kind in sorted({k for r in ok for k in r.get("vs_kind", [])}):
+            kp = [p for r in ok for p, k in zip(r["vs_p"], r.get("vs_kind", []), strict=False)
+                  if k == kind and p is not None]
+            entry[f"vs_{kind}_reject"] = f"{sum(p < 0.05 for p in kp)} / {len(kp)}"
         entry["vs_controls_tests"] = len(vs)
         entry["feature_reject_rate"] = sum(p < 0.05 for p in fp) / len(fp) if fp else None
         entry["feature_tests"] = len(fp)
@@ -186,6 +193,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--jsonl", type=Path, default=None, help="append each repetition here; skip those there")
     parser.add_argument("--summarise", type=Path, default=None, help="print the summary of a JSONL and exit")
+    parser.add_argument("--directions", type=int, default=0,
+                        help="also N norm-matched random residual directions per top feature (second control kind)")
     args = parser.parse_args()
     if args.summarise:
         print(json.dumps(summarise(load_rows(args.summarise)), indent=2))
@@ -202,6 +211,9 @@ def main() -> int:
     bridge = load_model("tiny-random", device="cpu")
     legs = args.legs.split(",")
     rows = load_rows(args.jsonl)
+    other = {r.get("directions", 0) for r in rows} - {args.directions}
+    if other:  # one JSONL, one setting: never mix repetitions run with other controls
+        raise SystemExit(f"{args.jsonl} holds repetitions with --directions {sorted(other)}; use another --jsonl")
     done = {(r["seed"], r["leg"]) for r in rows}
     t0 = time.perf_counter()
     for rep in range(args.reps):
@@ -209,7 +221,7 @@ def main() -> int:
             if time.perf_counter() - t0 > args.max_seconds or (rep, leg) in done:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(timed(one_rep, bridge, Path(tmp), rep, leg))
+                rows.append(timed(one_rep, bridge, Path(tmp), rep, leg, args.directions))
             append_row(args.jsonl, rows[-1])
             print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows)
