@@ -44,7 +44,9 @@ class Family:
     embed: str  # token embedding, inside ``base``
     layers: str
     norm: str
-    head: str = "lm_head"  # on the causal-LM wrapper
+    # the unembedding on the causal-LM wrapper; the first name present wins (a family renamed it across the
+    # transformers versions allowed: GPT-NeoX's is ``embed_out`` in 5.9, ``lm_head`` in 5.25)
+    heads: tuple[str, ...] = ("lm_head",)
     pos_embed: str | None = None  # learned absolute position embedding (GPT-2)
     rotary: str | None = "rotary_emb"
     block_kwargs: tuple[str, ...] = ROTARY
@@ -63,17 +65,22 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("GPT2LMHeadModel",), "transformer", "wte", "h", "ln_f", pos_embed="wpe", rotary=None,
            block_kwargs=("attention_mask",), notes="learned absolute positions, LayerNorm"),
     Family("gpt_neox", ("GPTNeoXForCausalLM",), "gpt_neox", "embed_in", "layers", "final_layer_norm",
-           notes="rotary, parallel attention + MLP (Pythia)"),
+           heads=("lm_head", "embed_out"), notes="rotary, parallel attention + MLP (Pythia)"),
 )
 _BY_ARCH = {arch: fam for fam in FAMILIES for arch in fam.architectures}
+
+
+def head_name(hf_model: Any, family: Family) -> str | None:
+    """Which of the family's unembedding names this model has (None: none of them, so no fast path)."""
+    return next((n for n in family.heads if hasattr(hf_model, n)), None)
 
 
 def family_for(hf_model: Any) -> Family | None:
     """The registered family of an HF causal LM, or None (then the generic bridge-hook path is used)."""
     fam = _BY_ARCH.get(type(hf_model).__name__)
-    if fam is None:
+    if fam is None or head_name(hf_model, fam) is None:
         return None
-    parts = [(hf_model, fam.base), (hf_model, fam.head)]
+    parts = [(hf_model, fam.base)]
     base = getattr(hf_model, fam.base, None)
     parts += [(base, n) for n in (fam.embed, fam.layers, fam.norm, fam.pos_embed, fam.rotary) if n]
     return fam if all(obj is not None and hasattr(obj, n) for obj, n in parts) else None
@@ -95,6 +102,7 @@ class FamilyAdapter:
         self.family = family
         self.config = hf_model.config
         self.base = getattr(hf_model, family.base)
+        self.head = getattr(hf_model, head_name(hf_model, family) or family.heads[0])
         self.layers = getattr(self.base, family.layers)
         self.n_layers = len(self.layers)
         self.kinds = [_mask_kind(self.config, i) for i in range(self.n_layers)]
@@ -141,7 +149,7 @@ class FamilyAdapter:
         scores raw logits needs a few columns of the unembedding, not all of them (the attribution screen's
         suffix, forward and backward, would otherwise spend ~10% of its time on the rest)."""
         normed = getattr(self.base, self.family.norm)(hidden)
-        head = getattr(self.hf, self.family.head)
+        head = self.head
         if vocab is None:
             logits = head(normed)
         else:
