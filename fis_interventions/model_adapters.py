@@ -27,11 +27,22 @@ import torch
 ROTARY = ("attention_mask", "position_ids", "position_embeddings")
 
 
+def _every_pair(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+                ) -> torch.Tensor:
+    """A mask function that masks nothing (every index is >= 0): AND-ed with the causal mask it changes no value."""
+    return kv_idx >= 0
+
+
 @functools.lru_cache(maxsize=4)
-def _no_causal_skip(maker: Any) -> dict[str, bool]:
-    """``allow_is_causal_skip=False`` where the installed transformers has it (newer than 5.9, the lowest
-    version allowed; the older ones always may skip, costing host syncs on a GPU, same values)."""
-    return {"allow_is_causal_skip": False} if "allow_is_causal_skip" in inspect.signature(maker).parameters else {}
+def _no_causal_skip(maker: Any) -> dict[str, Any]:
+    """The keyword that makes ``maker`` always materialise the mask: ``allow_is_causal_skip=False`` where the
+    installed transformers has it (newer than 5.9, the lowest version allowed); in 5.9 an ``and_mask_function``
+    that masks nothing, which also turns the skip off (the skip check reads the padding mask on the host: one
+    more host sync per batch on a GPU, ``tests/test_gpu.py`` counts them)."""
+    params = inspect.signature(maker).parameters
+    if "allow_is_causal_skip" in params:
+        return {"allow_is_causal_skip": False}
+    return {"and_mask_function": _every_pair} if "and_mask_function" in params else {}
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,8 @@ class FamilyAdapter:
               ) -> dict[str, Any]:
         """The attention masks the layers need, built as the HF model builds them, always materialised.
 
-        ``allow_is_causal_skip=False``: with sdpa attention (what ``from_pretrained`` gives the real model) HF
-        otherwise checks on the host whether the padding mask is all ones to skip the mask (``is_causal``): two
+        Never skipped (:func:`_no_causal_skip`): with sdpa attention (what ``from_pretrained`` gives the real model)
+        HF otherwise checks on the host whether the padding mask is all ones to skip the mask (``is_causal``):
         host syncs per batch on a GPU, for a mask that is identical in value."""
         from transformers import masking_utils
 
