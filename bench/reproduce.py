@@ -406,19 +406,30 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def merge_seeds(path: Path, per_seed: list[dict[str, Any]], model: str, s: dict[str, Any]
+def merge_seeds(path: Path, per_seed: list[dict[str, Any]], model: str, s: dict[str, Any], sesoi: float
                 ) -> list[dict[str, Any]]:
     """The seeds of an earlier ``results.json`` that this run did not run, provided that run used the same
-    model and sizes (a report never mixes settings: anything else is refused)."""
+    model, sizes and smallest effect of interest (a report never mixes settings: anything else is refused).
+    Their power at the sesoi is recomputed from the stored SE and df (an older ``power_at`` printed NaN for
+    precise tests)."""
     prev = json.loads(Path(path).read_text(encoding="utf-8"))
     pm = prev["meta"]
     same = {k: (pm.get(k), s[k]) for k in ("tokens", "steps", "batch", "expansion", "k", "contexts")}
+    same["sesoi"] = (pm.get("sesoi"), sesoi)
     differ = {k: v for k, v in same.items() if v[0] != v[1]} | ({"model": (pm["model"], model)}
                                                                  if pm["model"] != model else {})
     if differ:
         raise SystemExit(f"--merge {path}: other settings ({differ}, earlier vs now); rerun those seeds instead")
     ran = {m["seed"] for m in per_seed}
-    return [m for m in prev["per_seed"] if m["seed"] not in ran]
+    merged = [m for m in prev["per_seed"] if m["seed"] not in ran]
+    for m in merged:  # JSON made the power curves' item counts strings: back to the ints the report looks up
+        for b in m.get("batteries", {}).values():
+            if isinstance(b.get("power"), dict) and isinstance(b["power"].get("curve"), dict):
+                b["power"]["curve"] = {int(k): v for k, v in b["power"]["curve"].items()}
+            if b.get("vs_best") and b.get("vs_controls"):
+                v = b["vs_best"]
+                b["vs_power_at_sesoi"] = power_at(sesoi, v["se"], v["df"], len(b["vs_controls"]))
+    return merged
 
 
 def build_report(per_seed: list[dict[str, Any]], meta: dict[str, Any]) -> Doc:
@@ -646,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"harvested {s['tokens']} tokens at {hook}")
     per_seed = [run_seed(seed, acts, bridge, s, args.out, model, log, args.sesoi, methods, args.existing_only)
                 for seed in args.seeds]
-    merged = merge_seeds(args.merge, per_seed, model, s) if args.merge else []
+    merged = merge_seeds(args.merge, per_seed, model, s, args.sesoi) if args.merge else []
     per_seed = sorted(per_seed + merged, key=lambda m: m["seed"])
     meta = {"model": model, "hook": hook, "seeds": [m["seed"] for m in per_seed], "out": str(args.out),
             "sesoi": args.sesoi, "merged_from": ({"path": str(args.merge), "seeds": [m["seed"] for m in merged]}

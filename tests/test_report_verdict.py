@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as sps
 import pandas as pd
 import pytest
 
@@ -140,6 +141,14 @@ def test_readout_factor_and_power_helpers():
     assert power_at(mde, 1.0, 1e6, 1) == pytest.approx(0.8, abs=2e-3)
     assert detectable(1.0, 1e6, 10) > mde  # a larger family needs a larger effect
     assert np.isclose(power_at(0.0, 1.0, 1e6, 1), 0.05, atol=1e-3)
+    # a precise test of an effect far above its SE: power 1, not NaN (scipy's nct.cdf underflows there)
+    for df in (2.2, 4.7, 11.0, 200.0):
+        for nc in (10.0, 25.0, 40.0, -25.0):
+            assert power_at(nc, 1.0, df, 3) == pytest.approx(1.0, abs=0.12 if df < 3 else 1e-3)
+    # both tails: the same as the textbook sum where scipy's cdf is finite
+    crit = sps.t.ppf(1 - 0.05 / 6, 8.0)
+    assert power_at(1.5, 1.0, 8.0, 3) == pytest.approx(sps.nct.sf(crit, 8.0, 1.5) + sps.nct.cdf(-crit, 8.0, 1.5),
+                                                       rel=1e-9)
 
 
 def test_report_shows_simple_effects_of_significant_primary_interactions(tmp_path):

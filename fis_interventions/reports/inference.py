@@ -254,7 +254,9 @@ def power_at(effect: float, se: float | None, df: float | None, family: int, alp
         return None
     crit = sps.t.ppf(1 - alpha / (2 * max(family, 1)), df)
     nc = effect / se
-    return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+    # the lower tail as the upper tail of -T (noncentrality -nc): scipy's nct.cdf(-crit) is NaN for a large nc
+    # (a precise test of a large effect printed "power nan%"), its sf is not
+    return float(sps.nct.sf(crit, df, nc) + sps.nct.sf(crit, df, -nc))
 
 
 def verdicts(run: Run, tests: pd.DataFrame, vs: pd.DataFrame, manip: pd.DataFrame, primary: dict[str, Any]
