@@ -52,6 +52,12 @@ def test_feature_beats_matched_controls_yes(tmp_path):
     [v] = a.verdicts
     assert v["answer"] == "yes" and v["manipulation"] == "passed"
     assert "80% power for |effect| >=" in v["detail"]
+    # a "yes" whose difference is smaller than the named smallest effect of interest says so
+    run = load_run(tmp_path / "r")
+    [big] = verdicts(run, a.tests, a.vs_controls, a.manipulation, {**a.primary, "sesoi": 100.0})
+    assert big["answer"] == "yes" and "smaller than the smallest effect of interest (100)" in big["reason"], big
+    [small] = verdicts(run, a.tests, a.vs_controls, a.manipulation, {**a.primary, "sesoi": 0.5})
+    assert small["answer"] == "yes" and "smaller than" not in small["reason"]
     m = a.manipulation.set_index("readout")
     assert (m["status"] == "passed").all() and m.loc["formal_vs_casual", "factor"] == "formality"
     assert m.loc["formal_vs_casual", "formality_effect"] < 0 < m.loc["emotional_vs_neutral", "emotion_effect"]

@@ -303,6 +303,9 @@ def verdicts(run: Run, tests: pd.DataFrame, vs: pd.DataFrame, manip: pd.DataFram
                 kinds = merged[(merged["point"] == best["point"]) & (merged["feature"] == best["feature"])]
                 beaten = " and ".join(f"{int(r.n_controls)} {_kind_label(r)}" for r in kinds.itertuples())
                 why = f"feature {best['feature']} beats its {beaten}"
+                if sesoi is not None and abs(best["estimate"]) < sesoi:  # significant, yet below what matters
+                    why += (f"; but its difference from them ({best['estimate']:.3g}) is smaller than the smallest "
+                            f"effect of interest ({sesoi:g})")
             elif sesoi is not None and ((merged["ci_low"] > -sesoi) & (merged["ci_high"] < sesoi)).all():
                 answer = "no"
                 why = f"every feature's difference from its controls lies within +-{sesoi:g} (the smallest effect of interest)"
