@@ -135,7 +135,8 @@ def one_rep(bridge: Any, root: Path, seed: int, leg: str, directions: int = 0) -
     a = analyze_run(run)
     ignoring = verdicts(run, a.tests, a.vs_controls, a.manipulation.iloc[0:0], a.primary)
     vs = a.vs_controls
-    return {"seed": seed, "leg": leg, "directions": directions, "verdict": a.verdicts[0]["answer"], "verdict_no_manip": ignoring[0]["answer"],
+    return {"seed": seed, "leg": leg, "directions": directions, "verdict": a.verdicts[0]["answer"],
+            "verdict_no_manip": ignoring[0]["answer"],
             "manipulation": a.verdicts[0]["manipulation"],
             "feature_p": a.tests.loc[a.tests["family"] == "primary", "p"].tolist(),
             "vs_p": vs["p"].tolist() if len(vs) else [],

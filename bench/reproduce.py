@@ -415,9 +415,8 @@ def merge_seeds(path: Path, per_seed: list[dict[str, Any]], model: str, s: dict[
     prev = json.loads(Path(path).read_text(encoding="utf-8"))
     pm = prev["meta"]
     same = {k: (pm.get(k), s[k]) for k in ("tokens", "steps", "batch", "expansion", "k", "contexts")}
-    same["sesoi"] = (pm.get("sesoi"), sesoi)
-    differ = {k: v for k, v in same.items() if v[0] != v[1]} | ({"model": (pm["model"], model)}
-                                                                 if pm["model"] != model else {})
+    same.update(sesoi=(pm.get("sesoi"), sesoi), model=(pm.get("model"), model))
+    differ = {k: v for k, v in same.items() if v[0] != v[1]}
     if differ:
         raise SystemExit(f"--merge {path}: other settings ({differ}, earlier vs now); rerun those seeds instead")
     ran = {m["seed"] for m in per_seed}
