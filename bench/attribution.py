@@ -19,8 +19,13 @@ agreement (where a linear estimate fails first). ``ig`` is compared for zero abl
 
 Speed: ``fis screen`` (the Python API, the model loaded once) with ``--method activation`` and with
 ``--method attribution`` (which computes the activation screen too) on every point of the checkpoint and every
-discovery item of the design, legs interleaved, ``--speed-reps`` rounds; prints the median per-round ratio, its
-IQR and min-max and the load average (``bench/interleave.py``).
+discovery item of the design, one attribution leg per ``--precisions`` value (float32 and bfloat16), legs
+interleaved, ``--speed-reps`` rounds; prints the median per-round ratio of each attribution leg to the activation
+leg, its IQR and min-max and the load average (``bench/interleave.py``).
+
+Precision (``--precision-check``): the attribution estimates and screen in float32 against bfloat16 on the
+discovery items (Spearman of the estimates per point, the largest difference relative to their range, Spearman of
+the interaction p, the q < .05 hits and top 20 shared).
 """
 
 from __future__ import annotations
@@ -223,20 +228,62 @@ def validate(args, bridge) -> dict:
 
 
 def speed(args, bridge) -> dict:
+    """The activation screen against the attribution screen at each ``--precisions`` value, legs interleaved;
+    one ratio per precision (each attribution leg against the same activation legs)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    legs = {method: (lambda method=method: screen(args.checkpoint, args.design, bridge=bridge, method=method,
-                                                  progress=False, batch_size=16))
-            for method in ("activation", "attribution")}
+
+    def leg(method: str, precision: str = "float32"):
+        return lambda: screen(args.checkpoint, args.design, bridge=bridge, method=method, progress=False,
+                              batch_size=16, precision=precision)
+
+    legs = {"activation": leg("activation")}
+    legs.update({f"attribution_{p}": leg("attribution", p) for p in args.precisions})
     # legs in turns (bench/interleave.py); one thread is timed in CPU seconds (what the load cannot inflate)
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     times = interleave(legs, rounds=args.speed_reps, warmup=1, clock=clock)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    r = ratio(times["attribution"], times["activation"])
-    out = {"seconds": times, "median": med, "ratio": r.median, "ratio_iqr": [r.q1, r.q3],
-           "ratio_min_max": [r.low, r.high], "load": r.load, "threads": torch.get_num_threads(),
-           "clock": "cpu" if clock is time.process_time else "wall"}
+    out = {"seconds": times, "median": med, "threads": torch.get_num_threads(),
+           "clock": "cpu" if clock is time.process_time else "wall", "ratios": {}}
+    for p in args.precisions:
+        r = ratio(times[f"attribution_{p}"], times["activation"])
+        out["ratios"][p] = {"median": r.median, "iqr": [r.q1, r.q3], "min_max": [r.low, r.high]}
+        out["load"] = r.load
     print(json.dumps({"speed": out}), flush=True)
+    return out
+
+
+def precision_agreement(args, bridge) -> dict:
+    """The attribution screen in float32 and in bfloat16 on the same design: how far the estimates and the
+    screen's statistics move (Spearman and max |difference| / range of the per-stimulus estimates per point,
+    Spearman of the interaction p, the q < .05 sets and the top 20 by p)."""
+    from fis_interventions.attribution import attribute
+
+    design = read_design(args.design)
+    rows, stim, split = discovery_rows(design, args.seed)
+    rows = rows[rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+    attached = attach(bridge, args.checkpoint)
+    est = {p: attribute(attached, design, rows, DEFAULT_POINTS, precision=p) for p in ("float32", "bfloat16")}
+    tables = {p: screen(args.checkpoint, args.design, bridge=bridge, method="attribution", progress=False,
+                        precision=p, permutations=0, random_init=False).table for p in ("float32", "bfloat16")}
+    out: dict = {"points": {}}
+    for point in est["float32"].A:
+        a, b = est["float32"].estimate(point).ravel(), est["bfloat16"].estimate(point).ravel()
+        live = a != 0
+        out["points"][point] = {"spearman": float(sps.spearmanr(a[live], b[live])[0]),
+                                "pearson": float(np.corrcoef(a, b)[0, 1]),
+                                "max_abs_diff_over_range": float(np.abs(a - b).max() / (a.max() - a.min()))}
+    col = "attribution_zero_"
+    t32, t16 = (tables[p].set_index(["point", "feature"]) for p in ("float32", "bfloat16"))
+    both = t32[col + "p_ab"].notna() & t16[col + "p_ab"].notna()
+    hits = {p: set(t[t[col + "q_ab"] < 0.05].index) for p, t in (("float32", t32), ("bfloat16", t16))}
+    top = {p: set(t[col + "p_ab"].sort_values(kind="stable").head(20).index) for p, t in (("float32", t32),
+                                                                                            ("bfloat16", t16))}
+    out.update({"p_spearman": float(sps.spearmanr(t32.loc[both, col + "p_ab"], t16.loc[both, col + "p_ab"])[0]),
+                "hits_float32": len(hits["float32"]), "hits_bfloat16": len(hits["bfloat16"]),
+                "hits_shared": len(hits["float32"] & hits["bfloat16"]),
+                "top20_overlap": len(top["float32"] & top["bfloat16"])})
+    print(json.dumps({"precision": out}), flush=True)
     return out
 
 
@@ -255,7 +302,11 @@ def main() -> None:
     ap.add_argument("--speed-reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for the speed legs (0: torch's default); 1 is steadier on a shared machine")
+    ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
+                    help="attribution legs of the speed run, one per suffix precision")
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
+    ap.add_argument("--precision-check", action="store_true",
+                    help="also compare the float32 and bfloat16 attribution screens (estimates, p, hits, top 20)")
     ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/validation.json"))
     ap.add_argument("--trace-every", type=float, default=0.0, help="dump stacks every N seconds (0: off)")
     args = ap.parse_args()
@@ -270,6 +321,8 @@ def main() -> None:
     report = {}
     if args.skip != "speed":
         report["speed"] = speed(args, bridge)
+    if args.precision_check:
+        report["precision"] = precision_agreement(args, bridge)
     if args.skip != "validate":
         report["validation"] = validate(args, bridge)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ estimate follows the model's curvature; it costs ``steps`` forward+backward pass
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,12 @@ from .errors import FisError
 
 METHODS = ("activation", "attribution", "ig")
 GRADIENT_METHODS = ("attribution", "ig")
+PRECISIONS = ("float32", "bfloat16")  # of the suffix's forward + backward (the screen's cost); see check_precision
 POSITION_CHUNK = 256  # kept positions per dense [positions, d_sae] gradient block (memory bound)
+# screen batches are merged for the suffix's forward + backward up to this many padded tokens: with short stimuli
+# (6 tokens x 16 rows) the per-layer cost of tiny matrix products dominates, and one pass over 3 merged batches
+# took 0.89 s instead of 1.28 s on the demo (docs/attribution.md); memory stays that of one 512-token batch
+SUFFIX_TOKENS = 512
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -67,6 +72,38 @@ def check_steps(steps: int) -> int:
         raise FisError(f"--steps must be >= 1, got {steps}", field="--steps",
                        fix="use e.g. --steps 16 (the number of integrated-gradient points)")
     return steps
+
+
+def check_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """The suffix's precision, checked: one line naming ``--precision`` if unknown or if ``device`` (when given)
+    cannot run bfloat16 matrix products.
+
+    Why an option and ``float32`` the default: the suffix's forward and backward are most of the attribution
+    screen's cost, and bfloat16 (autocast: matrix products in bfloat16 with float32 accumulation, the residual
+    stream and norms in float32) roughly halves them where the hardware has bfloat16 units (CPUs with AVX512-BF16
+    or AMX, CUDA GPUs from Ampere on). The estimates then differ from float32's by ~1% of their range (measured
+    on the demo checkpoint: docs/attribution.md), far less than the first-order estimate differs from a real
+    clamp; but a screen rerun elsewhere must give the same numbers, so the faster, rounder path is asked for,
+    not chosen by the hardware."""
+    if precision not in PRECISIONS:
+        raise FisError(f"unknown --precision {precision!r}", field="--precision",
+                       fix=f"use {' or '.join(PRECISIONS)}")
+    if precision == "bfloat16" and device is not None and torch.device(device).type == "cuda" \
+            and not torch.cuda.is_bf16_supported():
+        raise FisError("--precision bfloat16: this GPU has no bfloat16 support", field="--precision",
+                       fix="use --precision float32")
+    return precision
+
+
+def precision_warnings(precision: str, device: torch.device) -> list[str]:
+    """A warning where bfloat16 is emulated (a CPU without AVX512-BF16 / AMX): correct, but slower than float32."""
+    if precision != "bfloat16" or device.type != "cpu":
+        return []
+    cpu = torch.cpu
+    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    return [] if native else ["--precision bfloat16: this CPU has no bfloat16 units (AVX512-BF16 / AMX), so the "
+                              "screen is likely slower than with float32"]
 
 
 def clamp_label(value: float) -> str:
@@ -110,6 +147,44 @@ def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: to
     return type(split).suffix.__wrapped__(split, resid, state, positions, vocab)
 
 
+class LowPrecisionWeights:
+    """bfloat16 copies of the suffix blocks' linear weights, cast once and swapped in while the suffix runs.
+
+    Why: under autocast every linear layer casts its float32 weight to bfloat16 on every call, and at the
+    attribution screen's small batches those casts (a fresh allocation each) cost about as much as the
+    bfloat16 products themselves. The swap lasts the ``with`` block only: the model's own float32 parameters are
+    put back on exit, also after an error. The generic split path (any other architecture) keeps autocast's casts.
+    """
+
+    def __init__(self, split: Any) -> None:
+        adapter = getattr(split, "adapter", None)
+        self.swaps: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        layers = getattr(adapter, "layers", None)
+        if layers is None or split.blocks_before is None:
+            return
+        with torch.no_grad():
+            for i in range(split.blocks_before, adapter.n_layers):
+                for module in layers[i].modules():
+                    if isinstance(module, torch.nn.Linear):
+                        for name in ("weight", "bias"):
+                            value = getattr(module, name, None)
+                            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                                self.swaps.append((module, name, value.detach().to(torch.bfloat16)))
+        self._saved: list[Any] = []
+
+    def __enter__(self) -> LowPrecisionWeights:
+        self._saved = []
+        for module, name, low in self.swaps:
+            self._saved.append(module._parameters[name])
+            module._parameters[name] = torch.nn.Parameter(low, requires_grad=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for (module, name, _), original in zip(self.swaps, self._saved, strict=True):
+            module._parameters[name] = original
+        self._saved = []
+
+
 @dataclass
 class PointTerms:
     """Per stimulus row and feature of one point: ``A = sum_t G`` and ``B = sum_t G f`` (see module doc)."""
@@ -118,10 +193,11 @@ class PointTerms:
     B: torch.Tensor  # [rows, width]
 
 
-def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid: torch.Tensor | None = None,
+                  precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, C)``: ``dC/dr`` [n_kept, d_in] in the joint model's space, and the contrast [rows] at ``resid``
-    (default: the clean residual of ``prep``). One suffix forward and backward, logits at the readout only."""
+    (default: the clean residual of ``prep``). One suffix forward and backward, logits at the readout only;
+    ``precision="bfloat16"`` runs them under bfloat16 autocast (:func:`check_precision`)."""
     split, splice = attached.split, attached.splice
     base = prep.resid if resid is None else resid
     b, t, d = base.shape
@@ -130,12 +206,49 @@ def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid:
         delta = splice.normalizer.invert_delta(dr).to(base.dtype)
         flat = base.reshape(b * t, d).index_add(0, prep.keep_idx, delta)
         columns = readouts.contrast_columns(base.device)  # only the target words' columns of the unembedding
-        logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1),
-                                   columns)[:, 0]
+        with torch.autocast(base.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1),
+                                       columns)[:, 0]
         con = readouts.contrast_scores(logits.float()) if columns is not None else readouts.scores(logits)[1]
         value = con[contrast]
         (g,) = torch.autograd.grad(value.sum(), dr)
-    return g.detach(), value.detach()
+    return g.detach().float(), value.detach().float()
+
+
+def merge_prepared(split: Any, preps: Sequence[Any], pad_id: int = 0) -> Any:
+    """Several prepared batches as one, right-padded to the longest: for one suffix pass over all of them.
+
+    Kept positions keep their order (batch after batch), so the gradient of the merged batch splits back into
+    the batches' own by their counts of kept positions. Right padding and the causal mask leave every real
+    position's value as it was in its own batch (tests: the estimates equal the unmerged ones)."""
+    from .interventions.battery import Encoded, Prepared
+
+    if len(preps) == 1:
+        return preps[0]
+    width = max(p.resid.shape[1] for p in preps)
+
+    def pad(t: torch.Tensor, value: Any = 0) -> torch.Tensor:  # [B, T, ...] -> [B, width, ...]
+        extra = width - t.shape[1]
+        if not extra:
+            return t
+        return torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), value)], dim=1)
+
+    keep, offset = [], 0
+    for p in preps:
+        t = p.resid.shape[1]
+        keep.append((torch.div(p.keep_idx, t, rounding_mode="floor") + offset) * width + p.keep_idx % t)
+        offset += p.resid.shape[0]
+    enc = Encoded(torch.cat([pad(p.enc.tokens, pad_id) for p in preps]),
+                  torch.cat([pad(p.enc.mask) for p in preps]), torch.cat([p.enc.readout for p in preps]),
+                  torch.cat([pad(p.enc.stimulus_mask, False) for p in preps]))
+    return Prepared(enc, torch.cat([pad(p.resid) for p in preps]), split.state_for(enc.tokens, enc.mask),
+                    torch.cat(keep), torch.cat([p.x for p in preps]),
+                    {k: torch.cat([p.where[k] for p in preps]) for k in preps[0].where})
+
+
+def _padded_tokens(preps: Sequence[Any]) -> int:
+    """Tokens of ``preps`` merged: rows x the longest row (what one suffix pass over them computes)."""
+    return sum(p.resid.shape[0] for p in preps) * max(p.resid.shape[1] for p in preps)
 
 
 def _row_sums(G: torch.Tensor, f: torch.Tensor, row_of: torch.Tensor, n_rows: int, out: PointTerms | None
@@ -156,20 +269,37 @@ def joint_values(attached: Any, x: torch.Tensor, edit: dict[str, Any] | None = N
     return joint(x, "full" if joint.nfm is not None else "sae", edit=edit)
 
 
+@dataclass
+class ClosedForm:
+    """The joint model's products the SAE point's closed form reuses in every batch: ``W_dec + W_lin`` and
+    ``V * V`` (computed once per screen, not per batch: at d_sae x d_in they are the largest temporaries)."""
+
+    W: torch.Tensor  # [d_sae, d_in]
+    VV: torch.Tensor | None  # [d_sae, emb]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, joint: Any) -> ClosedForm:
+        nfm = joint.nfm
+        return cls(joint.sae.W_dec if nfm is None else joint.sae.W_dec + nfm.W_lin,
+                   None if nfm is None else nfm.V * nfm.V)
+
+
 @torch.no_grad()
 def point_terms(attached: Any, g: torch.Tensor, out: Any, points: Sequence[str], row_of: torch.Tensor,
-                n_rows: int) -> dict[str, PointTerms]:
+                n_rows: int, closed: ClosedForm | None = None) -> dict[str, PointTerms]:
     """``A`` and ``B`` of every feature of every point from ``g = dC/dr`` and the joint forward ``out``
     (closed form through the joint model, see the module docstring); dense blocks of ``POSITION_CHUNK``
-    positions so memory stays bounded for any d_sae."""
+    positions so memory stays bounded for any d_sae. ``closed``: :class:`ClosedForm` of the joint model, if
+    already computed."""
     joint = attached.joint
     nfm, sec = joint.nfm, joint.secondary
     g = g.to(next(joint.parameters()).dtype)
     terms: dict[str, PointTerms] = {}
     g_hidden = g @ nfm.mlp_out.weight if nfm is not None else None  # [n, hidden]: dC/d(hidden)
     if "sae.hook_latents" in points:
-        W = joint.sae.W_dec if nfm is None else joint.sae.W_dec + nfm.W_lin  # [d_sae, d_in]
-        VV = None if nfm is None else nfm.V * nfm.V
+        closed = closed if closed is not None else ClosedForm.of(joint)
+        W, VV = closed.W, closed.VV
         acc: PointTerms | None = None
         for s0 in range(0, len(g), POSITION_CHUNK):
             sl = slice(s0, s0 + POSITION_CHUNK)
@@ -219,6 +349,7 @@ class AttributionResult:
     method: str
     steps: int | None = None
     warnings: list[str] = field(default_factory=list)
+    precision: str = "float32"
 
     def estimate(self, point: str, kind: str = "set", value: float = 0.0) -> np.ndarray:
         """The estimated contrast shift [n_rows, width] of clamping each feature (battery condition)."""
@@ -240,13 +371,15 @@ class Attributor:
     contrast, the readout's ``multi_token`` and the target words (one line, exit 2)."""
 
     def __init__(self, attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str],
-                 contrast: str | None = None, method: str = "attribution", steps: int = 16) -> None:
+                 contrast: str | None = None, method: str = "attribution", steps: int = 16,
+                 precision: str = "float32") -> None:
         from .interventions.battery import Readouts
 
         if method not in GRADIENT_METHODS:
             raise FisError(f"unknown attribution method {method!r}", field="--method",
                            fix="use attribution or ig")
         check_steps(steps)
+        self.precision = check_precision(precision, attached.split.device)
         self.contrast = choose_contrast(design, contrast)
         if design.readout.multi_token != "first_token":
             raise FisError("attribution reads first-token scores only", source=design.source,
@@ -254,13 +387,15 @@ class Attributor:
         self.attached, self.points, self.method, self.steps = attached, list(points), method, steps
         self.tokenizer = attached.split.bridge.tokenizer
         self.readouts = Readouts.for_design(design, self.tokenizer)  # unknown target words fail here (exit 2)
-        self.warnings = list(self.readouts.warnings)
+        self.warnings = list(self.readouts.warnings) + precision_warnings(precision, attached.split.device)
         if method == "ig":
             self.warnings.append(
                 "ig integrates the path that scales every feature of a point together (completeness over the "
                 "point): each feature's share of ablating the whole point, not the effect of clamping it alone; "
                 "on the demo checkpoint it ranked single-feature ablations worse than the first-order "
                 "'attribution' estimate (docs/attribution.md)")
+        self.closed = ClosedForm.of(attached.joint)
+        self.low = LowPrecisionWeights(attached.split) if self.precision == "bfloat16" else None
         nfm = attached.joint.nfm
         if nfm is not None and nfm.top_m:
             self.warnings.append("the NFM keeps only its top_m latents: the SAE-point gradient ignores that "
@@ -270,6 +405,7 @@ class Attributor:
         self.B: dict[str, np.ndarray] = {}
         self.clean = np.full(len(self.rows), np.nan)
         self.done = np.zeros(len(self.rows), dtype=bool)
+        self.pending: list[tuple[int, Any, Any]] = []  # (start, prepared batch, clean joint forward)
 
     def encode(self, start: int, stop: int) -> Any:
         """The battery's encoding of rows ``start:stop`` (tokens, readout positions, masks)."""
@@ -278,23 +414,48 @@ class Attributor:
         return encode_rows(self.rows.iloc[start:stop], self.tokenizer)
 
     def batch(self, start: int, enc: Any, prefix: tuple[torch.Tensor, Any] | None = None, out: Any = None) -> None:
-        """Estimates of rows ``start:start+len(enc.tokens)``: one suffix forward+backward (``attribution``) or
-        ``steps`` per point (``ig``). ``prefix``: ``(resid, state)`` of exactly these tokens, already computed;
-        ``out``: the clean joint forward on the kept inputs, already computed."""
+        """Estimates of rows ``start:start+len(enc.tokens)``: one suffix forward+backward (``attribution``; short
+        batches are merged first, up to ``SUFFIX_TOKENS``: :meth:`flush`) or ``steps`` per point (``ig``).
+        ``prefix``: ``(resid, state)`` of exactly these tokens, already computed; ``out``: the clean joint forward
+        on the kept inputs, already computed."""
         from .interventions.battery import _prepare
 
         prep = _prepare(self.attached, enc, prefix)
-        n = len(prep.enc.tokens)
-        t = prep.resid.shape[1]
-        row_of = torch.div(prep.keep_idx, t, rounding_mode="floor")
-        g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast)
         if out is None:
             out = joint_values(self.attached, prep.x)
-        if self.method == "attribution":
-            terms = point_terms(self.attached, g, out, self.points, row_of, n)
-        else:
-            terms = ig_path_terms(self.attached, prep, self.readouts, self.contrast, self.points, self.steps,
-                                  row_of, n, out)
+        if self.method == "ig":
+            n = len(prep.enc.tokens)
+            row_of = torch.div(prep.keep_idx, prep.resid.shape[1], rounding_mode="floor")
+            with self.low if self.low is not None else nullcontext():
+                g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast, precision=self.precision)
+                terms = ig_path_terms(self.attached, prep, self.readouts, self.contrast, self.points, self.steps,
+                                      row_of, n, out, self.precision, self.closed)
+            self._store(start, n, terms, value)
+            return
+        if self.pending and _padded_tokens([p for _, p, _ in self.pending] + [prep]) > SUFFIX_TOKENS:
+            self.flush()
+        self.pending.append((start, prep, out))
+        if _padded_tokens([p for _, p, _ in self.pending]) >= SUFFIX_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        """The pending batches' estimates, from ONE suffix forward+backward over them merged
+        (:func:`merge_prepared`); then the closed form per batch on its share of the gradient."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        merged = merge_prepared(self.attached.split, [p for _, p, _ in pending], self.tokenizer.pad_token_id or 0)
+        with self.low if self.low is not None else nullcontext():
+            g, value = contrast_grad(self.attached, merged, self.readouts, self.contrast, precision=self.precision)
+        g_parts = g.split([len(p.x) for _, p, _ in pending])
+        v_parts = value.split([len(p.enc.tokens) for _, p, _ in pending])
+        for (start, prep, out), g_part, v_part in zip(pending, g_parts, v_parts, strict=True):
+            n = len(prep.enc.tokens)
+            row_of = torch.div(prep.keep_idx, prep.resid.shape[1], rounding_mode="floor")
+            self._store(start, n, point_terms(self.attached, g_part, out, self.points, row_of, n, self.closed),
+                        v_part)
+
+    def _store(self, start: int, n: int, terms: dict[str, PointTerms], value: torch.Tensor) -> None:
         for p, tm in terms.items():
             if p not in self.A:
                 self.A[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
@@ -309,34 +470,39 @@ class Attributor:
         at a time, each with its own prefix pass."""
         from tqdm.auto import tqdm
 
+        self.flush()  # what a shared pass left pending
         n = len(self.rows)
         todo = [s for s in range(0, n, batch_size) if not self.done[s:s + batch_size].all()]
         for start in tqdm(todo, disable=not progress or not todo, desc=f"screen {self.method}", unit="batch"):
             self.batch(start, self.encode(start, min(n, start + batch_size)))
+        self.flush()
 
     def result(self) -> AttributionResult:
+        self.flush()
         if not self.done.all():
             raise FisError(f"attribution covered {int(self.done.sum())} of {len(self.done)} rows (internal error)")
         return AttributionResult(self.rows, self.A, self.B, self.clean, self.contrast, self.method,
-                                 self.steps if self.method == "ig" else None, self.warnings)
+                                 self.steps if self.method == "ig" else None, self.warnings, self.precision)
 
 
 def attribute(attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str], contrast: str | None = None,
-              method: str = "attribution", steps: int = 16, batch_size: int = 16, progress: bool = False
-              ) -> AttributionResult:
+              method: str = "attribution", steps: int = 16, batch_size: int = 16, progress: bool = False,
+              precision: str = "float32") -> AttributionResult:
     """Estimate, for every feature at ``points``, the contrast shift of clamping it, per stimulus row.
 
     ``rows``: the battery's expanded rows (stimulus x prompt, :func:`~fis_interventions.designs.expand`), e.g.
     the discovery items only. ``method``: ``attribution`` (one backward per batch) or ``ig`` (``steps``
-    backward passes per point and batch; zero ablation path, see :func:`ig_path_terms`)."""
-    acc = Attributor(attached, design, rows, points, contrast, method, steps)
+    backward passes per point and batch; zero ablation path, see :func:`ig_path_terms`). ``precision``: of the
+    suffix's forward and backward, ``float32`` or ``bfloat16`` (:func:`check_precision`)."""
+    acc = Attributor(attached, design, rows, points, contrast, method, steps, precision)
     acc.run(batch_size, progress)
     return acc.result()
 
 
 @torch.no_grad()
 def ig_path_terms(attached: Any, prep: Any, readouts: Any, contrast: str, points: Sequence[str], steps: int,
-                  row_of: torch.Tensor, n_rows: int, clean: Any) -> dict[str, PointTerms]:
+                  row_of: torch.Tensor, n_rows: int, clean: Any, precision: str = "float32",
+                  closed: ClosedForm | None = None) -> dict[str, PointTerms]:
     """Integrated gradients of zero ablation for every feature of each point.
 
     Path: every feature of the point scaled by ``1 - alpha``, ``alpha`` at the ``steps`` midpoints of [0, 1].
@@ -353,9 +519,9 @@ def ig_path_terms(attached: Any, prep: Any, readouts: Any, contrast: str, points
             fn = _scale_edit(alpha)
             delta = attached.splice.stacked_deltas(prep.x, 1, {point: _on_copy_one(fn, len(prep.x))})[0]
             resid = prep.resid.reshape(b * t, d).index_add(0, prep.keep_idx, delta.to(prep.resid.dtype))
-            g, _ = contrast_grad(attached, prep, readouts, contrast, resid.view(b, t, d))
+            g, _ = contrast_grad(attached, prep, readouts, contrast, resid.view(b, t, d), precision)
             at = joint_values(attached, prep.x, {point: fn})
-            step = point_terms(attached, g, at, [point], row_of, n_rows)[point]
+            step = point_terms(attached, g, at, [point], row_of, n_rows, closed)[point]
             # point_terms weighted G with the path point's f = (1 - alpha) f_clean: undo that for B
             A = step.A if A is None else A + step.A
             stepB = step.B / (1.0 - alpha)

@@ -464,7 +464,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
            overwrite: bool = False, cards: int = 0, cards_activations: Path | str | None = None,
            method: str = "activation", steps: int = 16, clamps: Sequence[float] = (),
            contrast: str | None = None, permutations: int = DEFAULT_PERMUTATIONS, random_init: bool = True,
-           null_seed: int = 0) -> ScreenResult:
+           null_seed: int = 0, precision: str = "float32") -> ScreenResult:
     """Screen every feature at ``points`` of ``checkpoint`` against the 2x2 ``design`` (see module docstring).
 
     ``discover``: the fraction of items screened (the discovery items, seeded by ``split_seed``; see
@@ -479,7 +479,9 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     checkpoint's harvest (or ``cards_activations``), written to ``out/cards/`` and kept in ``ScreenResult.cards``.
     ``method``: ``activation`` (default), ``attribution``, ``ig`` or a comma-separated list; the gradient methods
     add the estimated effect of clamping each feature on the readout contrast (zero and ``clamps``) to the table,
-    and the first method listed ranks top.json (:mod:`fis_interventions.screening_attribution`).
+    and the first method listed ranks top.json (:mod:`fis_interventions.screening_attribution`). ``precision``:
+    of the gradient methods' suffix pass, ``float32`` (default) or ``bfloat16`` (about half the attribution's
+    cost where the hardware has bfloat16 units; :func:`~fis_interventions.attribution.check_precision`).
 
     Null baselines (on by default; ``null_seed`` seeds both): ``permutations`` relabellings of the cells (within
     items for matched designs; 0 skips) give each feature ``p_perm`` and ``p_perm_fwer`` and the BH count the
@@ -507,7 +509,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
         raise FisError(f"--cards must be >= 0, got {cards}", field="cards", fix="use e.g. 5")
     from .screening_attribution import check_method_args
 
-    methods = check_method_args(method, steps)
+    methods = check_method_args(method, steps, precision)
     from .provenance import check_seed
 
     check_seed(split_seed, "--split-seed")
@@ -524,6 +526,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     split = (split_items(all_rows, discover, split_seed, d.shape, source=str(design)) if discover is not None
              else all_items(all_rows))
     warnings = [f"design: {m}" for m in design_warnings(d)]
+    if precision != "float32" and methods == ["activation"]:
+        warnings.append(f"--precision {precision} applies to the gradient methods (attribution, ig) only: ignored")
     meta = read_meta(Path(checkpoint))  # cheap checks before loading a model
     if out is not None:  # a folder we did not write is refused before the model is loaded
         check_output(Path(out), Fingerprint("screen", {}), overwrite=True)
@@ -547,6 +551,8 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
               "permutations": permutations, "random_init": random_init, "null_seed": null_seed}
     if methods != ["activation"]:  # only then: an activation screen keeps its fingerprint
         config.update({"method": methods, "steps": steps, "clamps": [float(c) for c in clamps], "contrast": contrast})
+        if precision != "float32":  # only then: a float32 screen keeps the fingerprint it had before the option
+            config["precision"] = precision
     checkpoint_id, design_id = checkpoint_identity(checkpoint), design_identity(d)  # hashed once each
     fp = screen_fingerprint(config, checkpoint_id, design_id)
     if out is not None:  # refused before any work is done
@@ -578,7 +584,7 @@ def screen(checkpoint: Path | str, design: Path | str, model: str | None = None,
     if methods != ["activation"]:  # readout, contrast and target words checked before any model work
         from .screening_attribution import attributors, shared_pass
 
-        accs = attributors(attached, d, rows, chosen, methods, steps=steps, contrast=contrast)
+        accs = attributors(attached, d, rows, chosen, methods, steps=steps, contrast=contrast, precision=precision)
         on_batch = shared_pass(accs, rows)
     extra = [random_init_joint(attached.joint, null_seed)] if random_init else []
     collected = collect(attached, token_lists, chosen, aggregate, batch_size, progress, extra_joints=extra,

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attribution import GRADIENT_METHODS, AttributionResult, Attributor, check_steps, clamp_label, parse_methods
+from .attribution import (GRADIENT_METHODS, AttributionResult, Attributor, check_precision, check_steps, clamp_label,
+                          parse_methods)
 
 
 def prompt_means(rows: pd.DataFrame, stim_rows: pd.DataFrame) -> np.ndarray:
@@ -81,7 +82,8 @@ def attribution_table(results: dict[str, AttributionResult], stim_rows: pd.DataF
 
 
 def attributors(attached: Any, design: Any, stim_rows: pd.DataFrame, points: Sequence[str],
-                methods: Sequence[str], *, steps: int = 16, contrast: str | None = None) -> dict[str, Attributor]:
+                methods: Sequence[str], *, steps: int = 16, contrast: str | None = None,
+                precision: str = "float32") -> dict[str, Attributor]:
     """One :class:`~fis_interventions.attribution.Attributor` per gradient method over the battery's readout
     rows of the stimuli in ``stim_rows`` (every prompt of every discovery stimulus). Built before any model work:
     a bad contrast, readout or target word is refused here (one line, exit 2)."""
@@ -90,7 +92,8 @@ def attributors(attached: Any, design: Any, stim_rows: pd.DataFrame, points: Seq
     rows = expand(design)
     keep = set(zip(stim_rows["item"].astype(str), stim_rows["cell"].astype(str), strict=True))
     rows = rows[[(str(i), str(c)) in keep for i, c in zip(rows["item"], rows["cell"], strict=True)]]
-    return {m: Attributor(attached, design, rows, points, contrast=contrast, method=m, steps=steps)
+    return {m: Attributor(attached, design, rows, points, contrast=contrast, method=m, steps=steps,
+                          precision=precision)
             for m in methods if m in GRADIENT_METHODS}
 
 
@@ -132,6 +135,7 @@ def add_attribution(table: pd.DataFrame, accs: dict[str, Attributor], stim_rows:
     extra = attribution_table(results, stim_rows, a, b, levels, item, values)
     merged = table.merge(extra, on=["point", "feature"], how="left", validate="one_to_one")
     summary = {"contrast": first.contrast, "clamps": values, "steps": steps if "ig" in results else None,
+               "precision": first.precision,
                "readout_rows": int(len(first.rows)),
                "estimate": "first-order (attribution) / integrated-gradient (ig) estimate of the battery's "
                            "contrast shift when the feature is set to the clamp value at every kept position; "
@@ -163,10 +167,11 @@ def ranked_top(table: pd.DataFrame, method: str, n: int) -> list[dict[str, Any]]
              "ranked_by": method} for _, r in ok.iterrows()]
 
 
-def check_method_args(method: str | Sequence[str], steps: int) -> list[str]:
-    """Validate ``--method`` and ``--steps`` before anything is loaded."""
+def check_method_args(method: str | Sequence[str], steps: int, precision: str = "float32") -> list[str]:
+    """Validate ``--method``, ``--steps`` and ``--precision`` before anything is loaded."""
     methods = parse_methods(method)
     check_steps(steps)
+    check_precision(precision)
     return methods
 
 
@@ -176,7 +181,8 @@ def echo_attribution(summary: dict[str, Any]) -> None:
 
     att = summary["attribution"]
     typer.echo(f"attribution of contrast {att['contrast']!r} ({att['readout_rows']} readout rows, clamps "
-               f"{', '.join(f'{v:g}' for v in att['clamps'])}); ranked by {summary['ranked_by']}")
+               f"{', '.join(f'{v:g}' for v in att['clamps'])}, suffix in {att.get('precision', 'float32')}); "
+               f"ranked by {summary['ranked_by']}")
     for key, n in att["n_q_below_alpha"].items():
         typer.echo(f"{key}: {n} of {summary['family_size']} features with interaction q < 0.05 (BH over all points)")
 

@@ -115,16 +115,29 @@ class SplitModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
         attention_mask = attention_mask.to(self.device)
+        hidden, state = self._embedded(tokens, attention_mask)
+        if isinstance(self.adapter, BridgeHookPath):
+            return self.adapter.prefix(state), state
+        return self._blocks(hidden, state, range(self.blocks_before or 0)), state
+
+    def _embedded(self, tokens: torch.Tensor, attention_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, PrefixState]:
+        """The embeddings (fast path) and the suffix's state of right-padded ``tokens`` on the model's device."""
         # right padding keeps positions 0..n-1 for real tokens; pads get positions too but are masked out
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
         if isinstance(self.adapter, BridgeHookPath):
-            state = PrefixState(tokens, attention_mask, position_ids, {})
-            return self.adapter.prefix(state), state
+            return None, PrefixState(tokens, attention_mask, position_ids, {})
         ad = self.adapter
         hidden = ad.embed(tokens, position_ids)
-        state = PrefixState(tokens, attention_mask, position_ids, ad.masks(hidden, attention_mask, position_ids),
-                            ad.position_embeddings(hidden, position_ids))
-        return self._blocks(hidden, state, range(self.blocks_before or 0)), state
+        return hidden, PrefixState(tokens, attention_mask, position_ids,
+                                   ad.masks(hidden, attention_mask, position_ids),
+                                   ad.position_embeddings(hidden, position_ids))
+
+    @torch.no_grad()
+    def state_for(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> PrefixState:
+        """The suffix's state of right-padded ``tokens`` without the prefix pass: for residuals already computed
+        in other batches and padded together (the attribution screen merges short batches for its suffix)."""
+        return self._embedded(tokens.to(self.device), attention_mask.to(self.device))[1]
 
     def _blocks(self, hidden: torch.Tensor, state: PrefixState, layers: range) -> torch.Tensor:
         ad = self.adapter

@@ -164,6 +164,7 @@ def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_
     (["--method", "gradient"], "--method"),
     (["--method", "ig", "--steps", "0"], "--steps"),
     (["--method", "attribution", "--contrast", "nope"], "--contrast"),
+    (["--method", "attribution", "--precision", "float16"], "--precision"),
 ])
 def test_bad_flags_exit_2_with_one_line(ckpt, capsys, tmp_path, args, flag):
     code, out, err = _run_cli(capsys, ["screen", "--checkpoint", str(ckpt), "--design", str(DESIGN),
@@ -245,6 +246,79 @@ def test_shared_pass_gives_the_same_estimates_as_a_separate_pass(ckpt, tiny_brid
     key = ["point", "feature"]
     a, b = shared.sort_values(key)[cols].to_numpy(float), apart.sort_values(key)[cols].to_numpy(float)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_merged_suffix_batches_give_the_same_estimates(setup, monkeypatch):
+    """Short batches of different widths merged for ONE suffix pass (``SUFFIX_TOKENS``) give the estimates of
+    one suffix pass per batch."""
+    import fis_interventions.attribution as at
+
+    attached, design, rows = setup
+    tok = attached.split.bridge.tokenizer
+    widths = {encode_rows(rows.iloc[s:s + 3], tok).tokens.shape[1] for s in range(0, len(rows), 3)}
+    assert len(widths) > 1, "the batches must differ in width for the merge to pad anything"
+    passes = {"n": 0}
+    real = at.contrast_grad
+
+    def counting(*a, **k):
+        passes["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(at, "contrast_grad", counting)
+    monkeypatch.setattr(at, "SUFFIX_TOKENS", 1)  # every batch alone
+    apart = attribute(attached, design, rows, POINTS, batch_size=3)
+    n_apart, passes["n"] = passes["n"], 0
+    monkeypatch.setattr(at, "SUFFIX_TOKENS", 10**6)
+    merged = attribute(attached, design, rows, POINTS, batch_size=3)
+    assert passes["n"] == 1 and n_apart == -(-len(rows) // 3) > 1
+    for point in POINTS:
+        for got, want in ((merged.A[point], apart.A[point]), (merged.B[point], apart.B[point])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(merged.clean, apart.clean, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_suffix_is_close_to_float32_and_puts_the_weights_back(setup):
+    """``precision="bfloat16"``: the estimates move by a small fraction of their range, rank the same, and the
+    model's float32 weights are back afterwards (also after an error inside the swap)."""
+    from scipy.stats import spearmanr
+
+    from fis_interventions.attribution import LowPrecisionWeights
+
+    attached, design, rows = setup
+    hf = attached.split.hf
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    f32 = attribute(attached, design, rows, POINTS, batch_size=5)
+    b16 = attribute(attached, design, rows, POINTS, batch_size=5, precision="bfloat16")
+    assert b16.precision == "bfloat16" and f32.precision == "float32"
+    for point in POINTS:
+        a, b = f32.estimate(point), b16.estimate(point)
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+        live = a.ravel() != 0
+        assert spearmanr(a.ravel()[live], b.ravel()[live])[0] > 0.98
+    low = LowPrecisionWeights(attached.split)
+    assert low.swaps, "the fast split path has linear weights to swap"
+    with pytest.raises(RuntimeError), low:
+        assert {p.dtype for _, p in hf.named_parameters()} >= {torch.bfloat16}
+        raise RuntimeError("inside the swap")
+    after = dict(hf.named_parameters())
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+
+
+def test_screen_records_the_precision_and_keeps_precisions_apart(ckpt, tiny_bridge, tmp_path):
+    from fis_interventions.screening import screen
+
+    out = tmp_path / "screen"
+    kw = dict(bridge=tiny_bridge, progress=False, method="attribution", permutations=0, random_init=False, out=out)
+    screen(ckpt, DESIGN, precision="bfloat16", **kw)
+    assert json.loads((out / "screen.json").read_text())["attribution"]["precision"] == "bfloat16"
+    with pytest.raises(FisError, match="--overwrite|overwrite|other settings"):
+        screen(ckpt, DESIGN, precision="float32", **kw)
+    assert json.loads((out / "screen.json").read_text())["attribution"]["precision"] == "bfloat16"
+    act = screen(ckpt, DESIGN, bridge=tiny_bridge, progress=False, permutations=0, random_init=False,
+                 precision="bfloat16")
+    assert any("--precision" in w for w in act.summary["warnings"])
 
 
 def _no_contrast(tmp_path: Path) -> Path:

@@ -63,6 +63,14 @@ def test_padded_batch_equals_single_stimuli(bridges, family, path):
             alone = bridge(torch.tensor([seq]))[0, -1]
             assert (batched[i] - alone).abs().max().item() <= ATOL
     assert (stacked[2 * len(seqs):] - batched).abs().max().item() <= 1e-6
+    # padded wider, with the suffix's state rebuilt without a prefix pass (the attribution screen merges short
+    # batches that way): the same logits at the real positions
+    extra = 3
+    wide_tokens = torch.cat([tokens, tokens.new_full((len(seqs), extra), bridge.tokenizer.pad_token_id)], 1)
+    wide_mask = torch.cat([mask, mask.new_zeros(len(seqs), extra)], 1)
+    wide = torch.cat([resid, resid.new_zeros(len(seqs), extra, resid.shape[-1])], 1)
+    merged = split.suffix(wide, split.state_for(wide_tokens, wide_mask), positions=last)[:, 0]
+    assert (merged - batched).abs().max().item() <= 1e-5
     # a few columns of the unembedding (the attribution screen's logit readouts) equal those of the full logits
     vocab = torch.tensor([5, 0, 17, 3])
     columns = split.suffix(resid, state, positions=last, vocab=vocab)[:, 0]

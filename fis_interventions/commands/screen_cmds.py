@@ -55,6 +55,9 @@ def screen_command(
                                                       "(repeatable)")] = None,
     contrast: Annotated[str | None, typer.Option("--contrast", help="readout contrast attributed; default: the "
                                                  "design's first")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="of the attribution's suffix pass: float32, or "
+                                           "bfloat16 (about half its cost on hardware with bfloat16 units; "
+                                           "estimates within ~1% of float32's, docs/attribution.md)")] = "float32",
     permutations: Annotated[int, typer.Option("--permutations", help="label-permutation null: relabellings of "
                                               "the cells (within items for matched designs); 0 skips it")] = 1000,
     random_init: Annotated[bool, typer.Option("--random-init/--no-random-init", help="also screen a seeded "
@@ -82,7 +85,8 @@ def screen_command(
                     batch_size=batch_size, device=device, out=out, top=top, overwrite=overwrite,
                     discover=None if all_items else discover, split_seed=split_seed, cards=cards,
                     cards_activations=cards_activations, method=method, steps=steps, clamps=clamp or (),
-                    contrast=contrast, permutations=permutations, random_init=random_init, null_seed=null_seed)
+                    contrast=contrast, permutations=permutations, random_init=random_init, null_seed=null_seed,
+                    precision=precision)
     s = result.summary
     split = s["split"]
     if split["confirmation"]:
