@@ -144,6 +144,10 @@ def add_attribution(table: pd.DataFrame, accs: dict[str, Attributor], stim_rows:
                           "point" for m in results for v in values},
                "n_q_below_alpha": {f"{m}_{clamp_label(v)}": int((merged[f"{m}_{clamp_label(v)}_q_ab"] < 0.05).sum())
                                    for m in results for v in values},
+               # each (method, clamp) is its own BH family: the features whose estimate varies, not the
+               # activation screen's family
+               "family_size": {f"{m}_{clamp_label(v)}": int(merged[f"{m}_{clamp_label(v)}_p_ab"].notna().sum())
+                               for m in results for v in values},
                "warnings": [w for r in results.values() for w in r.warnings]}
     return merged, summary
 
@@ -184,7 +188,8 @@ def echo_attribution(summary: dict[str, Any]) -> None:
                f"{', '.join(f'{v:g}' for v in att['clamps'])}, suffix in {att.get('precision', 'float32')}); "
                f"ranked by {summary['ranked_by']}")
     for key, n in att["n_q_below_alpha"].items():
-        typer.echo(f"{key}: {n} of {summary['family_size']} features with interaction q < 0.05 (BH over all points)")
+        size = att.get("family_size", {}).get(key, summary["family_size"])
+        typer.echo(f"{key}: {n} of {size} features with interaction q < 0.05 (BH over all points)")
 
 
 def attribution_of(table: pd.DataFrame, point: str, feature: int, levels: dict[str, list[str]]

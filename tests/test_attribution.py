@@ -127,7 +127,7 @@ def _run_cli(capsys, args):
     return code, out.out, out.err
 
 
-def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_bridge, tmp_path):
+def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_bridge, tmp_path, capsys):
     from fis_interventions.screening import screen
 
     res = screen(ckpt, DESIGN, bridge=tiny_bridge, batch_size=12, progress=False, method="attribution,activation",
@@ -146,6 +146,16 @@ def test_screen_carries_both_estimates_and_ranks_by_the_first_method(ckpt, tiny_
     assert summary["attribution"]["contrast"] == "valence" and summary["split"]["confirmation"]
     # discovery items only: the per-stimulus estimates come from the battery rows of those items
     assert summary["attribution"]["readout_rows"] == summary["n_stimuli"] * 3  # three prompts per stimulus
+    # each (method, clamp) is its own BH family, counted as such (the CLI once printed the activation family's size)
+    for key in ("attribution_zero", "attribution_set_2"):
+        assert summary["attribution"]["family_size"][key] == int(t[f"{key}_p_ab"].notna().sum())
+    from fis_interventions.screening_attribution import echo_attribution
+
+    echo_attribution(summary)
+    printed = capsys.readouterr().out
+    n, size = summary["attribution"]["n_q_below_alpha"]["attribution_zero"], \
+        summary["attribution"]["family_size"]["attribution_zero"]
+    assert f"attribution_zero: {n} of {size} features" in printed
     # a battery selecting from this screen takes the attribution ranking, not the activation p (it did once)
     from fis_interventions.interventions.config import FeatureSpec
     from fis_interventions.interventions.features import _from_screening
@@ -295,6 +305,9 @@ def test_bfloat16_suffix_is_close_to_float32_and_puts_the_weights_back(setup):
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
         live = a.ravel() != 0
         assert spearmanr(a.ravel()[live], b.ravel()[live])[0] > 0.98
+    ig = {p: attribute(attached, design, rows, ["nfm.hook_hidden"], method="ig", steps=2, batch_size=12,
+                       precision=p).estimate("nfm.hook_hidden") for p in ("float32", "bfloat16")}
+    assert np.abs(ig["bfloat16"] - ig["float32"]).max() <= 0.05 * np.abs(ig["float32"]).max()
     low = LowPrecisionWeights(attached.split)
     assert low.swaps, "the fast split path has linear weights to swap"
     with pytest.raises(RuntimeError), low:
