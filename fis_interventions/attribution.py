@@ -48,8 +48,8 @@ GRADIENT_METHODS = ("attribution", "ig")
 PRECISIONS = ("float32", "bfloat16")  # of the suffix's forward + backward (the screen's cost); see check_precision
 POSITION_CHUNK = 256  # kept positions per dense [positions, d_sae] gradient block (memory bound)
 # screen batches are merged for the suffix's forward + backward up to this many padded tokens: with short stimuli
-# (6 tokens x 16 rows) the per-layer cost of tiny matrix products dominates, and one pass over 3 merged batches
-# took 0.89 s instead of 1.28 s on the demo (docs/attribution.md); memory stays that of one 512-token batch
+# (6 tokens x 16 rows) the per-layer cost of tiny matrix products weighs, and one float32 pass over 3 merged
+# batches took 1.08 s instead of 1.20 s on the demo (docs/attribution.md); memory stays that of a 512-token batch
 SUFFIX_TOKENS = 512
 
 
@@ -150,9 +150,9 @@ def _suffix_with_grad(split: Any, resid: torch.Tensor, state: Any, positions: to
 class LowPrecisionWeights:
     """bfloat16 copies of the suffix blocks' linear weights, cast once and swapped in while the suffix runs.
 
-    Why: under autocast every linear layer casts its float32 weight to bfloat16 on every call, and at the
-    attribution screen's small batches those casts (a fresh allocation each) cost about as much as the
-    bfloat16 products themselves. The swap lasts the ``with`` block only: the model's own float32 parameters are
+    Why: under autocast every linear layer casts its float32 weight to bfloat16 on every call; on the demo those
+    casts made the bfloat16 suffix 0.73 s instead of 0.56 s (the products themselves are small at a screen's
+    batch sizes). The swap lasts the ``with`` block only: the model's own float32 parameters are
     put back on exit, also after an error. The generic split path (any other architecture) keeps autocast's casts.
     """
 
