@@ -319,6 +319,24 @@ def test_bfloat16_suffix_is_close_to_float32_and_puts_the_weights_back(setup):
         assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
 
 
+def test_precision_checks_the_hardware(monkeypatch):
+    """bfloat16 on a CUDA GPU without it: one line naming --precision; on a CPU without bfloat16 units: a
+    warning that it is emulated (slower), not a refusal."""
+    from fis_interventions.attribution import check_precision, precision_warnings
+
+    assert check_precision("bfloat16") == "bfloat16" and check_precision("float32", "cuda") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(FisError, match="--precision"):
+        check_precision("bfloat16", "cuda:0")
+    assert precision_warnings("float32", torch.device("cpu")) == []
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    (warning,) = precision_warnings("bfloat16", torch.device("cpu"))
+    assert "slower" in warning
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert precision_warnings("bfloat16", torch.device("cpu")) == []
+
+
 def test_screen_records_the_precision_and_keeps_precisions_apart(ckpt, tiny_bridge, tmp_path):
     from fis_interventions.screening import screen
 
