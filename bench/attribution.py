@@ -287,6 +287,31 @@ def precision_agreement(args, bridge) -> dict:
     return out
 
 
+def packing_agreement(args, bridge) -> dict:
+    """A design with prompts: per stimulus, the estimates with each stimulus' prompts packed into one sequence
+    against the unpacked rows' mean over prompts (largest difference relative to the range, per point), and the
+    time of each (CPU seconds at one thread)."""
+    from fis_interventions.attribution import attribute
+    from fis_interventions.screening_attribution import prompt_means
+
+    design = read_design(args.design)
+    rows, stim, split = discovery_rows(design, args.seed)
+    rows = rows[rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+    attached = attach(bridge, args.checkpoint)
+    res, secs = {}, {}
+    for pack in (False, True):
+        t0 = time.process_time()
+        res[pack] = attribute(attached, design, rows, DEFAULT_POINTS, pack=pack)
+        secs[pack] = time.process_time() - t0
+    M = prompt_means(rows, rows.drop_duplicates(["item", "cell"])[["item", "cell"]].reset_index(drop=True))
+    out: dict = {"rows": len(rows), "seconds_unpacked": secs[False], "seconds_packed": secs[True], "points": {}}
+    for point in res[False].A:
+        a, b = M @ res[False].estimate(point), M @ res[True].estimate(point)
+        out["points"][point] = {"max_abs_diff_over_range": float(np.abs(a - b).max() / (a.max() - a.min()))}
+    print(json.dumps({"packing": out}), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
@@ -305,6 +330,8 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
                     help="attribution legs of the speed run, one per suffix precision")
     ap.add_argument("--skip", choices=["none", "speed", "validate"], default="none")
+    ap.add_argument("--pack-check", action="store_true",
+                    help="also compare packed and unpacked attribution of a design with prompts (per stimulus)")
     ap.add_argument("--precision-check", action="store_true",
                     help="also compare the float32 and bfloat16 attribution screens (estimates, p, hits, top 20)")
     ap.add_argument("--out", type=Path, default=Path("/work/scratch/attribution/validation.json"))
@@ -323,6 +350,8 @@ def main() -> None:
         report["speed"] = speed(args, bridge)
     if args.precision_check:
         report["precision"] = precision_agreement(args, bridge)
+    if args.pack_check:
+        report["packing"] = packing_agreement(args, bridge)
     if args.skip != "validate":
         report["validation"] = validate(args, bridge)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -194,10 +194,13 @@ class PointTerms:
 
 
 def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid: torch.Tensor | None = None,
-                  precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str = "float32", positions: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, C)``: ``dC/dr`` [n_kept, d_in] in the joint model's space, and the contrast [rows] at ``resid``
     (default: the clean residual of ``prep``). One suffix forward and backward, logits at the readout only;
-    ``precision="bfloat16"`` runs them under bfloat16 autocast (:func:`check_precision`)."""
+    ``precision="bfloat16"`` runs them under bfloat16 autocast (:func:`check_precision`). ``positions`` [B, P]:
+    several readouts per sequence (packed rows; ``valid`` [B, P] marks the real ones): ``g`` is then the gradient
+    of their sum and ``C`` is [B, P]."""
     split, splice = attached.split, attached.splice
     base = prep.resid if resid is None else resid
     b, t, d = base.shape
@@ -206,13 +209,17 @@ def contrast_grad(attached: Any, prep: Any, readouts: Any, contrast: str, resid:
         delta = splice.normalizer.invert_delta(dr).to(base.dtype)
         flat = base.reshape(b * t, d).index_add(0, prep.keep_idx, delta)
         columns = readouts.contrast_columns(base.device)  # only the target words' columns of the unembedding
+        at = prep.enc.readout.unsqueeze(1) if positions is None else positions
         with torch.autocast(base.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, prep.enc.readout.unsqueeze(1),
-                                       columns)[:, 0]
+            logits = _suffix_with_grad(split, flat.view(b, t, d), prep.state, at, columns)
+        logits = logits.reshape(-1, logits.shape[-1])  # [B * P, columns]
         con = readouts.contrast_scores(logits.float()) if columns is not None else readouts.scores(logits)[1]
         value = con[contrast]
+        if valid is not None:
+            value = value * valid.reshape(-1).to(value.dtype)
         (g,) = torch.autograd.grad(value.sum(), dr)
-    return g.detach().float(), value.detach().float()
+    value = value.detach().float()
+    return g.detach().float(), (value if positions is None else value.view(at.shape))
 
 
 def merge_prepared(split: Any, preps: Sequence[Any], pad_id: int = 0) -> Any:
@@ -244,6 +251,37 @@ def merge_prepared(split: Any, preps: Sequence[Any], pad_id: int = 0) -> Any:
     return Prepared(enc, torch.cat([pad(p.resid) for p in preps]), split.state_for(enc.tokens, enc.mask),
                     torch.cat(keep), torch.cat([p.x for p in preps]),
                     {k: torch.cat([p.where[k] for p in preps]) for k in preps[0].where})
+
+
+@dataclass
+class PackedRows:
+    """Rows of one stimulus (its prompts) as one sequence: the token prefix they share once, then each row's tail
+    (:class:`~fis_interventions.splice.Packing`); ``readout`` the packed position of each row's readout."""
+
+    rows: list[int]  # indices into the Attributor's rows, in tail order
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    readout: list[int]
+
+
+def pack_rows(rows: list[int], seqs: list[list[int]], readouts: list[int]) -> PackedRows:
+    """Pack token sequences (BOS first) that share a prefix: the longest common prefix once (segment 0), then each
+    sequence's remainder (segment k) at the positions it has in its own sequence. A readout inside the shared
+    prefix keeps its position."""
+    shared = 0
+    while all(len(q) > shared for q in seqs) and len({q[shared] for q in seqs}) == 1:
+        shared += 1
+    tokens, positions, segments = list(seqs[0][:shared]), list(range(shared)), [0] * shared
+    readout = []
+    for k, (q, r) in enumerate(zip(seqs, readouts, strict=True)):
+        start = len(tokens)
+        tail = q[shared:]
+        tokens += tail
+        positions += range(shared, shared + len(tail))
+        segments += [k + 1] * len(tail)
+        readout.append(r if r < shared else start + r - shared)
+    return PackedRows(rows, tokens, positions, segments, readout)
 
 
 def _padded_tokens(preps: Sequence[Any]) -> int:
@@ -350,6 +388,9 @@ class AttributionResult:
     steps: int | None = None
     warnings: list[str] = field(default_factory=list)
     precision: str = "float32"
+    # rows packed per stimulus (Attributor(pack=True)): each row's A and B are its stimulus' mean over its rows
+    # (exactly what the screen averages to), not the row's own
+    packed: bool = False
 
     def estimate(self, point: str, kind: str = "set", value: float = 0.0) -> np.ndarray:
         """The estimated contrast shift [n_rows, width] of clamping each feature (battery condition)."""
@@ -372,7 +413,7 @@ class Attributor:
 
     def __init__(self, attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str],
                  contrast: str | None = None, method: str = "attribution", steps: int = 16,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", pack: bool = False) -> None:
         from .interventions.battery import Readouts
 
         if method not in GRADIENT_METHODS:
@@ -406,6 +447,8 @@ class Attributor:
         self.clean = np.full(len(self.rows), np.nan)
         self.done = np.zeros(len(self.rows), dtype=bool)
         self.pending: list[tuple[int, Any, Any]] = []  # (start, prepared batch, clean joint forward)
+        self.pack = pack and method == "attribution"
+        self.packed = False  # set when rows were packed: each row then carries its stimulus' mean
 
     def encode(self, start: int, stop: int) -> Any:
         """The battery's encoding of rows ``start:stop`` (tokens, readout positions, masks)."""
@@ -471,30 +514,113 @@ class Attributor:
         from tqdm.auto import tqdm
 
         self.flush()  # what a shared pass left pending
+        if self.pack and self._run_packed(progress):
+            return
         n = len(self.rows)
         todo = [s for s in range(0, n, batch_size) if not self.done[s:s + batch_size].all()]
         for start in tqdm(todo, disable=not progress or not todo, desc=f"screen {self.method}", unit="batch"):
             self.batch(start, self.encode(start, min(n, start + batch_size)))
         self.flush()
 
+    def _run_packed(self, progress: bool) -> bool:
+        """The rows not yet covered, each stimulus' rows (its prompts) packed into one sequence
+        (:func:`pack_rows`): the shared stimulus is computed once instead of once per prompt. The gradient of the
+        sum of a stimulus' contrasts gives the sum of its rows' estimates (the shared positions collect every row's
+        gradient, each tail its own row's), so each row is given the stimulus' mean: what the screen uses. False
+        (nothing done) where packing would not pay (one row per stimulus) or the model cannot pack."""
+        from tqdm.auto import tqdm
+
+        from .interventions.battery import encode_rows
+
+        keys = list(zip(self.rows["item"].astype(str), self.rows["cell"].astype(str), strict=True))
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, k in enumerate(keys):
+            if not self.done[i]:
+                groups.setdefault(k, []).append(i)
+        if not groups or max(len(g) for g in groups.values()) < 2:
+            return False
+        packs = []
+        for idx in groups.values():
+            enc = encode_rows(self.rows.iloc[idx], self.tokenizer)
+            lengths = enc.mask.sum(1).tolist()
+            seqs = [enc.tokens[i, :n].tolist() for i, n in enumerate(lengths)]
+            packs.append(pack_rows(idx, seqs, enc.readout.tolist()))
+        if not self.attached.split.can_pack(max(len(p.tokens) for p in packs)):
+            return False
+        batches: list[list[PackedRows]] = [[]]
+        for p in packs:
+            width = max([len(p.tokens)] + [len(q.tokens) for q in batches[-1]])
+            if batches[-1] and (len(batches[-1]) + 1) * width > SUFFIX_TOKENS:
+                batches.append([])
+            batches[-1].append(p)
+        for batch in tqdm(batches, disable=not progress, desc="screen attribution (packed)", unit="batch"):
+            self._packed_batch(batch)
+        self.packed = True
+        return True
+
+    def _packed_batch(self, packs: list[PackedRows]) -> None:
+        from .interventions.battery import Encoded, Prepared
+        from .splice import Packing
+
+        split, splice = self.attached.split, self.attached.splice
+        width, most = max(len(p.tokens) for p in packs), max(len(p.rows) for p in packs)
+        pad = self.tokenizer.pad_token_id or 0
+
+        def padded(values: list[int], fill: int, n: int) -> list[int]:
+            return values + [fill] * (n - len(values))
+
+        tokens = torch.tensor([padded(p.tokens, pad, width) for p in packs])
+        mask = torch.tensor([padded([1] * len(p.tokens), 0, width) for p in packs])
+        packing = Packing(torch.tensor([padded(p.positions, 0, width) for p in packs]),
+                          torch.tensor([padded(p.segments, -1, width) for p in packs]))
+        readout = torch.tensor([padded(p.readout, 0, most) for p in packs], device=split.device)
+        valid = torch.tensor([padded([1] * len(p.rows), 0, most) for p in packs], device=split.device).bool()
+        resid, state = split.prefix(tokens, mask, packing)
+        tokens, mask = tokens.to(resid.device), mask.to(resid.device)
+        keep_idx = splice.keep_mask(tokens, resid, mask).reshape(-1).nonzero().squeeze(1)
+        x = splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
+        prep = Prepared(Encoded(tokens, mask, readout[:, 0], torch.zeros_like(mask, dtype=torch.bool)), resid, state,
+                        keep_idx, x, {})
+        with self.low if self.low is not None else nullcontext():
+            g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast, precision=self.precision,
+                                     positions=readout, valid=valid)
+        out = joint_values(self.attached, x)
+        row_of = torch.div(keep_idx, width, rounding_mode="floor")
+        terms = point_terms(self.attached, g, out, self.points, row_of, len(packs), self.closed)
+        value = value.double().cpu().numpy()
+        for p, tm in terms.items():
+            if p not in self.A:
+                self.A[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
+                self.B[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
+            A, B = tm.A.double().cpu().numpy(), tm.B.double().cpu().numpy()
+            for s, pk in enumerate(packs):
+                self.A[p][pk.rows] = A[s] / len(pk.rows)
+                self.B[p][pk.rows] = B[s] / len(pk.rows)
+        for s, pk in enumerate(packs):
+            self.clean[pk.rows] = value[s, :len(pk.rows)]
+            self.done[pk.rows] = True
+
     def result(self) -> AttributionResult:
         self.flush()
         if not self.done.all():
             raise FisError(f"attribution covered {int(self.done.sum())} of {len(self.done)} rows (internal error)")
         return AttributionResult(self.rows, self.A, self.B, self.clean, self.contrast, self.method,
-                                 self.steps if self.method == "ig" else None, self.warnings, self.precision)
+                                 self.steps if self.method == "ig" else None, self.warnings, self.precision,
+                                 self.packed)
 
 
 def attribute(attached: Any, design: Any, rows: pd.DataFrame, points: Sequence[str], contrast: str | None = None,
               method: str = "attribution", steps: int = 16, batch_size: int = 16, progress: bool = False,
-              precision: str = "float32") -> AttributionResult:
+              precision: str = "float32", pack: bool = False) -> AttributionResult:
     """Estimate, for every feature at ``points``, the contrast shift of clamping it, per stimulus row.
 
     ``rows``: the battery's expanded rows (stimulus x prompt, :func:`~fis_interventions.designs.expand`), e.g.
     the discovery items only. ``method``: ``attribution`` (one backward per batch) or ``ig`` (``steps``
     backward passes per point and batch; zero ablation path, see :func:`ig_path_terms`). ``precision``: of the
-    suffix's forward and backward, ``float32`` or ``bfloat16`` (:func:`check_precision`)."""
-    acc = Attributor(attached, design, rows, points, contrast, method, steps, precision)
+    suffix's forward and backward, ``float32`` or ``bfloat16`` (:func:`check_precision`). ``pack``: each
+    stimulus' rows (its prompts) in one sequence, the shared stimulus computed once; every row then carries its
+    stimulus' mean (``AttributionResult.packed``), which is all a screen needs, not its own estimate."""
+    acc = Attributor(attached, design, rows, points, contrast, method, steps, precision, pack)
     acc.run(batch_size, progress)
     return acc.result()
 

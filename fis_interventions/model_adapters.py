@@ -97,6 +97,17 @@ def family_for(hf_model: Any) -> Family | None:
     return fam if all(obj is not None and hasattr(obj, n) for obj, n in parts) else None
 
 
+def segment_mask(segments: torch.Tensor) -> Any:
+    """A mask function for packed rows: position ``kv`` is visible to ``q`` when it is shared (segment 0: the
+    rows' common prefix) or in ``q``'s own segment (its row's tail). AND-ed with the causal mask, each tail sees
+    the shared prefix and itself, as its row alone would."""
+    def visible(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+                ) -> torch.Tensor:
+        kv = segments[batch_idx, kv_idx]
+        return (kv == 0) | (kv == segments[batch_idx, q_idx])
+    return visible
+
+
 def _mask_kind(config: Any, layer: int) -> str:
     """Which mask a layer attends with: the config's ``layer_types`` if present, else the global sliding window."""
     types = getattr(config, "layer_types", None)
@@ -128,8 +139,8 @@ class FamilyAdapter:
             hidden = hidden + getattr(self.base, self.family.pos_embed)(position_ids).to(hidden.device)
         return hidden
 
-    def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-              ) -> dict[str, Any]:
+    def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              and_mask: Any = None) -> dict[str, Any]:
         """The attention masks the layers need, built as the HF model builds them, always materialised.
 
         Never skipped (:func:`_no_causal_skip`): with sdpa attention (what ``from_pretrained`` gives the real model)
@@ -139,9 +150,21 @@ class FamilyAdapter:
 
         makers = {"full_attention": masking_utils.create_causal_mask,
                   "sliding_attention": masking_utils.create_sliding_window_causal_mask}
+        def extra(maker: Any) -> dict[str, Any]:
+            kw = dict(_no_causal_skip(maker))
+            if and_mask is not None:  # (any and-mask also turns 5.9's skip off, as _every_pair does)
+                kw["and_mask_function"] = and_mask
+            return kw
+
         return {kind: makers[kind](self.config, embeds, attention_mask, None, position_ids=position_ids,
-                                   **_no_causal_skip(makers[kind]))
+                                   **extra(makers[kind]))
                 for kind in sorted(set(self.kinds))}
+
+    def packable(self, width: int) -> bool:
+        """Whether a packed sequence of ``width`` positions attends as its rows would: sliding-window layers count
+        distances in sequence positions, which packing stretches, so only where the window covers the width."""
+        window = getattr(self.config, "sliding_window", None)
+        return all(k == "full_attention" for k in self.kinds) or (window is not None and width <= int(window))
 
     def position_embeddings(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:
         if not self.family.rotary:

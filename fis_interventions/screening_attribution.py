@@ -93,7 +93,7 @@ def attributors(attached: Any, design: Any, stim_rows: pd.DataFrame, points: Seq
     keep = set(zip(stim_rows["item"].astype(str), stim_rows["cell"].astype(str), strict=True))
     rows = rows[[(str(i), str(c)) in keep for i, c in zip(rows["item"], rows["cell"], strict=True)]]
     return {m: Attributor(attached, design, rows, points, contrast=contrast, method=m, steps=steps,
-                          precision=precision)
+                          precision=precision, pack=True)  # the screen needs each stimulus' mean over prompts
             for m in methods if m in GRADIENT_METHODS}
 
 
@@ -136,6 +136,7 @@ def add_attribution(table: pd.DataFrame, accs: dict[str, Attributor], stim_rows:
     merged = table.merge(extra, on=["point", "feature"], how="left", validate="one_to_one")
     summary = {"contrast": first.contrast, "clamps": values, "steps": steps if "ig" in results else None,
                "precision": first.precision,
+               "packed": any(r.packed for r in results.values()),
                "readout_rows": int(len(first.rows)),
                "estimate": "first-order (attribution) / integrated-gradient (ig) estimate of the battery's "
                            "contrast shift when the feature is set to the clamp value at every kept position; "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import FisError
-from .model_adapters import FamilyAdapter, family_for
+from .model_adapters import FamilyAdapter, family_for, segment_mask
 from .models import HookSpec, hf_model_of, resolve_hook, weights_device
 
 FORCE_GENERIC_ENV = "FIS_SPLIT_PATH"  # "generic": take the bridge-hook path even for registered families
@@ -74,6 +74,17 @@ class PrefixState:
         return self._per_row(lambda t: t.index_select(0, rows.to(t.device)), broadcast_ok=False)
 
 
+@dataclass
+class Packing:
+    """Rows that share a token prefix, packed into one sequence: the prefix once (segment 0), then each row's
+    tail (segments 1, 2, ...) at the positions it has in its own row. With :func:`~fis_interventions.
+    model_adapters.segment_mask` every tail attends to the prefix and itself only, so each position's value is
+    the one it has in its row alone (causal model), for a fraction of the positions."""
+
+    position_ids: torch.Tensor  # [B, T]
+    segments: torch.Tensor  # [B, T] 0 shared, k >= 1 the k-th row's tail, -1 padding
+
+
 class SplitModel:
     """``prefix(tokens) -> residual at the hook``; ``suffix(residual) -> logits`` (optionally at positions)."""
 
@@ -108,29 +119,41 @@ class SplitModel:
         return self.adapter.device
 
     @torch.no_grad()
-    def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, PrefixState]:
-        """Residual stream after block L for right-padded ``tokens`` [B, T], and the state for the suffix."""
+    def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               packing: Packing | None = None) -> tuple[torch.Tensor, PrefixState]:
+        """Residual stream after block L for right-padded ``tokens`` [B, T], and the state for the suffix;
+        ``packing``: several rows sharing a prefix in one sequence (:class:`Packing`, fast path only)."""
         tokens = tokens.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
         attention_mask = attention_mask.to(self.device)
-        hidden, state = self._embedded(tokens, attention_mask)
+        hidden, state = self._embedded(tokens, attention_mask, packing)
         if isinstance(self.adapter, BridgeHookPath):
             return self.adapter.prefix(state), state
         return self._blocks(hidden, state, range(self.blocks_before or 0)), state
 
-    def _embedded(self, tokens: torch.Tensor, attention_mask: torch.Tensor
+    def can_pack(self, width: int) -> bool:
+        """Whether rows packed into sequences of ``width`` positions attend as they would alone (fast path, and
+        no sliding window shorter than the width)."""
+        return isinstance(self.adapter, FamilyAdapter) and self.adapter.packable(width)
+
+    def _embedded(self, tokens: torch.Tensor, attention_mask: torch.Tensor, packing: Packing | None = None
                   ) -> tuple[torch.Tensor | None, PrefixState]:
         """The embeddings (fast path) and the suffix's state of right-padded ``tokens`` on the model's device."""
-        # right padding keeps positions 0..n-1 for real tokens; pads get positions too but are masked out
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+        if packing is not None:
+            if not self.can_pack(tokens.shape[1]):
+                raise ValueError("packed rows need the fast split path and no sliding window shorter than the "
+                                 "packed width (SplitModel.can_pack)")
+            position_ids = packing.position_ids.to(tokens.device)
+        else:  # right padding keeps positions 0..n-1 for real tokens; pads get positions too but are masked out
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
         if isinstance(self.adapter, BridgeHookPath):
             return None, PrefixState(tokens, attention_mask, position_ids, {})
         ad = self.adapter
         hidden = ad.embed(tokens, position_ids)
+        and_mask = segment_mask(packing.segments.to(tokens.device)) if packing is not None else None
         return hidden, PrefixState(tokens, attention_mask, position_ids,
-                                   ad.masks(hidden, attention_mask, position_ids),
+                                   ad.masks(hidden, attention_mask, position_ids, and_mask),
                                    ad.position_embeddings(hidden, position_ids))
 
     @torch.no_grad()

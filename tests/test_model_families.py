@@ -78,6 +78,50 @@ def test_padded_batch_equals_single_stimuli(bridges, family, path):
     assert (columns - batched[:, vocab]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(("family", "path"), CASES, ids=IDS)
+def test_packed_rows_equal_each_row_alone(bridges, family, path):
+    """Rows sharing a prefix packed into one sequence (the prefix once, then each row's tail at its own positions,
+    a segment mask): the residual at every position and the logits at each tail's last position equal the row's
+    own; the generic path and too short a sliding window refuse to pack."""
+    from fis_interventions.splice import Packing
+
+    bridge = bridges(family)
+    split = SplitModel(bridge, HOOK, path=path)
+    tok = bridge.tokenizer
+    shared = [tok.bos_token_id, *tok("The letter from the lawyers")["input_ids"]]
+    tails = [tok(" was short.")["input_ids"], tok(" arrived late, again and again")["input_ids"], []]
+    rows = [shared + t for t in tails]
+    packed = shared + [i for t in tails for i in t]
+    L = len(shared)
+    positions = list(range(L)) + [L + j for t in tails for j in range(len(t))]
+    segments = [0] * L + [k + 1 for k, t in enumerate(tails) for _ in t]
+    width = len(packed) + 2  # right padding after the packed sequence
+    tokens = torch.tensor([packed + [tok.pad_token_id] * 2])
+    mask = torch.tensor([[1] * len(packed) + [0] * 2])
+    packing = Packing(torch.tensor([positions + [0, 0]]), torch.tensor([segments + [-1, -1]]))
+    if not split.can_pack(width):
+        assert path == "generic" or family in ("gemma2", "qwen2", "phi3")
+        with pytest.raises(ValueError, match="can_pack"):
+            split.prefix(tokens, mask, packing)
+        return
+    resid, state = split.prefix(tokens, mask, packing)
+    ends, start = [], L
+    for t in tails:  # a row with no tail (the shared prefix itself) reads at the prefix's last position
+        start += len(t)
+        ends.append(start - 1 if t else L - 1)
+    logits = split.suffix(resid, state, positions=torch.tensor([ends]))[0]
+    offset = L
+    for k, row in enumerate(rows):
+        alone_resid, alone_state = split.prefix(torch.tensor([row]))
+        alone = split.suffix(alone_resid, alone_state)[0, -1]
+        assert (logits[k] - alone).abs().max().item() <= ATOL
+        assert (resid[0, :L] - alone_resid[0, :L]).abs().max().item() <= ATOL
+        n = len(tails[k])
+        if n:
+            assert (resid[0, offset:offset + n] - alone_resid[0, L:]).abs().max().item() <= ATOL
+        offset += n
+
+
 def _splice(bridge) -> JointSplice:
     torch.manual_seed(1)
     d = int(bridge.cfg.d_model)
