@@ -64,6 +64,12 @@ def discovery_rows(design, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, d
     return rows, stim, split
 
 
+def discovery_only(design, seed: int = 0) -> pd.DataFrame:
+    """The battery rows (stimulus x prompt) of the discovery items only: what a screen attributes."""
+    rows, _, split = discovery_rows(design, seed)
+    return rows[rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+
+
 @torch.no_grad()
 def measured_shifts(attached, design, rows: pd.DataFrame, targets: list[tuple],
                     contrast: str, batch_size: int = 8, max_blocks: int = 24) -> np.ndarray:
@@ -260,8 +266,7 @@ def precision_agreement(args, bridge) -> dict:
     from fis_interventions.attribution import attribute
 
     design = read_design(args.design)
-    rows, stim, split = discovery_rows(design, args.seed)
-    rows = rows[rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+    rows = discovery_only(design, args.seed)
     attached = attach(bridge, args.checkpoint)
     est = {p: attribute(attached, design, rows, DEFAULT_POINTS, precision=p) for p in ("float32", "bfloat16")}
     tables = {p: screen(args.checkpoint, args.design, bridge=bridge, method="attribution", progress=False,
@@ -295,8 +300,7 @@ def packing_agreement(args, bridge) -> dict:
     from fis_interventions.screening_attribution import prompt_means
 
     design = read_design(args.design)
-    rows, stim, split = discovery_rows(design, args.seed)
-    rows = rows[rows["item"].astype(str).isin(set(split["discovery"]))].reset_index(drop=True)
+    rows = discovery_only(design, args.seed)
     attached = attach(bridge, args.checkpoint)
     res, secs = {}, {}
     for pack in (False, True):

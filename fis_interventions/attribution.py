@@ -469,11 +469,11 @@ class Attributor:
         if self.method == "ig":
             n = len(prep.enc.tokens)
             row_of = torch.div(prep.keep_idx, prep.resid.shape[1], rounding_mode="floor")
-            with self.low if self.low is not None else nullcontext():
+            with self._suffix_weights():
                 g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast, precision=self.precision)
                 terms = ig_path_terms(self.attached, prep, self.readouts, self.contrast, self.points, self.steps,
                                       row_of, n, out, self.precision, self.closed)
-            self._store(start, n, terms, value)
+            self._store(slice(start, start + n), terms, value)
             return
         if self.pending and _padded_tokens([p for _, p, _ in self.pending] + [prep]) > SUFFIX_TOKENS:
             self.flush()
@@ -488,25 +488,30 @@ class Attributor:
             return
         pending, self.pending = self.pending, []
         merged = merge_prepared(self.attached.split, [p for _, p, _ in pending], self.tokenizer.pad_token_id or 0)
-        with self.low if self.low is not None else nullcontext():
+        with self._suffix_weights():
             g, value = contrast_grad(self.attached, merged, self.readouts, self.contrast, precision=self.precision)
         g_parts = g.split([len(p.x) for _, p, _ in pending])
         v_parts = value.split([len(p.enc.tokens) for _, p, _ in pending])
         for (start, prep, out), g_part, v_part in zip(pending, g_parts, v_parts, strict=True):
             n = len(prep.enc.tokens)
             row_of = torch.div(prep.keep_idx, prep.resid.shape[1], rounding_mode="floor")
-            self._store(start, n, point_terms(self.attached, g_part, out, self.points, row_of, n, self.closed),
-                        v_part)
+            self._store(slice(start, start + n),
+                        point_terms(self.attached, g_part, out, self.points, row_of, n, self.closed), v_part)
 
-    def _store(self, start: int, n: int, terms: dict[str, PointTerms], value: torch.Tensor) -> None:
+    def _suffix_weights(self) -> Any:
+        """The context the suffix runs in: bfloat16 weights swapped in (``--precision bfloat16``) or nothing."""
+        return self.low if self.low is not None else nullcontext()
+
+    def _store(self, rows: slice | list[int], terms: dict[str, PointTerms], value: torch.Tensor) -> None:
+        """Write the estimates and clean contrasts of ``rows`` (in order) and mark them done."""
         for p, tm in terms.items():
             if p not in self.A:
                 self.A[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
                 self.B[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
-            self.A[p][start:start + n] = tm.A.double().cpu().numpy()
-            self.B[p][start:start + n] = tm.B.double().cpu().numpy()
-        self.clean[start:start + n] = value.double().cpu().numpy()
-        self.done[start:start + n] = True
+            self.A[p][rows] = tm.A.double().cpu().numpy()
+            self.B[p][rows] = tm.B.double().cpu().numpy()
+        self.clean[rows] = value.double().cpu().numpy()
+        self.done[rows] = True
 
     def run(self, batch_size: int = 16, progress: bool = False) -> None:
         """Every batch of rows not yet covered (by :meth:`batch` calls from a shared pass), ``batch_size`` rows
@@ -559,10 +564,10 @@ class Attributor:
         return True
 
     def _packed_batch(self, packs: list[PackedRows]) -> None:
-        from .interventions.battery import Encoded, Prepared
+        from .interventions.battery import Encoded, Prepared, kept_inputs
         from .splice import Packing
 
-        split, splice = self.attached.split, self.attached.splice
+        split = self.attached.split
         width, most = max(len(p.tokens) for p in packs), max(len(p.rows) for p in packs)
         pad = self.tokenizer.pad_token_id or 0
 
@@ -577,28 +582,21 @@ class Attributor:
         valid = torch.tensor([padded([1] * len(p.rows), 0, most) for p in packs], device=split.device).bool()
         resid, state = split.prefix(tokens, mask, packing)
         tokens, mask = tokens.to(resid.device), mask.to(resid.device)
-        keep_idx = splice.keep_mask(tokens, resid, mask).reshape(-1).nonzero().squeeze(1)
-        x = splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
+        keep_idx, x = kept_inputs(self.attached, tokens, mask, resid)
         prep = Prepared(Encoded(tokens, mask, readout[:, 0], torch.zeros_like(mask, dtype=torch.bool)), resid, state,
                         keep_idx, x, {})
-        with self.low if self.low is not None else nullcontext():
+        with self._suffix_weights():
             g, value = contrast_grad(self.attached, prep, self.readouts, self.contrast, precision=self.precision,
                                      positions=readout, valid=valid)
         out = joint_values(self.attached, x)
         row_of = torch.div(keep_idx, width, rounding_mode="floor")
         terms = point_terms(self.attached, g, out, self.points, row_of, len(packs), self.closed)
-        value = value.double().cpu().numpy()
-        for p, tm in terms.items():
-            if p not in self.A:
-                self.A[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
-                self.B[p] = np.empty((len(self.rows), tm.A.shape[1]), dtype=np.float64)
-            A, B = tm.A.double().cpu().numpy(), tm.B.double().cpu().numpy()
-            for s, pk in enumerate(packs):
-                self.A[p][pk.rows] = A[s] / len(pk.rows)
-                self.B[p][pk.rows] = B[s] / len(pk.rows)
-        for s, pk in enumerate(packs):
-            self.clean[pk.rows] = value[s, :len(pk.rows)]
-            self.done[pk.rows] = True
+        # every row of a stimulus gets the stimulus' mean: its sum over the rows, over their count
+        seq = torch.tensor([s for s, pk in enumerate(packs) for _ in pk.rows], device=g.device)
+        count = torch.tensor([len(pk.rows) for pk in packs for _ in pk.rows], device=g.device, dtype=torch.float64)
+        per_row = {p: PointTerms(tm.A.double()[seq] / count[:, None], tm.B.double()[seq] / count[:, None])
+                   for p, tm in terms.items()}
+        self._store([r for pk in packs for r in pk.rows], per_row, value[valid])
 
     def result(self) -> AttributionResult:
         self.flush()

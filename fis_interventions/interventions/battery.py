@@ -216,6 +216,14 @@ class Prepared:
 
 
 @torch.no_grad()
+def kept_inputs(attached: Attached, tokens: torch.Tensor, mask: torch.Tensor, resid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep_idx, x)``: the flat positions (b * T + t) the splice edits, and the joint model's inputs there."""
+    keep_idx = attached.splice.keep_mask(tokens, resid, mask).reshape(-1).nonzero().squeeze(1)
+    return keep_idx, attached.splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
+
+
+@torch.no_grad()
 def _prepare(attached: Attached, enc: Encoded, prefix: tuple[torch.Tensor, PrefixState] | None = None
              ) -> Prepared:
     """Prefix pass, kept positions and where-masks of a batch: its one host sync (the number of kept
@@ -224,9 +232,7 @@ def _prepare(attached: Attached, enc: Encoded, prefix: tuple[torch.Tensor, Prefi
     of the same tokens from a pass already made (the screen shares its pass with the attribution)."""
     enc = enc.to(attached.split.device)
     resid, state = prefix if prefix is not None else attached.split.prefix(enc.tokens, enc.mask)
-    keep = attached.splice.keep_mask(enc.tokens, resid, enc.mask)
-    keep_idx = keep.reshape(-1).nonzero().squeeze(1)
-    x = attached.splice.inputs(resid.reshape(-1, resid.shape[-1]).index_select(0, keep_idx))
+    keep_idx, x = kept_inputs(attached, enc.tokens, enc.mask, resid)
     readout = torch.zeros_like(enc.mask, dtype=torch.bool)
     readout[torch.arange(len(readout), device=readout.device), enc.readout] = True
     masks = torch.stack([enc.mask.bool(), enc.stimulus_mask, readout])
